@@ -1,0 +1,31 @@
+# The two commands: `make run` and `make test`. Each sets everything up first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup plugins run test lint check clean
+
+setup: $(VENV)/.installed plugins
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+plugins:
+	@command -v go >/dev/null || { echo "Go >= 1.24 is needed to build the plugins (https://go.dev/dl)"; exit 1; }
+	bash scripts/build-plugins.sh
+
+run: setup
+	$(VENV)/bin/wasmgate run
+
+lint: setup
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) examples/allow-header/plugin.wasm tests/plugins/build

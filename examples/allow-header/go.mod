@@ -1,0 +1,3 @@
+module example.com/allow-header
+
+go 1.24

@@ -1,0 +1,5 @@
+import sys
+
+from wasmgate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""Wiring: config -> plugins -> proxy, admin and (by default) the demo upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wasmgate.admin.server import AdminState, serve_admin
+from wasmgate.plugin.manager import Chain, Plugin, chain_order, load_plugin
+from wasmgate.plugin.vm import PluginError
+from wasmgate.proxy.demo import start_demo_upstream
+from wasmgate.proxy.server import Limits, ProxyApp, serve
+from wasmgate.proxy.upstream import Cluster
+from wasmgate.resources.config import parse_address
+from wasmgate.resources.wasmplugin import ConfigError, load_plugin_specs
+
+_log = logging.getLogger("wasmgate")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PLUGIN = REPO_ROOT / "examples" / "allow-header" / "wasmplugin.yaml"
+
+
+class StartupError(Exception):
+    pass
+
+
+@dataclass
+class RunOptions:
+    listen: str = "127.0.0.1:8080"
+    admin: str = "127.0.0.1:9901"
+    upstream: str | None = None  # None: start the built-in demo upstream
+    plugins: list[Path] | None = None  # None: the embedded allow-header example
+    limits: Limits = field(default_factory=Limits)
+    drain_seconds: float = 10.0
+
+
+def load_chain(paths: list[Path]) -> Chain:
+    try:
+        specs = chain_order(load_plugin_specs(paths))
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
+    plugins: list[Plugin] = []
+    for spec in specs:
+        try:
+            plugins.append(load_plugin(spec))
+        except PluginError as e:
+            raise StartupError(str(e)) from None
+    return Chain(plugins)
+
+
+def default_plugins() -> list[Path]:
+    if not DEFAULT_PLUGIN.is_file():
+        raise StartupError(f"the embedded example {DEFAULT_PLUGIN} is missing; pass --plugins FILE_OR_DIR")
+    if not (DEFAULT_PLUGIN.parent / "plugin.wasm").is_file():
+        raise StartupError(f"{DEFAULT_PLUGIN.parent / 'plugin.wasm'} is not built; run `make setup` "
+                           "(or scripts/build-plugins.sh)")
+    return [DEFAULT_PLUGIN]
+
+
+class Running:
+    """A started proxy; ``stop()`` drains it."""
+
+    def __init__(self, app: ProxyApp, admin: AdminState, servers: list[asyncio.Server],
+                 proxy: asyncio.Server, upstream_url: str):
+        self.app = app
+        self.admin = admin
+        self.servers = servers
+        self.proxy = proxy
+        self.upstream_url = upstream_url
+
+    @property
+    def port(self) -> int:
+        return int(self.proxy.sockets[0].getsockname()[1])
+
+    @property
+    def admin_port(self) -> int:
+        return int(self.servers[1].sockets[0].getsockname()[1])
+
+    async def stop(self, drain_seconds: float = 10.0) -> None:
+        """Stop accepting, let in-flight requests finish, then close everything."""
+        self.admin.draining = True
+        self.proxy.close()
+        deadline = asyncio.get_running_loop().time() + drain_seconds
+        while any(c._active is not None for c in self.app.connections):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.02)
+        for c in list(self.app.connections):
+            c._close()
+        for s in self.servers:
+            s.close()
+        self.app.cluster.close()
+
+
+async def start(opts: RunOptions) -> Running:
+    plugin_paths = opts.plugins if opts.plugins is not None else default_plugins()
+    chain = load_chain(plugin_paths)
+    servers: list[asyncio.Server] = []
+    upstream = opts.upstream
+    demo = None
+    if upstream is None:
+        demo = await start_demo_upstream()
+        upstream = f"http://127.0.0.1:{demo.sockets[0].getsockname()[1]}"
+    try:
+        cluster = Cluster("upstream", upstream)
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    app = ProxyApp(chain, cluster, opts.limits)
+    admin = AdminState(app)
+    try:
+        lhost, lport = parse_address(opts.listen, "--listen")
+        ahost, aport = parse_address(opts.admin, "--admin")
+        proxy = await serve(app, lhost, lport)
+        servers.append(proxy)
+        servers.append(await serve_admin(admin, ahost, aport))
+    except (OSError, ValueError) as e:
+        for s in servers:
+            s.close()
+        raise StartupError(f"cannot listen: {e}") from None
+    if demo is not None:
+        servers.append(demo)
+    running = Running(app, admin, servers, proxy, upstream)
+    _log.info("listening on %s:%d, admin on %s:%d, upstream %s%s, plugins: %s",
+              lhost, running.port, ahost, running.admin_port, upstream, " (demo)" if demo else "",
+              ", ".join(p.name for p in chain.plugins) or "none")
+    return running
+
+
+async def run_forever(opts: RunOptions) -> None:
+    running = await start(opts)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    _log.info("draining")
+    await running.stop(opts.drain_seconds)

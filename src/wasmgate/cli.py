@@ -1,0 +1,84 @@
+"""The ``wasmgate`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from wasmgate import log
+from wasmgate.app import RunOptions, StartupError, run_forever
+from wasmgate.proxy.server import Limits
+from wasmgate.resources.config import load_config
+from wasmgate.resources.wasmplugin import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wasmgate", description="An HTTP proxy extended by Proxy-Wasm plugins.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the proxy", description=(
+        "Run the proxy. With no arguments it serves the embedded default: the allow-header "
+        "example plugin in front of a built-in demo upstream, on 127.0.0.1:8080 (admin :9901)."))
+    run.add_argument("-c", "--config", type=Path, help="wasmgate config file (YAML)")
+    run.add_argument("--listen", help="HOST:PORT for traffic (default 127.0.0.1:8080)")
+    run.add_argument("--admin", help="HOST:PORT for the admin API (default 127.0.0.1:9901)")
+    run.add_argument("--upstream", help="upstream URL, e.g. http://127.0.0.1:8000 (default: demo upstream)")
+    run.add_argument("--plugins", type=Path, nargs="+", metavar="FILE_OR_DIR",
+                     help="WasmPlugin YAML files or directories (default: the allow-header example)")
+    run.add_argument("--workers", type=int, default=None, help="worker processes (only 1 is supported yet)")
+    run.add_argument("--log-level", action="append", default=[], metavar="LEVEL|COMPONENT=LEVEL",
+                     help="e.g. debug, or wasm=debug; repeatable")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config) if args.config else None
+    level = cfg.log_level if cfg else "info"
+    components = dict(cfg.component_log_levels) if cfg else {}
+    for item in args.log_level:
+        comp, sep, lvl = item.partition("=")
+        if sep:
+            components[comp] = lvl
+        else:
+            level = item
+    try:
+        log.setup(level, components)
+    except ValueError as e:
+        raise StartupError(f"--log-level: {e}") from None
+    workers = args.workers or (cfg.workers if cfg else 1)
+    if workers != 1:
+        raise StartupError("--workers: only 1 worker is supported in this version")
+    opts = RunOptions()
+    if cfg:
+        opts.listen, opts.admin, opts.upstream = cfg.listen, cfg.admin, cfg.upstream
+        opts.plugins = cfg.plugins if "plugins" in cfg.model_fields_set else None
+        opts.limits = Limits(**cfg.limits.model_dump())
+    opts.listen = args.listen or opts.listen
+    opts.admin = args.admin or opts.admin
+    opts.upstream = args.upstream or opts.upstream
+    if args.plugins is not None:
+        opts.plugins = args.plugins
+    try:
+        import uvloop
+        uvloop.run(run_forever(opts))
+    except ImportError:
+        asyncio.run(run_forever(opts))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+    except (StartupError, ConfigError) as e:
+        print(f"wasmgate: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""The only module that touches wasmtime.
+
+Compilation and instantiation go through wasmtime-py's public API. Calls in both
+directions use the C API's *unchecked* entry points through ctypes: the public
+``Func.__call__`` costs ~20 us a call, the unchecked path ~1.5 us, and every
+request crosses the boundary a dozen times. We reach below wasmtime-py's public
+API here, so the wasmtime version is pinned in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import wasmtime
+from wasmtime import _ffi as ffi
+
+# Own copies of the C entry points with no argtypes: ctypes then skips per-call
+# argument conversion; every argument we pass is already a ctypes object.
+_dll: Any = ffi.dll
+_call_unchecked = _dll["wasmtime_func_call_unchecked"]
+_call_unchecked.restype = ctypes.c_void_p
+_define_unchecked = _dll["wasmtime_linker_define_func_unchecked"]
+_define_unchecked.restype = ctypes.c_void_p
+_trap_new = _dll["wasmtime_trap_new"]
+_trap_new.restype = ctypes.c_void_p
+_mem_data = _dll["wasmtime_memory_data"]
+_mem_data.restype = ctypes.c_void_p
+_mem_size = _dll["wasmtime_memory_data_size"]
+_mem_size.restype = ctypes.c_size_t
+_wasm_trap_t_p = ctypes.POINTER(ffi.wasm_trap_t)
+_wasmtime_error_t_p = ctypes.POINTER(ffi.wasmtime_error_t)
+
+# (env, caller, args_and_results, nargs) -> wasm_trap_t* or NULL
+_HOST_CB = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+
+_WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+_VAL_SIZE = ctypes.sizeof(ffi.wasmtime_val_raw_t)  # 16: one slot per argument/result
+_MAX_SLOTS = 16
+_WASM_PAGE = 65536
+
+_VALTYPES = {"i": wasmtime.ValType.i32, "I": wasmtime.ValType.i64}
+_SLOT_FMT = {"i": f"i{_VAL_SIZE - 4}x", "I": f"q{_VAL_SIZE - 8}x"}
+
+
+class WasmError(Exception):
+    """A module failed to compile, link or instantiate."""
+
+
+class WasmTrap(Exception):
+    """Guest code trapped (or a host function raised) during a call."""
+
+    def __init__(self, message: str, frames: list[str] | None = None, exit_code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.frames = frames or []
+        self.exit_code = exit_code
+
+    def describe(self) -> str:
+        if not self.frames:
+            return self.message
+        return self.message + "\nwasm backtrace:\n" + "\n".join(f"  {i}: {f}" for i, f in enumerate(self.frames))
+
+
+class HostError(Exception):
+    """Raised inside a host function to trap the guest with a clean message."""
+
+
+class ProcExit(HostError):
+    def __init__(self, code: int):
+        super().__init__(f"proc_exit({code})")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class HostFunc:
+    """A host import. ``params``/``results`` use 'i' for i32 and 'I' for i64."""
+
+    module: str
+    name: str
+    params: str
+    results: str
+    impl: Callable[..., int | None]
+
+
+def new_engine(*, consume_fuel: bool = False) -> wasmtime.Engine:
+    cfg = wasmtime.Config()
+    cfg.consume_fuel = consume_fuel
+    cfg.cranelift_opt_level = "speed"
+    return wasmtime.Engine(cfg)
+
+
+def compile_module(engine: wasmtime.Engine, wasm: bytes, name: str,
+                   cache_dir: Path | None = None, sha256: str | None = None) -> wasmtime.Module:
+    """Compile ``wasm``; with ``cache_dir``, reuse native code keyed by module sha256.
+
+    Compiling a Go plugin takes ~1 s, loading cached code ~3 ms. The key also
+    holds the wasmtime version, since native code is only valid for one version.
+    """
+    if wasm[:4] != b"\0asm":
+        raise WasmError(f"{name}: not a WebAssembly module (missing \\0asm magic)")
+    cached = None
+    if cache_dir is not None:
+        key = sha256 or hashlib.sha256(wasm).hexdigest()
+        cached = cache_dir / f"{key}-wasmtime{_WASMTIME_VERSION}.cwasm"
+        if cached.is_file():
+            try:
+                return wasmtime.Module.deserialize_file(engine, str(cached))
+            except (wasmtime.WasmtimeError, OSError):
+                pass  # stale or corrupt: compile again and overwrite
+    try:
+        module = wasmtime.Module(engine, wasm)
+    except wasmtime.WasmtimeError as e:
+        raise WasmError(f"{name}: invalid WebAssembly module: {_first_line(e)}") from None
+    if cached is not None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(module.serialize())
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # the cache is an optimisation only
+    return module
+
+
+def exports_of(module: wasmtime.Module) -> list[str]:
+    return [e.name for e in module.exports]
+
+
+def imports_of(module: wasmtime.Module) -> list[tuple[str, str, str]]:
+    """(module, name, signature) of every import, signature like ``(i32,i64)->i32``."""
+    out = []
+    for imp in module.imports:
+        ty = imp.type
+        if isinstance(ty, wasmtime.FuncType):
+            sig = f"({','.join(map(str, ty.params))})->{','.join(map(str, ty.results)) or '()'}"
+        else:
+            sig = type(ty).__name__
+        out.append((imp.module, imp.name or "", sig))
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _sig_code(types: Iterable[wasmtime.ValType]) -> str | None:
+    out = ""
+    for t in types:
+        if t == wasmtime.ValType.i32():
+            out += "i"
+        elif t == wasmtime.ValType.i64():
+            out += "I"
+        else:
+            return None
+    return out
+
+
+class GuestFunc:
+    """A guest export prepared for unchecked calls."""
+
+    __slots__ = ("name", "nparams", "nresults", "_func", "ref", "slots")
+
+    def __init__(self, name: str, func: wasmtime.Func, nparams: int, nresults: int):
+        self.name = name
+        self.nparams = nparams
+        self.nresults = nresults
+        self._func = func._func  # keeps the wasmtime_func_t alive for `ref`
+        self.ref = ctypes.c_void_p(ctypes.addressof(self._func))
+        self.slots = ctypes.c_size_t(max(nparams, nresults))
+
+
+class Instance:
+    """One instantiated module in its own store, with fast calls both ways.
+
+    Host functions raise ``HostError`` (or anything else) to trap the guest; the
+    exception never unwinds through wasmtime's frames.
+    """
+
+    def __init__(
+        self,
+        engine: wasmtime.Engine,
+        module: wasmtime.Module,
+        host_funcs: dict[tuple[str, str], HostFunc],
+        unknown_import: Callable[[str, str, str, str], HostFunc],
+    ):
+        self.store = wasmtime.Store(engine)
+        self._ctx = self.store._context()
+        self.host_error: BaseException | None = None  # the exception behind the last host trap
+        linker = wasmtime.Linker(engine)
+        self._callbacks: list[Any] = []  # ctypes callbacks must outlive the instance
+        defined: set[tuple[str, str]] = set()
+        for imp in module.imports:
+            ty = imp.type
+            key = (imp.module, imp.name or "")
+            if key in defined:  # Go may import the same function twice
+                continue
+            defined.add(key)
+            if not isinstance(ty, wasmtime.FuncType):
+                raise WasmError(f"unsupported non-function import {key[0]}.{key[1]} ({type(ty).__name__})")
+            params, results = _sig_code(ty.params), _sig_code(ty.results)
+            if params is None or results is None:
+                raise WasmError(f"import {key[0]}.{key[1]} uses value types other than i32/i64")
+            hf = host_funcs.get(key)
+            if hf is None or hf.params != params or hf.results != results:
+                hf = unknown_import(key[0], key[1], params, results)
+            self._define(linker, hf)
+        try:
+            self._instance = linker.instantiate(self.store, module)
+        except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
+            raise WasmError(f"instantiation failed: {_first_line(e)}") from None
+        exports = self._instance.exports(self.store)
+        mem = exports.get("memory") if "memory" in exports else None
+        if not isinstance(mem, wasmtime.Memory):
+            raise WasmError("module does not export its linear memory as 'memory'")
+        self._memory = mem._memory
+        self._mem_ref = ctypes.byref(self._memory)
+        self._mem_base = 0
+        self._mem_len = -1
+        self._exports = exports
+        buf = (ctypes.c_int64 * (2 * _MAX_SLOTS))()
+        self._args64 = buf
+        self._args32 = ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))
+        self._args_ref = ctypes.byref(buf)
+        self._trap = ctypes.c_void_p()
+        self._trap_ref = ctypes.byref(self._trap)
+
+    # ---- exports -------------------------------------------------------------------
+
+    def export_names(self) -> list[str]:
+        return list(self._exports.keys()) if hasattr(self._exports, "keys") else []
+
+    def func(self, name: str) -> GuestFunc | None:
+        try:
+            f = self._exports[name]
+        except (KeyError, IndexError):
+            return None
+        if not isinstance(f, wasmtime.Func):
+            return None
+        ty = f.type(self.store)
+        return GuestFunc(name, f, len(ty.params), len(ty.results))
+
+    def call(self, fn: GuestFunc, *args: int) -> int:
+        """Call a guest function whose params and result are i32/i64; returns result or 0."""
+        buf = self._args64
+        # Extra args are dropped: ABI 0.1.0 callbacks take fewer parameters.
+        for i in range(fn.nparams):
+            buf[2 * i] = args[i]
+        self._trap.value = None
+        err = _call_unchecked(self._ctx, fn.ref, self._args_ref, fn.slots, self._trap_ref)
+        if err or self._trap.value:
+            raise self._trap_from(err, self._trap.value, fn.name)
+        return self._args32[0] if fn.nresults else 0
+
+    def call_reentrant(self, fn: GuestFunc, *args: int) -> int:
+        """Like ``call`` but safe from inside a host function (own argument buffer)."""
+        buf = (ctypes.c_int64 * (2 * max(fn.nparams, fn.nresults, 1)))()
+        for i, a in enumerate(args):
+            buf[2 * i] = a
+        trap = ctypes.c_void_p()
+        err = _call_unchecked(self._ctx, fn.ref, ctypes.byref(buf), fn.slots, ctypes.byref(trap))
+        if err or trap.value:
+            raise self._trap_from(err, trap.value, fn.name)
+        return ctypes.c_int32.from_buffer(buf).value if fn.nresults else 0
+
+    def _trap_from(self, err: int | None, trap: int | None, where: str) -> WasmTrap:
+        host = self.host_error
+        self.host_error = None
+        exit_code = host.code if isinstance(host, ProcExit) else None
+        if err:
+            e = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _wasmtime_error_t_p))
+            message, frames = _parse_error_text(str(e))
+            return WasmTrap(f"{where}: {message}", frames, getattr(e, "code", exit_code))
+        t = wasmtime.Trap._from_ptr(ctypes.cast(trap, _wasm_trap_t_p))
+        message, _ = _parse_error_text(t.message)
+        return WasmTrap(f"{where}: {message}", [_frame_str(f) for f in t.frames], exit_code)
+
+    # ---- linear memory ---------------------------------------------------------------
+
+    def _refresh(self) -> None:
+        size = _mem_size(self._ctx, self._mem_ref)
+        if size != self._mem_len:  # memory only moves when it grows
+            self._mem_len = size
+            self._mem_base = _mem_data(self._ctx, self._mem_ref) or 0
+
+    def memory_size(self) -> int:
+        self._refresh()
+        return self._mem_len
+
+    def read(self, ptr: int, size: int) -> bytes | None:
+        """Guest bytes, or None when [ptr, ptr+size) is outside linear memory."""
+        self._refresh()
+        ptr &= 0xFFFFFFFF
+        size &= 0xFFFFFFFF
+        if ptr + size > self._mem_len:
+            return None
+        return ctypes.string_at(self._mem_base + ptr, size) if size else b""
+
+    def write(self, ptr: int, data: bytes) -> bool:
+        self._refresh()
+        ptr &= 0xFFFFFFFF
+        if ptr + len(data) > self._mem_len:
+            return False
+        ctypes.memmove(self._mem_base + ptr, data, len(data))
+        return True
+
+    def write_u32(self, ptr: int, value: int) -> bool:
+        return self.write(ptr, struct.pack("<I", value & 0xFFFFFFFF))
+
+    def write_u64(self, ptr: int, value: int) -> bool:
+        return self.write(ptr, struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF))
+
+    # ---- host functions --------------------------------------------------------------
+
+    def _define(self, linker: wasmtime.Linker, hf: HostFunc) -> None:
+        fmt = "<" + "".join(_SLOT_FMT[c] for c in hf.params)
+        unpack = struct.Struct(fmt).unpack
+        span = len(hf.params) * _VAL_SIZE
+        impl = hf.impl
+        result_i64 = hf.results == "I"
+        has_result = bool(hf.results)
+        label = f"{hf.module}.{hf.name}"
+        string_at = ctypes.string_at
+        i32_at = ctypes.c_int32.from_address
+        i64_at = ctypes.c_int64.from_address
+
+        def callback(_env: int, _caller: int, args: int, _n: int) -> int:
+            try:
+                r = impl(*unpack(string_at(args, span))) if span else impl()
+                if has_result:
+                    (i64_at if result_i64 else i32_at)(args).value = r or 0
+                return 0
+            except BaseException as e:  # noqa: BLE001 - anything raised must become a trap
+                self.host_error = e
+                msg = f"host function {label} failed: {e}" if not isinstance(e, HostError) else str(e)
+                raw = msg.encode("utf-8", "replace")
+                return _trap_new(raw, ctypes.c_size_t(len(raw))) or 0
+
+        cb = _HOST_CB(callback)
+        self._callbacks.append(cb)
+        functype = wasmtime.FuncType(
+            [_VALTYPES[c]() for c in hf.params], [_VALTYPES[c]() for c in hf.results]
+        )
+        self._callbacks.append(functype)
+        mod, name = hf.module.encode(), hf.name.encode()
+        err = _define_unchecked(
+            linker.ptr(), mod, ctypes.c_size_t(len(mod)), name, ctypes.c_size_t(len(name)),
+            functype.ptr(), cb, None, _NO_FINALIZER,
+        )
+        if err:
+            e = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _wasmtime_error_t_p))
+            raise WasmError(f"cannot define {label}: {e}")
+
+
+def _parse_error_text(text: str) -> tuple[str, list[str]]:
+    """Split wasmtime's error text into its root cause and backtrace frames."""
+    frames: list[str] = []
+    cause: list[str] = []
+    section = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.endswith("wasm backtrace:"):
+            section = "bt"
+        elif stripped == "Caused by:":
+            section = "cause"
+        elif section == "bt" and stripped[0].isdigit():
+            frames.append(stripped.split(" - ", 1)[-1])
+        elif section == "cause":
+            cause.append(stripped)
+        elif not section:
+            cause = [stripped]
+    return (cause[-1] if cause else "trap"), frames
+
+
+def _frame_str(f: Any) -> str:
+    name = f.func_name or f"<func {f.func_index}>"
+    mod = f.module_name or "module"
+    return f"{mod}!{name} @ 0x{f.module_offset:x}"
+
+
+def wat_to_wasm(text: str) -> bytes:
+    return bytes(wasmtime.wat2wasm(text))

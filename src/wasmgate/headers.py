@@ -1,0 +1,78 @@
+"""The header map shared by the proxy and the host functions.
+
+Keys are stored lower-cased; pseudo-headers (``:method`` ...) stay in front, as in
+Envoy's header maps, so ``get_header_map_pairs`` returns them first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+Pair = tuple[bytes, bytes]
+
+
+class HeaderMap:
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: Iterable[Pair] = ()):
+        self.pairs: list[Pair] = list(pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[Pair]:
+        return iter(self.pairs)
+
+    def __repr__(self) -> str:
+        return f"HeaderMap({self.pairs!r})"
+
+    def get(self, key: bytes) -> bytes | None:
+        """First value for ``key`` (Envoy returns the first of repeated headers)."""
+        key = key.lower()
+        for k, v in self.pairs:
+            if k == key:
+                return v
+        return None
+
+    def get_all(self, key: bytes) -> list[bytes]:
+        key = key.lower()
+        return [v for k, v in self.pairs if k == key]
+
+    def add(self, key: bytes, value: bytes) -> None:
+        key = key.lower()
+        if key.startswith(b":"):
+            # Keep pseudo-headers ahead of regular ones.
+            i = 0
+            while i < len(self.pairs) and self.pairs[i][0].startswith(b":"):
+                i += 1
+            self.pairs.insert(i, (key, value))
+        else:
+            self.pairs.append((key, value))
+
+    def replace(self, key: bytes, value: bytes) -> None:
+        """Set ``key`` to ``value``: the first entry keeps its place, repeats go."""
+        key = key.lower()
+        out: list[Pair] = []
+        done = False
+        for k, v in self.pairs:
+            if k == key:
+                if not done:
+                    out.append((k, value))
+                    done = True
+            else:
+                out.append((k, v))
+        self.pairs = out
+        if not done:
+            self.add(key, value)
+
+    def remove(self, key: bytes) -> None:
+        key = key.lower()
+        self.pairs = [p for p in self.pairs if p[0] != key]
+
+    def set_all(self, pairs: Iterable[Pair]) -> None:
+        self.pairs = []
+        for k, v in pairs:
+            self.add(k, v)
+
+    def byte_size(self) -> int:
+        return sum(len(k) + len(v) for k, v in self.pairs)

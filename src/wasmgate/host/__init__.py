@@ -1,0 +1,9 @@
+"""Proxy-Wasm host functions, one module per ABI area.
+
+Importing this package registers every function in ``registry.REGISTRY``.
+"""
+
+from wasmgate.host import buffers, general, headers, stream, wasi  # noqa: F401
+from wasmgate.host.registry import REGISTRY, bind
+
+__all__ = ["REGISTRY", "bind"]

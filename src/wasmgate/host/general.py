@@ -1,0 +1,66 @@
+"""Housekeeping host functions: logging, time, status, contexts."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from wasmgate.abi.constants import LogLevel, WasmResult
+from wasmgate.host.registry import hostcall
+from wasmgate.log import wasm_level
+from wasmgate.plugin.context import RootContext
+
+if TYPE_CHECKING:
+    from wasmgate.plugin.vm import PluginVM
+
+R = WasmResult
+
+
+@hostcall("iii")
+def proxy_log(vm: PluginVM, level: int, ptr: int, size: int) -> int:
+    if not LogLevel.TRACE <= level <= LogLevel.CRITICAL:
+        return R.BAD_ARGUMENT
+    msg = vm.instance.read(ptr, size)
+    if msg is None:
+        return R.INVALID_MEMORY_ACCESS
+    if level >= wasm_level():
+        vm.log(LogLevel(level), msg.decode("utf-8", "replace"))
+    return R.OK
+
+
+@hostcall("i")
+def proxy_get_log_level(vm: PluginVM, ptr: int) -> int:
+    return R.OK if vm.instance.write_u32(ptr, wasm_level()) else R.INVALID_MEMORY_ACCESS
+
+
+@hostcall("i")
+def proxy_get_current_time_nanoseconds(vm: PluginVM, ptr: int) -> int:
+    return R.OK if vm.instance.write_u64(ptr, time.time_ns()) else R.INVALID_MEMORY_ACCESS
+
+
+@hostcall("iii")
+def proxy_get_status(vm: PluginVM, code_ptr: int, msg_ptr_ptr: int, msg_size_ptr: int) -> int:
+    # Status of the last gRPC callout; with none made it is OK with no message.
+    if not vm.instance.write_u32(code_ptr, 0):
+        return R.INVALID_MEMORY_ACCESS
+    return vm.copy_out(b"", msg_ptr_ptr, msg_size_ptr)
+
+
+@hostcall("")
+def proxy_done(vm: PluginVM) -> int:
+    ctx = vm.effective
+    if not isinstance(ctx, RootContext) or not ctx.done_pending:
+        return R.NOT_FOUND
+    ctx.done_pending = False
+    return R.OK
+
+
+@hostcall("i")
+def proxy_set_effective_context(vm: PluginVM, context_id: int) -> int:
+    if context_id == 0:
+        return R.OK  # Envoy: 0 means the current context
+    ctx = vm.contexts.get(context_id)
+    if ctx is None:
+        return R.BAD_ARGUMENT
+    vm.effective = ctx
+    return R.OK

@@ -1,0 +1,58 @@
+"""Registration of host functions by ABI name.
+
+Each ABI area module decorates plain functions ``fn(vm, *i32_args) -> status``;
+``bind`` turns them into engine ``HostFunc``s for one VM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from wasmgate.engine.wasm import HostFunc
+
+if TYPE_CHECKING:
+    from wasmgate.plugin.vm import PluginVM
+
+ENV = "env"
+WASI = "wasi_snapshot_preview1"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    module: str
+    name: str
+    params: str
+    results: str
+    fn: Callable[..., Any]
+
+
+REGISTRY: dict[tuple[str, str], _Entry] = {}
+
+
+def hostcall(params: str, results: str = "i", *, module: str = ENV, name: str | None = None,
+             aliases: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` as import ``module.name`` (default: the function's own name)."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for n in (name or fn.__name__, *aliases):
+            REGISTRY[(module, n)] = _Entry(module, n, params, results, fn)
+        return fn
+
+    return wrap
+
+
+def bind(vm: PluginVM) -> dict[tuple[str, str], HostFunc]:
+    out = {}
+    for key, e in REGISTRY.items():
+        fn = e.fn
+        out[key] = HostFunc(e.module, e.name, e.params, e.results, _bound(fn, vm))
+    return out
+
+
+def _bound(fn: Callable[..., Any], vm: PluginVM) -> Callable[..., Any]:
+    def call(*args: int) -> Any:
+        return fn(vm, *args)
+
+    return call

@@ -1,0 +1,90 @@
+"""Stream control: local replies, continue and close."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from wasmgate.abi.constants import StreamType, WasmResult
+from wasmgate.abi.pairs import PairsError, decode_pairs
+from wasmgate.host.registry import hostcall
+from wasmgate.plugin.context import HttpContext, LocalReply
+
+if TYPE_CHECKING:
+    from wasmgate.plugin.vm import PluginVM
+
+R = WasmResult
+
+
+def _http(vm: PluginVM) -> HttpContext | None:
+    ctx = vm.effective
+    return ctx if isinstance(ctx, HttpContext) and ctx.alive else None
+
+
+@hostcall("iiiiiiii")
+def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, bodyp: int, bodys: int,
+                              hp: int, hs: int, grpc_status: int) -> int:
+    ctx = _http(vm)
+    if ctx is None:
+        return R.BAD_ARGUMENT
+    details = vm.instance.read(detp, dets)
+    body = vm.instance.read(bodyp, bodys)
+    raw_headers = vm.instance.read(hp, hs)
+    if details is None or body is None or raw_headers is None:
+        return R.INVALID_MEMORY_ACCESS
+    try:
+        headers = [(k.lower(), v) for k, v in decode_pairs(raw_headers)]
+    except PairsError:
+        return R.BAD_ARGUMENT
+    if not 100 <= status <= 999:
+        return R.BAD_ARGUMENT
+    stream = ctx.stream
+    if stream.local_reply is None:  # the first reply wins, as in Envoy
+        stream.local_reply = LocalReply(status, body, headers, details.decode("utf-8", "replace"), grpc_status)
+    return R.OK
+
+
+def _continue(vm: PluginVM, stream_type: int) -> int:
+    ctx = _http(vm)
+    if ctx is None or not 0 <= stream_type <= StreamType.UPSTREAM:
+        return R.BAD_ARGUMENT
+    if stream_type == StreamType.DOWNSTREAM:
+        return R.OK  # Envoy accepts it; there is no TCP filter to continue
+    if stream_type == StreamType.UPSTREAM:
+        return R.UNIMPLEMENTED
+    hook = ctx.stream.on_continue
+    if hook is not None:
+        hook(ctx, stream_type)
+    return R.OK  # Envoy returns OK even when nothing was stopped
+
+
+@hostcall("i")
+def proxy_continue_stream(vm: PluginVM, stream_type: int) -> int:
+    return _continue(vm, stream_type)
+
+
+@hostcall("")
+def proxy_continue_request(vm: PluginVM) -> int:  # ABI 0.1.0
+    return _continue(vm, StreamType.REQUEST)
+
+
+@hostcall("")
+def proxy_continue_response(vm: PluginVM) -> int:  # ABI 0.1.0
+    return _continue(vm, StreamType.RESPONSE)
+
+
+def _close(vm: PluginVM, stream_type: int) -> int:
+    ctx = _http(vm)
+    if ctx is None or not 0 <= stream_type <= StreamType.UPSTREAM:
+        return R.BAD_ARGUMENT
+    ctx.stream.reset = True  # Envoy resets the stream; on HTTP/1.1 that closes the connection
+    return R.OK
+
+
+@hostcall("i")
+def proxy_close_stream(vm: PluginVM, stream_type: int) -> int:
+    return _close(vm, stream_type)
+
+
+@hostcall("")
+def proxy_clear_route_cache(vm: PluginVM) -> int:  # ABI 0.1.0; one route, nothing cached
+    return R.OK

@@ -1,0 +1,208 @@
+"""Filter iteration for one direction of a stream, with Envoy's semantics. Sans-IO.
+
+Headers, data and trailers flow through the filters in order (the response
+direction gets the filters reversed). What a stopped filter holds moves on when
+the filter continues (a later callback returns Continue, or the plugin calls
+``proxy_continue_stream``).
+
+* A non-zero result from a headers callback is Envoy's StopAllIteration (Envoy's
+  Wasm filter maps it so unless ``allow_on_headers_stop_iteration``): the filter
+  gets no data callbacks until it continues; body data is buffered for it and
+  handed to it, whole, when it does.
+* A data callback returning 1 or 2 stops and buffers (every later data callback
+  of that filter sees the whole buffer); 3 or more stops and drops the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from wasmgate.abi.constants import Action
+
+
+class Halted(Exception):
+    """The stream ended inside a callback (local reply, reset or failure)."""
+
+
+class FilterCallbacks(Protocol):
+    def headers(self, count: int, eos: bool) -> int: ...
+    def data(self, body: bytearray, eos: bool) -> int: ...
+    def trailers(self, count: int) -> int: ...
+
+
+class Sink(Protocol):
+    def headers(self, eos: bool) -> None: ...
+    def data(self, body: bytes, eos: bool) -> None: ...
+    def trailers(self) -> None: ...
+
+
+_CONTINUE_AND_END_STREAM = 2  # a headers result Envoy treats as continue
+
+
+class _Slot:
+    __slots__ = ("cb", "stopped", "stopped_all", "held_headers", "held_headers_eos", "held_data",
+                 "held_eos", "held_trailers", "in_call", "continue_requested")
+
+    def __init__(self, cb: FilterCallbacks):
+        self.cb = cb
+        self.stopped = False
+        self.stopped_all = False  # stopped on headers: data waits without callbacks
+        self.held_headers = False
+        self.held_headers_eos = False
+        self.held_data: bytearray | None = None
+        self.held_eos = False
+        self.held_trailers = False
+        self.in_call = False
+        self.continue_requested = False
+
+
+class Direction:
+    def __init__(self, filters: list[FilterCallbacks], sink: Sink, header_count: Callable[[], int],
+                 trailer_count: Callable[[], int], check: Callable[[], None]):
+        self._slots = [_Slot(f) for f in filters]
+        self._sink = sink
+        self._header_count = header_count
+        self._trailer_count = trailer_count
+        self._check = check  # raises Halted when the stream ended during a callback
+        self.current = -1  # index of the filter whose callback runs (or ran last)
+        self.buffered = 0  # bytes held by stopped filters
+
+    # ---- input ---------------------------------------------------------------------
+
+    def headers(self, eos: bool) -> None:
+        self._flow_headers(0, eos)
+
+    def data(self, chunk: bytes, eos: bool) -> None:
+        self._flow_data(0, bytearray(chunk), eos)
+
+    def trailers(self) -> None:
+        self._flow_trailers(0)
+
+    def index_of(self, cb: FilterCallbacks) -> int:
+        for i, s in enumerate(self._slots):
+            if s.cb is cb:
+                return i
+        return -1
+
+    def in_call(self, index: int) -> bool:
+        return self._slots[index].in_call
+
+    def continue_from(self, index: int) -> bool:
+        """proxy_continue_stream from filter ``index``.
+
+        During that filter's own callback it takes effect when the callback returns
+        (Envoy defers it the same way); otherwise at once. False if not stopped.
+        """
+        slot = self._slots[index]
+        if slot.in_call:
+            slot.continue_requested = True
+            return True
+        if not slot.stopped:
+            return False
+        self._resume(index)
+        return True
+
+    # ---- iteration -----------------------------------------------------------------
+
+    def _call(self, index: int, fn: Callable[[], int]) -> int:
+        """Run one callback; its action, or CONTINUE if it asked to continue meanwhile."""
+        slot = self._slots[index]
+        self.current = index
+        slot.in_call = True
+        slot.continue_requested = False
+        try:
+            action = fn()
+        finally:
+            slot.in_call = False
+        self._check()
+        return Action.CONTINUE if slot.continue_requested else action
+
+    def _flow_headers(self, start: int, eos: bool) -> None:
+        for i in range(start, len(self._slots)):
+            slot = self._slots[i]
+            count = self._header_count()
+            action = self._call(i, lambda: slot.cb.headers(count, eos))
+            if action not in (Action.CONTINUE, _CONTINUE_AND_END_STREAM):
+                slot.stopped = slot.stopped_all = True
+                slot.held_headers = True
+                slot.held_headers_eos = eos
+                return
+        self._sink.headers(eos)
+
+    def _hold(self, slot: _Slot, body: bytearray, eos: bool) -> bytearray:
+        held = slot.held_data
+        if held is None:
+            held = slot.held_data = bytearray()
+        held += body
+        self.buffered += len(body)
+        slot.held_eos = eos
+        return held
+
+    def _flow_data(self, start: int, body: bytearray, eos: bool) -> None:
+        for i in range(start, len(self._slots)):
+            slot = self._slots[i]
+            if slot.stopped_all:
+                self._hold(slot, body, eos)
+                return
+            if slot.stopped:
+                held = self._hold(slot, body, eos)
+                action = self._call(i, lambda: slot.cb.data(held, eos))
+                if action == Action.CONTINUE:
+                    self._resume(i)
+                elif action >= Action.STOP_NO_BUFFER:
+                    self.buffered -= len(held)
+                    held.clear()
+                return
+            action = self._call(i, lambda: slot.cb.data(body, eos))
+            if action != Action.CONTINUE:
+                slot.stopped = True
+                if action < Action.STOP_NO_BUFFER:
+                    self._hold(slot, body, eos)
+                else:
+                    slot.held_data = bytearray()
+                    slot.held_eos = eos
+                return
+        self._sink.data(bytes(body), eos)
+
+    def _flow_trailers(self, start: int) -> None:
+        for i in range(start, len(self._slots)):
+            slot = self._slots[i]
+            if slot.stopped_all:
+                slot.held_trailers = True
+                return
+            count = self._trailer_count()
+            action = self._call(i, lambda: slot.cb.trailers(count))
+            if slot.stopped:
+                slot.held_trailers = True
+                if action == Action.CONTINUE:
+                    self._resume(i)
+                return
+            if action != Action.CONTINUE:
+                slot.stopped = True
+                slot.held_trailers = True
+                return
+        self._sink.trailers()
+
+    def _resume(self, index: int) -> None:
+        """Filter ``index`` continues: pass on what it held, in order."""
+        slot = self._slots[index]
+        if not slot.stopped:
+            return
+        stopped_all = slot.stopped_all
+        slot.stopped = slot.stopped_all = False
+        headers, headers_eos = slot.held_headers, slot.held_headers_eos
+        data, data_eos = slot.held_data, slot.held_eos
+        trailers = slot.held_trailers
+        slot.held_headers = slot.held_trailers = False
+        slot.held_data = None
+        if data is not None:
+            self.buffered -= len(data)
+        if headers:
+            self._flow_headers(index + 1, headers_eos)
+        # After StopAll the filter itself has not seen the buffered body yet.
+        start = index if stopped_all else index + 1
+        if data is not None and (data or data_eos):
+            self._flow_data(start, data, data_eos)
+        if trailers:
+            self._flow_trailers(start)

@@ -1,0 +1,115 @@
+"""Per-context state: root contexts and the HTTP stream contexts they own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from wasmgate.abi.constants import BufferType, MapType
+from wasmgate.headers import HeaderMap
+
+if TYPE_CHECKING:
+    from wasmgate.plugin.vm import PluginVM
+
+
+@dataclass
+class LocalReply:
+    status: int
+    body: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    details: str = ""
+    grpc_status: int = -1
+
+
+class Stream:
+    """One HTTP exchange as the plugins see it; shared by every plugin in the chain.
+
+    Header maps are ``None`` until that part of the exchange exists; body buffers are
+    set only while a body callback runs (Envoy's buffer is likewise per callback).
+    """
+
+    __slots__ = ("request_headers", "request_trailers", "response_headers", "response_trailers",
+                 "request_body", "response_body", "local_reply", "reset", "on_continue",
+                 "downstream_addr")
+
+    def __init__(self) -> None:
+        self.request_headers: HeaderMap | None = None
+        self.request_trailers: HeaderMap | None = None
+        self.response_headers: HeaderMap | None = None
+        self.response_trailers: HeaderMap | None = None
+        self.request_body: bytearray | None = None
+        self.response_body: bytearray | None = None
+        self.local_reply: LocalReply | None = None
+        self.reset = False
+        # Set by the filter chain: (context, stream_type) -> resume that direction.
+        self.on_continue: Callable[[HttpContext, int], None] | None = None
+        self.downstream_addr: str = ""
+
+    def header_map(self, map_type: int) -> HeaderMap | None:
+        if map_type == MapType.REQUEST_HEADERS:
+            return self.request_headers
+        if map_type == MapType.RESPONSE_HEADERS:
+            return self.response_headers
+        if map_type == MapType.REQUEST_TRAILERS:
+            if self.request_trailers is None and self.request_headers is not None:
+                self.request_trailers = HeaderMap()  # Envoy lets plugins add trailers
+            return self.request_trailers
+        if map_type == MapType.RESPONSE_TRAILERS:
+            if self.response_trailers is None and self.response_headers is not None:
+                self.response_trailers = HeaderMap()
+            return self.response_trailers
+        return None
+
+    def body(self, buffer_type: int) -> bytearray | None:
+        if buffer_type == BufferType.HTTP_REQUEST_BODY:
+            return self.request_body
+        if buffer_type == BufferType.HTTP_RESPONSE_BODY:
+            return self.response_body
+        return None
+
+
+class Context:
+    __slots__ = ("id", "vm", "root_id")
+
+    def __init__(self, vm: PluginVM, context_id: int, root_id: int):
+        self.id = context_id
+        self.vm = vm
+        self.root_id = root_id
+
+    @property
+    def stream(self) -> Stream | None:
+        return None
+
+
+class RootContext(Context):
+    __slots__ = ("done_pending",)
+
+    def __init__(self, vm: PluginVM, context_id: int):
+        super().__init__(vm, context_id, 0)
+        self.done_pending = False
+
+
+class HttpContext(Context):
+    """A stream context. Like Envoy, a filter may touch a header map only while
+    that map is in front of it: during its headers callback, and afterwards only if
+    it stopped there. In ``on_log`` every map is readable.
+    """
+
+    __slots__ = ("_stream", "alive", "open_maps", "logging")
+
+    def __init__(self, vm: PluginVM, context_id: int, root_id: int, stream: Stream):
+        super().__init__(vm, context_id, root_id)
+        self._stream = stream
+        self.alive = True
+        self.open_maps = 0  # bit per MapType
+        self.logging = False
+
+    @property
+    def stream(self) -> Stream:
+        return self._stream
+
+    def header_map(self, map_type: int) -> HeaderMap | None:
+        if self.logging or self.open_maps & (1 << map_type):
+            return self._stream.header_map(map_type)
+        return None

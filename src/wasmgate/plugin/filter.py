@@ -1,0 +1,143 @@
+"""One plugin in one stream: calls into its VM and applies the fail strategy."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from wasmgate.abi.constants import Action, MapType
+from wasmgate.plugin.context import HttpContext, LocalReply, Stream
+from wasmgate.plugin.spec import FailStrategy
+from wasmgate.plugin.vm import PluginFailed
+
+if TYPE_CHECKING:
+    from wasmgate.plugin.manager import Plugin
+
+_log = logging.getLogger("wasmgate.wasm")
+
+# Envoy's reply when a Wasm filter fails a stream (failStream with fail_open=false).
+FAIL_STATUS = 503
+FAIL_DETAILS = "wasm_fail_stream"
+
+_REQ_HEADERS = 1 << MapType.REQUEST_HEADERS
+_REQ_TRAILERS = 1 << MapType.REQUEST_TRAILERS
+_RESP_HEADERS = 1 << MapType.RESPONSE_HEADERS
+_RESP_TRAILERS = 1 << MapType.RESPONSE_TRAILERS
+
+
+class PluginFilter:
+    """Request and response callbacks of one plugin for one stream.
+
+    The stream context is created on first use, as Envoy does: a plugin after
+    one that answered locally first hears of the stream in ``on_log``.
+    """
+
+    __slots__ = ("plugin", "stream", "ctx", "skip", "request", "response")
+
+    def __init__(self, plugin: Plugin, stream: Stream):
+        self.plugin = plugin
+        self.stream = stream
+        self.ctx: HttpContext | None = None
+        self.skip = False
+        self.request = _Side(self, True)
+        self.response = _Side(self, False)
+
+    def context(self) -> HttpContext | None:
+        """The stream context, created on first use; None once the plugin is skipped."""
+        if self.ctx is not None or self.skip:
+            return self.ctx
+        vm = self.plugin.vm
+        if vm is None or vm.failed is not None:
+            self.fail(vm.failed if vm else self.plugin.error or "plugin has no VM")
+            return None
+        try:
+            self.ctx = vm.create_http_context(self.stream)
+        except PluginFailed as e:
+            self.fail(str(e))
+        return self.ctx
+
+    def fail(self, why: str) -> int:
+        """Apply the fail strategy; returns the action the chain should see."""
+        self.skip = True
+        self.plugin.stats.failed_streams += 1
+        if self.plugin.spec.fail_strategy == FailStrategy.FAIL_OPEN:
+            return Action.CONTINUE
+        if self.stream.local_reply is None:
+            self.stream.local_reply = LocalReply(FAIL_STATUS, b"", [], FAIL_DETAILS)
+        _log.debug("plugin %s failed stream: %s", self.plugin.name, why)
+        return Action.PAUSE
+
+    def log(self) -> None:
+        ctx = self.context() if not self.skip else self.ctx
+        if ctx is not None:
+            ctx.logging = True
+            ctx.vm.log_stream(ctx)
+            ctx.logging = False
+
+    def finish(self) -> None:
+        if self.ctx is not None:
+            self.ctx.vm.finish_stream(self.ctx)
+
+
+class _Side:
+    """The chain's view of one direction of a ``PluginFilter``."""
+
+    __slots__ = ("f", "is_request", "headers_bit", "trailers_bit")
+
+    def __init__(self, f: PluginFilter, is_request: bool):
+        self.f = f
+        self.is_request = is_request
+        self.headers_bit = _REQ_HEADERS if is_request else _RESP_HEADERS
+        self.trailers_bit = _REQ_TRAILERS if is_request else _RESP_TRAILERS
+
+    def headers(self, count: int, eos: bool) -> int:
+        f = self.f
+        ctx = f.context()
+        if ctx is None:
+            return Action.CONTINUE if f.skip and f.stream.local_reply is None else Action.PAUSE
+        ctx.open_maps |= self.headers_bit
+        try:
+            if self.is_request:
+                action = ctx.vm.on_request_headers(ctx, count, eos)
+            else:
+                action = ctx.vm.on_response_headers(ctx, count, eos)
+        except PluginFailed as e:
+            return f.fail(str(e))
+        if action == Action.CONTINUE:
+            ctx.open_maps &= ~self.headers_bit
+        return action
+
+    def data(self, body: bytearray, eos: bool) -> int:
+        f = self.f
+        ctx = f.context()
+        if ctx is None:
+            return Action.CONTINUE if f.skip and f.stream.local_reply is None else Action.PAUSE
+        stream = f.stream
+        if eos:
+            ctx.open_maps |= self.trailers_bit  # the last data callback may add trailers
+        try:
+            if self.is_request:
+                stream.request_body = body
+                return ctx.vm.on_request_body(ctx, len(body), eos)
+            stream.response_body = body
+            return ctx.vm.on_response_body(ctx, len(body), eos)
+        except PluginFailed as e:
+            return f.fail(str(e))
+        finally:
+            if self.is_request:
+                stream.request_body = None
+            else:
+                stream.response_body = None
+
+    def trailers(self, count: int) -> int:
+        f = self.f
+        ctx = f.context()
+        if ctx is None:
+            return Action.CONTINUE if f.skip and f.stream.local_reply is None else Action.PAUSE
+        ctx.open_maps |= self.trailers_bit
+        try:
+            if self.is_request:
+                return ctx.vm.on_request_trailers(ctx, count)
+            return ctx.vm.on_response_trailers(ctx, count)
+        except PluginFailed as e:
+            return f.fail(str(e))

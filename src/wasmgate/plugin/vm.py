@@ -1,0 +1,240 @@
+"""One plugin VM: a module instance with its root context and stream contexts.
+
+Lifecycle (as proxy-wasm-cpp-host does it): instantiate, ``_initialize`` (or
+``_start``), ``proxy_on_context_create(root, 0)``, ``proxy_on_vm_start``,
+``proxy_on_configure``. Streams: ``proxy_on_context_create(id, root)``, the
+header/body/trailer callbacks, then ``proxy_on_done``, ``proxy_on_log``,
+``proxy_on_delete``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import wasmtime
+
+from wasmgate import host
+from wasmgate.abi.constants import ABI_MARKERS, AbiVersion, LogLevel, WasmResult
+from wasmgate.engine.wasm import GuestFunc, HostFunc, Instance, WasmError, WasmTrap, exports_of
+from wasmgate.log import PY_LEVEL, wasm_log
+from wasmgate.plugin.context import Context, HttpContext, RootContext, Stream
+from wasmgate.plugin.spec import PluginSpec
+
+_log = logging.getLogger("wasmgate.wasm")
+
+_WASI_ENOSYS = 52
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or started (message names the plugin)."""
+
+
+class PluginFailed(Exception):
+    """A callback trapped; the VM is now failed and must not be called again."""
+
+
+def detect_abi(module: wasmtime.Module) -> AbiVersion:
+    names = set(exports_of(module))
+    for marker, version in ABI_MARKERS:
+        if marker in names:
+            return version
+    raise WasmError("module exports no proxy_abi_version_* marker; it is not a Proxy-Wasm module")
+
+
+class PluginStats:
+    __slots__ = ("calls", "errors", "seconds", "failed_streams")
+
+    def __init__(self) -> None:
+        self.calls = 0  # guest callbacks
+        self.errors = 0  # callbacks that trapped
+        self.seconds = 0.0  # time spent in guest callbacks
+        self.failed_streams = 0  # streams the fail strategy handled
+
+
+class PluginVM:
+    def __init__(self, spec: PluginSpec, engine: wasmtime.Engine, module: wasmtime.Module,
+                 stats: PluginStats | None = None):
+        self.spec = spec
+        self.abi = detect_abi(module)
+        self.stats = stats or PluginStats()
+        self.failed: str | None = None
+        self.contexts: dict[int, Context] = {}
+        self.effective: Context | None = None
+        self.configuring = False  # plugin configuration is readable only in on_configure
+        self.starting = False  # VM configuration is readable only in on_vm_start
+        self._next_id = 1
+        self._unknown_logged: set[str] = set()
+        self._log_prefix = " ".join(p for p in (spec.name, spec.root_id, spec.vm_id) if p)
+        self.wasi_env = [f"{k}={v}".encode() for k, v in spec.env.items()]
+        try:
+            self.instance = Instance(engine, module, host.bind(self), self._unknown_import)
+        except WasmError as e:
+            raise PluginError(f"plugin {spec.name}: {e}") from None
+        f = self.instance.func
+        self._alloc = f("malloc") or f("proxy_on_memory_allocate")  # cpp-host's lookup order
+        if self._alloc is None:
+            raise PluginError(f"plugin {spec.name}: module exports neither proxy_on_memory_allocate nor malloc")
+        self._on_context_create = f("proxy_on_context_create")
+        self._on_vm_start = f("proxy_on_vm_start")
+        self._on_configure = f("proxy_on_configure")
+        self._on_request_headers = f("proxy_on_request_headers")
+        self._on_request_body = f("proxy_on_request_body")
+        self._on_request_trailers = f("proxy_on_request_trailers")
+        self._on_response_headers = f("proxy_on_response_headers")
+        self._on_response_body = f("proxy_on_response_body")
+        self._on_response_trailers = f("proxy_on_response_trailers")
+        self._on_done = f("proxy_on_done")
+        self._on_log = f("proxy_on_log")
+        self._on_delete = f("proxy_on_delete")
+        self.root = RootContext(self, 0)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the module's init, then vm_start and configure on a new root context."""
+        try:
+            for init in ("_initialize", "_start"):
+                fn = self.instance.func(init)
+                if fn is not None:
+                    self._call(fn, None)
+                    break
+            self.root = RootContext(self, self._new_id())
+            self.contexts[self.root.id] = self.root
+            if self._on_context_create:
+                self._call(self._on_context_create, self.root, self.root.id, 0)
+            if self._on_vm_start:
+                self.starting = True
+                ok = self._call(self._on_vm_start, self.root, self.root.id, len(self.spec.vm_config))
+                self.starting = False
+                if not ok:
+                    raise PluginError(f"plugin {self.name}: proxy_on_vm_start returned false")
+            if self._on_configure:
+                self.configuring = True
+                ok = self._call(self._on_configure, self.root, self.root.id, len(self.spec.plugin_config))
+                self.configuring = False
+                if not ok:
+                    raise PluginError(f"plugin {self.name}: proxy_on_configure returned false")
+        except PluginFailed as e:
+            raise PluginError(f"plugin {self.name}: {e}") from None
+
+    def _new_id(self) -> int:
+        cid = self._next_id
+        self._next_id += 1
+        return cid
+
+    def create_http_context(self, stream: Stream) -> HttpContext:
+        ctx = HttpContext(self, self._new_id(), self.root.id, stream)
+        self.contexts[ctx.id] = ctx
+        if self._on_context_create:
+            self._call(self._on_context_create, ctx, ctx.id, self.root.id)
+        return ctx
+
+    def on_request_headers(self, ctx: HttpContext, count: int, eos: bool) -> int:
+        fn = self._on_request_headers
+        return self._call(fn, ctx, ctx.id, count, eos) if fn else 0
+
+    def on_request_body(self, ctx: HttpContext, size: int, eos: bool) -> int:
+        fn = self._on_request_body
+        return self._call(fn, ctx, ctx.id, size, eos) if fn else 0
+
+    def on_request_trailers(self, ctx: HttpContext, count: int) -> int:
+        fn = self._on_request_trailers
+        return self._call(fn, ctx, ctx.id, count) if fn else 0
+
+    def on_response_headers(self, ctx: HttpContext, count: int, eos: bool) -> int:
+        fn = self._on_response_headers
+        return self._call(fn, ctx, ctx.id, count, eos) if fn else 0
+
+    def on_response_body(self, ctx: HttpContext, size: int, eos: bool) -> int:
+        fn = self._on_response_body
+        return self._call(fn, ctx, ctx.id, size, eos) if fn else 0
+
+    def on_response_trailers(self, ctx: HttpContext, count: int) -> int:
+        fn = self._on_response_trailers
+        return self._call(fn, ctx, ctx.id, count) if fn else 0
+
+    def log_stream(self, ctx: HttpContext) -> None:
+        if ctx.alive and self._on_log is not None and self.failed is None:
+            try:
+                self._call(self._on_log, ctx, ctx.id)
+            except PluginFailed:
+                pass
+
+    def finish_stream(self, ctx: HttpContext) -> None:
+        """on_done then on_delete (Envoy runs every plugin's on_log before these)."""
+        if not ctx.alive:
+            return
+        ctx.alive = False
+        try:
+            if self.failed is None:
+                for fn in (self._on_done, self._on_delete):
+                    if fn is not None:
+                        self._call(fn, ctx, ctx.id)
+        except PluginFailed:
+            pass
+        finally:
+            self.contexts.pop(ctx.id, None)
+
+    # ---- guest calls ---------------------------------------------------------------
+
+    def _call(self, fn: GuestFunc, ctx: Context | None, *args: int) -> int:
+        if self.failed is not None:
+            raise PluginFailed(self.failed)
+        self.effective = ctx
+        stats = self.stats
+        stats.calls += 1
+        t0 = time.perf_counter()
+        try:
+            return self.instance.call(fn, *args)
+        except WasmTrap as trap:
+            stats.errors += 1
+            self.fail(trap)
+            raise PluginFailed(self.failed or trap.message) from None
+        finally:
+            stats.seconds += time.perf_counter() - t0
+
+    def fail(self, trap: WasmTrap) -> None:
+        if trap.exit_code is not None:
+            self.failed = f"proc_exit({trap.exit_code}) in {trap.message.split(':', 1)[0]}"
+        else:
+            self.failed = trap.message
+        _log.error("plugin %s failed: %s", self.name, trap.describe())
+
+    def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
+        """Copy ``data`` into guest-allocated memory; write its pointer and size."""
+        ptr = 0
+        if data:
+            ptr = self.instance.call_reentrant(self._alloc, len(data)) & 0xFFFFFFFF
+            if ptr == 0 or not self.instance.write(ptr, data):
+                return WasmResult.INVALID_MEMORY_ACCESS
+        if not self.instance.write_u32(ptr_ptr, ptr) or not self.instance.write_u32(size_ptr, len(data)):
+            return WasmResult.INVALID_MEMORY_ACCESS
+        return WasmResult.OK
+
+    # ---- logging -------------------------------------------------------------------
+
+    def log(self, level: LogLevel, message: str) -> None:
+        # Envoy's prefix: "wasm log <name> <root_id> <vm_id>: ", empty parts left out.
+        wasm_log.log(PY_LEVEL[level], "wasm log %s: %s", self._log_prefix, message)
+
+    def _unknown_import(self, module: str, name: str, params: str, results: str) -> HostFunc:
+        """Imports we don't provide still link; they fail softly and are logged once."""
+        label = f"{module}.{name}"
+        ret = _WASI_ENOSYS if module == host.registry.WASI else WasmResult.UNIMPLEMENTED
+
+        def unimplemented(*_: Any) -> int:
+            if label not in self._unknown_logged:
+                self._unknown_logged.add(label)
+                _log.warning("plugin %s called unimplemented import %s", self.name, label)
+            return ret
+
+        return HostFunc(module, name, params, results, unimplemented)
+
+    def memory_bytes(self) -> int:
+        return self.instance.memory_size()

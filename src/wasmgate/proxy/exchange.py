@@ -1,0 +1,429 @@
+"""One request's life, top to bottom.
+
+downstream request -> request Direction (plugins in chain order) -> upstream
+upstream response  -> response Direction (plugins in reverse)    -> downstream
+
+A local reply from a plugin in the request direction goes downstream through the
+response callbacks of that plugin and the ones before it, as Envoy encodes a
+local reply; one sent while the response is on its way replaces that response
+without further callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from wasmgate.headers import HeaderMap, Pair
+from wasmgate.plugin.chain import Direction, Halted
+from wasmgate.plugin.context import LocalReply, Stream
+from wasmgate.plugin.filter import PluginFilter
+from wasmgate.proxy import http
+from wasmgate.proxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from wasmgate.proxy.server import HttpConnection
+
+_log = logging.getLogger("wasmgate.http")
+
+UPSTREAM_FAILURE_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
+
+
+class Exchange:
+    def __init__(self, conn: HttpConnection, method: bytes, target: bytes, raw_headers: list[Pair],
+                 *, has_body: bool, keep_alive: bool, http10: bool):
+        self.conn = conn
+        self.method = method
+        self.has_body = has_body
+        self.keep_alive = keep_alive
+        self.http10 = http10
+        self.stream = stream = Stream()
+        stream.request_headers = req = http.request_map(method, target, raw_headers)
+        stream.downstream_addr = conn.peer_ip
+        # What Envoy's connection manager adds before the filters run (with
+        # use_remote_address, hence X-Forwarded-For).
+        xff = req.get(b"x-forwarded-for")
+        req.replace(b"x-forwarded-for", (xff + b", " if xff else b"") + conn.peer_ip.encode())
+        if req.get(b"x-forwarded-proto") is None:
+            req.add(b"x-forwarded-proto", b"http")
+        if req.get(b"x-request-id") is None:
+            req.add(b"x-request-id", _request_id())
+        self.filters: list[PluginFilter] = []
+        self.request: Direction | None = None
+        self.response: Direction | None = None
+        self.upstream: UpstreamConnection | None = None
+        self._pending_upstream: list[bytes] | None = None  # written once connected
+        self._upstream_chunked = False
+        self._upstream_done = False  # request fully sent upstream
+        self._response_started = False  # response head written downstream
+        self._downstream_chunked = False
+        self._response_keep_alive = keep_alive
+        self._finished = False
+        self.status = 0
+
+    # ---- request side: fed by HttpConnection -----------------------------------------
+
+    def start(self) -> None:
+        stream = self.stream
+        app = self.conn.app
+        self.filters = app.chain.filters(stream)
+        self.request = Direction([f.request for f in self.filters], _UpstreamSink(self),
+                                 self._request_header_count, self._request_trailer_count, self._check)
+        self.response = self._response_direction(self.filters)
+        stream.on_continue = self._on_continue
+        request = self.request
+        self._guard(lambda: request.headers(not self.has_body), True)
+
+    def _response_direction(self, filters: list[PluginFilter]) -> Direction:
+        return Direction([f.response for f in reversed(filters)], _DownstreamSink(self),
+                         self._response_header_count, self._response_trailer_count, self._check)
+
+    def request_body(self, data: bytes) -> None:
+        request = self.request
+        if request is None or self._finished:
+            return
+        self._guard(lambda: request.data(data, False), True)
+        if request.buffered > self.conn.app.limits.max_buffered_body and not self._finished:
+            # Envoy answers an over-full request buffer with 413.
+            self._halt_with(LocalReply(413, b"Payload Too Large", [], "request_payload_too_large"), True)
+
+    def request_end(self, trailers: list[Pair]) -> None:
+        request = self.request
+        if request is None or self._finished or not self.has_body:
+            return
+        if trailers:
+            self.stream.request_trailers = HeaderMap((k.lower(), v) for k, v in trailers)
+            self._guard(request.trailers, True)
+        else:
+            self._guard(lambda: request.data(b"", True), True)
+
+    def _request_header_count(self) -> int:
+        return len(self.stream.request_headers or ())
+
+    def _request_trailer_count(self) -> int:
+        return len(self.stream.request_trailers or ())
+
+    def _response_header_count(self) -> int:
+        return len(self.stream.response_headers or ())
+
+    def _response_trailer_count(self) -> int:
+        return len(self.stream.response_trailers or ())
+
+    def _check(self) -> None:
+        if self.stream.local_reply is not None or self.stream.reset:
+            raise Halted
+
+    def _on_continue(self, ctx: object, stream_type: int) -> None:
+        if self._finished:
+            return
+        request_side = stream_type == 0
+        direction = self.request if request_side else self.response
+        if direction is None:
+            return
+        for f in self.filters:
+            if f.ctx is ctx:
+                index = direction.index_of(f.request if request_side else f.response)
+                if index < 0:
+                    return
+                if direction.in_call(index):
+                    direction.continue_from(index)  # applied when the callback returns
+                else:
+                    # From another context's callback (a timer, a callout): resume
+                    # after that VM call has returned, as Envoy defers it.
+                    self.conn.app.defer(lambda: self._guard(lambda: direction.continue_from(index),
+                                                            request_side))
+                return
+
+    def _guard(self, step: Callable[[], object], request_side: bool) -> None:
+        """Run a chain step; turn a halt into a local reply or a reset."""
+        try:
+            step()
+        except Halted:
+            self._halted(request_side)
+
+    def _halt_with(self, reply: LocalReply, request_side: bool) -> None:
+        if self.stream.local_reply is None:
+            self.stream.local_reply = reply
+        self._halted(request_side)
+
+    def _halted(self, request_side: bool) -> None:
+        if self._finished:
+            return
+        stream = self.stream
+        if stream.reset:
+            self.abort("reset by plugin")
+            return
+        reply = stream.local_reply
+        assert reply is not None
+        self._drop_upstream()
+        if self._response_started:
+            self.abort(f"local reply {reply.status} after response started")
+            return
+        if request_side and self.request is not None:
+            # The sender and the plugins before it see the reply's response callbacks.
+            sender = self.request.current
+            self.response = self._response_direction(self.filters[: sender + 1])
+            self._local_reply_through_filters(reply)
+        else:
+            self._write_local_reply(reply)
+
+    # ---- upstream --------------------------------------------------------------------
+
+    def connect_upstream(self, eos: bool) -> None:
+        req = self.stream.request_headers
+        assert req is not None
+        self._upstream_chunked = not eos and req.get(b"content-length") is None
+        self._pending_upstream = [http.request_head(req, self._upstream_chunked)]
+        self._upstream_done = eos
+        self.conn.app.cluster.acquire(self._connected)
+
+    def send_upstream(self, data: bytes) -> None:
+        if self._pending_upstream is not None:
+            self._pending_upstream.append(data)
+        elif self.upstream is not None:
+            self.upstream.write(data)
+
+    def _connected(self, conn: UpstreamConnection | None, error: str) -> None:
+        if self._finished:
+            if conn is not None:
+                self.conn.app.cluster.release(conn)
+            return
+        if conn is None:
+            _log.warning("upstream %s unavailable: %s", self.conn.app.cluster.url, error)
+            self.conn.app.stats.upstream_failures += 1
+            self._upstream_error(error)
+            return
+        self.upstream = conn
+        conn.start(self, self.method == b"HEAD")
+        pending, self._pending_upstream = self._pending_upstream or [], None
+        conn.write(b"".join(pending))
+
+    def _upstream_error(self, reason: str) -> None:
+        if self._response_started:
+            self.abort(f"upstream {reason}")
+            return
+        # Envoy's wording, so users' existing alerts and tests keep matching.
+        reply = LocalReply(503, UPSTREAM_FAILURE_BODY + reason.encode(), [], "upstream_reset_before_response_started")
+        self._local_reply_through_filters(reply)
+
+    def _drop_upstream(self) -> None:
+        conn, self.upstream = self.upstream, None
+        self._pending_upstream = None
+        if conn is not None:
+            conn.detach()
+            conn.close()
+
+    # ResponseHandler
+    def upstream_head(self, status: int, headers: list[Pair], no_body: bool) -> None:
+        self.stream.response_headers = http.response_map(status, headers)
+        if self.response is not None:
+            response = self.response
+            self._guard(lambda: response.headers(no_body), False)
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.response is not None and not self._finished:
+            response = self.response
+            self._guard(lambda: response.data(data, False), False)
+
+    def upstream_end(self, trailers: list[Pair]) -> None:
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            if self._upstream_done:
+                self.conn.app.cluster.release(conn)
+            else:
+                conn.close()  # the request was not fully sent; the connection is unusable
+        if self.response is None or self._finished:
+            return
+        response = self.response
+        if trailers:
+            self.stream.response_trailers = HeaderMap((k.lower(), v) for k, v in trailers)
+            self._guard(response.trailers, False)
+        elif self.stream.response_headers is not None and not self._response_eos_sent:
+            self._guard(lambda: response.data(b"", True), False)
+
+    def upstream_failed(self, reason: str) -> None:
+        self.upstream = None
+        if not self._finished:
+            self.conn.app.stats.upstream_failures += 1
+            _log.warning("upstream %s: %s", self.conn.app.cluster.url, reason)
+            self._upstream_error(reason)
+
+    def upstream_pause(self, paused: bool) -> None:
+        self.conn.pause_reading(paused)
+
+    # ---- response side ---------------------------------------------------------------
+
+    _response_eos_sent = False
+
+    def _local_reply_through_filters(self, reply: LocalReply) -> None:
+        stream = self.stream
+        stream.response_headers = _local_reply_headers(reply)
+        stream.local_reply = None  # from here on a new reply would replace this one
+        response = self.response
+        if response is None:
+            self._write_local_reply(reply)
+            return
+        try:
+            response.headers(not reply.body)
+            if reply.body:
+                response.data(reply.body, True)
+        except Halted:
+            self._write_local_reply(stream.local_reply or reply)
+
+    def _write_local_reply(self, reply: LocalReply) -> None:
+        if self._response_started:
+            self.abort("local reply after response started")
+            return
+        self.stream.response_headers = _local_reply_headers(reply)
+        self.write_head(eos=not reply.body)
+        if reply.body:
+            self.write_body(reply.body, True)
+
+    def write_head(self, eos: bool) -> None:
+        headers = self.stream.response_headers
+        assert headers is not None
+        self._response_started = True
+        try:
+            self.status = int(headers.get(b":status") or b"0")
+        except ValueError:
+            self.status = 0
+        if self.conn.closing:
+            self.keep_alive = False
+        body_ok = http.body_allowed(self.status, self.method)
+        framed = headers.get(b"content-length") is not None
+        if eos and body_ok and not framed:
+            headers.add(b"content-length", b"0")
+            framed = True
+        self._downstream_chunked = body_ok and not framed and not self.http10
+        if body_ok and not framed and self.http10:
+            self.keep_alive = False  # HTTP/1.0 without a length: the body ends at close
+        self.conn.write(http.response_head(headers, chunked=self._downstream_chunked,
+                                           keep_alive=self.keep_alive, http10=self.http10))
+        if eos or not body_ok:
+            self._response_eos_sent = eos
+            if eos:
+                self.complete()
+
+    def write_body(self, data: bytes, eos: bool) -> None:
+        if not http.body_allowed(self.status, self.method):
+            if eos:
+                self._response_eos_sent = True
+                self.complete()
+            return
+        if self._downstream_chunked:
+            out = http.chunk(data) + (http.last_chunk() if eos else b"")
+        else:
+            out = data
+        if out:
+            self.conn.write(out)
+        if eos:
+            self._response_eos_sent = True
+            self.complete()
+
+    def write_trailers(self) -> None:
+        if self._downstream_chunked and http.body_allowed(self.status, self.method):
+            self.conn.write(http.last_chunk(self.stream.response_trailers))
+        self._response_eos_sent = True
+        self.complete()
+
+    # ---- end of the exchange ---------------------------------------------------------
+
+    def complete(self) -> None:
+        """The response is fully written downstream."""
+        if self._finished:
+            return
+        self._finished = True
+        self._finish_filters()
+        self.conn.app.stats.response(self.status)
+        self.conn.exchange_done(self, self.keep_alive and self._request_consumed())
+
+    def _request_consumed(self) -> bool:
+        # A connection whose request body was not read to the end cannot be reused.
+        return self.conn.current_request_complete(self)
+
+    def abort(self, why: str) -> None:
+        """End the exchange without a (complete) response: close both connections."""
+        if self._finished:
+            return
+        self._finished = True
+        _log.debug("stream aborted: %s", why)
+        self._drop_upstream()
+        self._finish_filters()
+        self.conn.app.stats.response(0)
+        self.conn.exchange_done(self, False)
+
+    def _finish_filters(self) -> None:
+        # Envoy: every plugin's on_log (in chain order), then on_done/on_delete each.
+        self.stream.on_continue = None
+        for f in self.filters:
+            f.log()
+        for f in self.filters:
+            f.finish()
+
+
+def _local_reply_headers(reply: LocalReply) -> HeaderMap:
+    """As Envoy builds them: the plugin's headers, then length and type if there is a body."""
+    headers = HeaderMap([(b":status", str(reply.status).encode())])
+    for k, v in reply.headers:
+        headers.add(k, v)
+    if reply.body:
+        headers.replace(b"content-length", str(len(reply.body)).encode())
+        if headers.get(b"content-type") is None:
+            headers.add(b"content-type", b"text/plain")
+    return headers
+
+
+def _request_id() -> bytes:
+    """A random UUID4, like the x-request-id Envoy adds."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex().encode()
+    return h[:8] + b"-" + h[8:12] + b"-" + h[12:16] + b"-" + h[16:20] + b"-" + h[20:]
+
+
+class _UpstreamSink:
+    """End of the request direction: forward to the upstream cluster."""
+
+    __slots__ = ("ex",)
+
+    def __init__(self, ex: Exchange):
+        self.ex = ex
+
+    def headers(self, eos: bool) -> None:
+        self.ex.connect_upstream(eos)
+
+    def data(self, body: bytes, eos: bool) -> None:
+        ex = self.ex
+        if ex._upstream_chunked:
+            ex.send_upstream(http.chunk(body) + (http.last_chunk() if eos else b""))
+        elif body:
+            ex.send_upstream(body)
+        if eos:
+            ex._upstream_done = True
+
+    def trailers(self) -> None:
+        ex = self.ex
+        if ex._upstream_chunked:
+            ex.send_upstream(http.last_chunk(ex.stream.request_trailers))
+        ex._upstream_done = True
+
+
+class _DownstreamSink:
+    """End of the response direction: write to the client."""
+
+    __slots__ = ("ex",)
+
+    def __init__(self, ex: Exchange):
+        self.ex = ex
+
+    def headers(self, eos: bool) -> None:
+        self.ex.write_head(eos)
+
+    def data(self, body: bytes, eos: bool) -> None:
+        self.ex.write_body(body, eos)
+
+    def trailers(self) -> None:
+        self.ex.write_trailers()

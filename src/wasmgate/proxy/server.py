@@ -1,0 +1,274 @@
+"""The downstream side: one asyncio Protocol per client connection.
+
+httptools parses; each request becomes an ``Exchange``. Requests on one
+connection are answered in order, so pipelining clients are safe: a request that
+arrives while another is in flight waits, with its body held, until its turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from wasmgate.headers import Pair
+from wasmgate.proxy import http
+from wasmgate.proxy.exchange import Exchange
+
+if TYPE_CHECKING:
+    from wasmgate.plugin.manager import Chain
+    from wasmgate.proxy.upstream import Cluster
+
+_log = logging.getLogger("wasmgate.http")
+
+
+@dataclass
+class Limits:
+    """Envoy's defaults: 60 KiB of request headers, 100 headers, 1 MiB buffers."""
+
+    max_header_bytes: int = 60 * 1024
+    max_headers: int = 100
+    max_buffered_body: int = 1024 * 1024
+
+
+@dataclass
+class ProxyStats:
+    requests: int = 0
+    responses: dict[int, int] = field(default_factory=dict)
+    upstream_failures: int = 0
+    downstream_errors: dict[int, int] = field(default_factory=dict)
+    active_connections: int = 0
+
+    def response(self, status: int) -> None:
+        self.responses[status] = self.responses.get(status, 0) + 1
+
+
+class ProxyApp:
+    """What every connection shares: the plugin chain, the upstream, limits, stats."""
+
+    def __init__(self, chain: Chain, cluster: Cluster, limits: Limits | None = None):
+        self.chain = chain
+        self.cluster = cluster
+        self.limits = limits or Limits()
+        self.stats = ProxyStats()
+        self.connections: set[HttpConnection] = set()
+
+    def defer(self, fn: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_soon(fn)
+
+    def protocol(self) -> HttpConnection:
+        return HttpConnection(self)
+
+
+class _Pending:
+    """A pipelined request waiting for its turn, with the body events it received."""
+
+    __slots__ = ("exchange", "events")
+
+    def __init__(self, exchange: Exchange):
+        self.exchange = exchange
+        self.events: list[tuple[str, object]] = []
+
+
+class HttpConnection(asyncio.Protocol):
+    def __init__(self, app: ProxyApp):
+        self.app = app
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = ""
+        self.closing = False
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[Pair] = []
+        self._trailers: list[Pair] = []
+        self._header_bytes = 0
+        self._in_body = False
+        self._too_large = False
+        self._active: Exchange | None = None
+        self._active_complete = False  # the active request was read to its end
+        self._queue: deque[_Pending] = deque()
+        self._receiving: _Pending | Exchange | None = None  # where body events go
+        self._read_paused_by: set[str] = set()
+
+    # ---- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer_ip = peer[0] if peer else ""
+        self.app.connections.add(self)
+        self.app.stats.active_connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # the request went through as-is; what follows belongs to the upgrade
+        except httptools.HttpParserError as e:
+            if self._too_large:
+                self._reject(431, b"Request Header Fields Too Large")
+            else:
+                _log.debug("bad request from %s: %s", self.peer_ip, e)
+                self._reject(400, b"Bad Request")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.app.connections.discard(self)
+        self.app.stats.active_connections -= 1
+        active, self._active = self._active, None
+        if active is not None:
+            active.abort("downstream connection closed")
+        self._queue.clear()
+
+    def pause_writing(self) -> None:
+        ex = self._active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading(True)
+
+    def resume_writing(self) -> None:
+        ex = self._active
+        if ex is not None and ex.upstream is not None:
+            ex.upstream.pause_reading(False)
+
+    # ---- httptools callbacks ---------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._trailers = []
+        self._header_bytes = 0
+        self._in_body = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self.app.limits.max_header_bytes:
+            self._too_large = True
+            raise httptools.HttpParserError("request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_body:
+            self._trailers.append((name, value))
+            return
+        self._headers.append((name, value))
+        self._header_bytes += len(name) + len(value)
+        limits = self.app.limits
+        if self._header_bytes > limits.max_header_bytes or len(self._headers) > limits.max_headers:
+            self._too_large = True
+            raise httptools.HttpParserError("headers too large")
+
+    def on_headers_complete(self) -> None:
+        p = self._parser
+        self._in_body = True
+        self.app.stats.requests += 1
+        has_body = False
+        for k, v in self._headers:
+            lk = k.lower()
+            if lk == b"transfer-encoding" or (lk == b"content-length" and v.strip() != b"0"):
+                has_body = True
+        ex = Exchange(self, p.get_method(), self._url, self._headers, has_body=has_body,
+                      keep_alive=p.should_keep_alive(), http10=p.get_http_version() == "1.0")
+        if self._active is None:
+            self._start(ex)
+            self._receiving = ex
+        else:
+            pending = _Pending(ex)
+            self._queue.append(pending)
+            self._receiving = pending
+            self.pause_reading(True, "pipeline")  # one request ahead is enough
+
+    def on_body(self, body: bytes) -> None:
+        target = self._receiving
+        if isinstance(target, Exchange):
+            target.request_body(body)
+        elif target is not None:
+            target.events.append(("body", body))
+
+    def on_message_complete(self) -> None:
+        target, self._receiving = self._receiving, None
+        trailers = self._trailers
+        if isinstance(target, Exchange):
+            if target is self._active:
+                self._active_complete = True
+            target.request_end(trailers)
+        elif target is not None:
+            target.events.append(("end", trailers))
+
+    # ---- used by Exchange ------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.write(data)
+
+    def pause_reading(self, paused: bool, reason: str = "upstream") -> None:
+        if self.transport is None or self.closing:
+            return
+        was = bool(self._read_paused_by)
+        if paused:
+            self._read_paused_by.add(reason)
+        else:
+            self._read_paused_by.discard(reason)
+        now = bool(self._read_paused_by)
+        if now and not was:
+            self.transport.pause_reading()
+        elif was and not now:
+            self.transport.resume_reading()
+
+    def current_request_complete(self, ex: Exchange) -> bool:
+        return ex is not self._active or self._active_complete or not ex.has_body
+
+    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
+        if ex is not self._active:
+            return
+        self._active = None
+        if not keep_alive:
+            self._close()
+            return
+        if self._queue:
+            pending = self._queue.popleft()
+            self._start(pending.exchange)
+            if self._receiving is pending:
+                self._receiving = pending.exchange
+            for kind, payload in pending.events:
+                if kind == "body":
+                    pending.exchange.request_body(payload)  # type: ignore[arg-type]
+                else:
+                    self._active_complete = True
+                    pending.exchange.request_end(payload)  # type: ignore[arg-type]
+            if not self._queue:
+                self.pause_reading(False, "pipeline")
+
+    def _start(self, ex: Exchange) -> None:
+        self._active = ex
+        self._active_complete = False
+        ex.start()
+
+    # ---- errors ----------------------------------------------------------------------
+
+    def _reject(self, status: int, body: bytes) -> None:
+        """A protocol error: answer (if nothing was sent for this request yet) and close."""
+        stats = self.app.stats
+        stats.downstream_errors[status] = stats.downstream_errors.get(status, 0) + 1
+        active = self._active
+        if active is None or not active._response_started:
+            stats.response(status)
+            self.write(http.simple_response(status, body, close=True))
+        if active is not None:
+            active.abort("downstream protocol error")
+        self._close()
+
+    def _close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def serve(app: ProxyApp, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(app.protocol, host, port, reuse_port=reuse_port, backlog=1024)

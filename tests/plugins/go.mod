@@ -1,0 +1,3 @@
+module wasmgate.test/plugins
+
+go 1.24

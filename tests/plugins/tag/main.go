@@ -1,0 +1,54 @@
+// Command tag is a wasmgate test plugin that appends its plugin
+// configuration (a plain string such as "A") to the request header x-chain
+// and the response header x-chain-resp. Chaining several instances shows the
+// order the host runs them in: request in order, response in reverse.
+package main
+
+import (
+	"strconv"
+
+	"wasmgate.test/plugins/internal/abi"
+)
+
+func main() {}
+
+// tag is this plugin's configuration. Set once per root context in
+// on_configure; every HTTP context of the plugin reads it.
+var tag = "unset"
+
+//go:wasmexport proxy_on_context_create
+func onContextCreate(ctxID, parentID uint32) {}
+
+//go:wasmexport proxy_on_configure
+func onConfigure(rootID, configSize uint32) uint32 {
+	if configSize > 0 {
+		cfg, st := abi.GetBuffer(abi.PluginConfiguration, 0, configSize)
+		if st != abi.OK {
+			abi.Log(abi.LogError, "tag: reading plugin configuration failed status="+strconv.Itoa(int(st)))
+			return 0
+		}
+		tag = string(cfg)
+	}
+	abi.Log(abi.LogInfo, "tag: configured tag="+tag)
+	return 1
+}
+
+//go:wasmexport proxy_on_request_headers
+func onRequestHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
+	add(abi.RequestHeaders, "x-chain")
+	return abi.Continue
+}
+
+//go:wasmexport proxy_on_response_headers
+func onResponseHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
+	add(abi.ResponseHeaders, "x-chain-resp")
+	return abi.Continue
+}
+
+func add(m abi.MapType, key string) {
+	if st := abi.AddHeader(m, key, tag); st != abi.OK {
+		abi.Log(abi.LogError, "tag: proxy_add_header_map_value "+key+" failed status="+strconv.Itoa(int(st)))
+		return
+	}
+	abi.Log(abi.LogDebug, "tag: added "+key+": "+tag)
+}
