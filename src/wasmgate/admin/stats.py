@@ -62,5 +62,5 @@ def _plugin_metrics(chain: Chain) -> Iterator[Metric]:
 
 def prometheus_text(app: ProxyApp) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(lambda: app))  # type: ignore[arg-type]
+    registry.register(_Collector(lambda: app))
     return generate_latest(registry)

@@ -279,7 +279,7 @@ class Instance:
             e = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _wasmtime_error_t_p))
             message, frames = _parse_error_text(str(e))
             return WasmTrap(f"{where}: {message}", frames, getattr(e, "code", exit_code))
-        t = wasmtime.Trap._from_ptr(ctypes.cast(trap, _wasm_trap_t_p))
+        t = wasmtime.Trap._from_ptr(ctypes.cast(trap or 0, _wasm_trap_t_p))
         message, _ = _parse_error_text(t.message)
         return WasmTrap(f"{where}: {message}", [_frame_str(f) for f in t.frames], exit_code)
 
@@ -338,7 +338,7 @@ class Instance:
                 if has_result:
                     (i64_at if result_i64 else i32_at)(args).value = r or 0
                 return 0
-            except BaseException as e:  # noqa: BLE001 - anything raised must become a trap
+            except BaseException as e:
                 self.host_error = e
                 msg = f"host function {label} failed: {e}" if not isinstance(e, HostError) else str(e)
                 raw = msg.encode("utf-8", "replace")

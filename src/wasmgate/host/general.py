@@ -46,6 +46,14 @@ def proxy_get_status(vm: PluginVM, code_ptr: int, msg_ptr_ptr: int, msg_size_ptr
     return vm.copy_out(b"", msg_ptr_ptr, msg_size_ptr)
 
 
+@hostcall("i")
+def proxy_set_tick_period_milliseconds(vm: PluginVM, millis: int) -> int:
+    if not isinstance(vm.effective, RootContext):
+        return R.BAD_ARGUMENT  # timers belong to root contexts
+    vm.set_tick_period(millis & 0xFFFFFFFF)
+    return R.OK
+
+
 @hostcall("")
 def proxy_done(vm: PluginVM) -> int:
     ctx = vm.effective

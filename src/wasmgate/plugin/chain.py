@@ -105,14 +105,14 @@ class Direction:
 
     # ---- iteration -----------------------------------------------------------------
 
-    def _call(self, index: int, fn: Callable[[], int]) -> int:
+    def _call(self, index: int, fn: Callable[..., int], *args: object) -> int:
         """Run one callback; its action, or CONTINUE if it asked to continue meanwhile."""
         slot = self._slots[index]
         self.current = index
         slot.in_call = True
         slot.continue_requested = False
         try:
-            action = fn()
+            action = fn(*args)
         finally:
             slot.in_call = False
         self._check()
@@ -121,8 +121,7 @@ class Direction:
     def _flow_headers(self, start: int, eos: bool) -> None:
         for i in range(start, len(self._slots)):
             slot = self._slots[i]
-            count = self._header_count()
-            action = self._call(i, lambda: slot.cb.headers(count, eos))
+            action = self._call(i, slot.cb.headers, self._header_count(), eos)
             if action not in (Action.CONTINUE, _CONTINUE_AND_END_STREAM):
                 slot.stopped = slot.stopped_all = True
                 slot.held_headers = True
@@ -147,14 +146,14 @@ class Direction:
                 return
             if slot.stopped:
                 held = self._hold(slot, body, eos)
-                action = self._call(i, lambda: slot.cb.data(held, eos))
+                action = self._call(i, slot.cb.data, held, eos)
                 if action == Action.CONTINUE:
                     self._resume(i)
                 elif action >= Action.STOP_NO_BUFFER:
                     self.buffered -= len(held)
                     held.clear()
                 return
-            action = self._call(i, lambda: slot.cb.data(body, eos))
+            action = self._call(i, slot.cb.data, body, eos)
             if action != Action.CONTINUE:
                 slot.stopped = True
                 if action < Action.STOP_NO_BUFFER:
@@ -171,8 +170,7 @@ class Direction:
             if slot.stopped_all:
                 slot.held_trailers = True
                 return
-            count = self._trailer_count()
-            action = self._call(i, lambda: slot.cb.trailers(count))
+            action = self._call(i, slot.cb.trailers, self._trailer_count())
             if slot.stopped:
                 slot.held_trailers = True
                 if action == Action.CONTINUE:

@@ -48,7 +48,7 @@ class PluginFilter:
             return self.ctx
         vm = self.plugin.vm
         if vm is None or vm.failed is not None:
-            self.fail(vm.failed if vm else self.plugin.error or "plugin has no VM")
+            self.fail((vm.failed if vm else self.plugin.error) or "plugin has no VM")
             return None
         try:
             self.ctx = vm.create_http_context(self.stream)

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 
-class FailStrategy(str, Enum):
+class FailStrategy(StrEnum):
     FAIL_CLOSE = "FAIL_CLOSE"
     FAIL_OPEN = "FAIL_OPEN"
 
 
-class Phase(str, Enum):
+class Phase(StrEnum):
     """Istio's WasmPlugin phases. UNSPECIFIED_PHASE goes last, right before the router."""
 
     AUTHN = "AUTHN"

@@ -9,6 +9,8 @@ header/body/trailer callbacks, then ``proxy_on_done``, ``proxy_on_log``,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -73,9 +75,10 @@ class PluginVM:
         except WasmError as e:
             raise PluginError(f"plugin {spec.name}: {e}") from None
         f = self.instance.func
-        self._alloc = f("malloc") or f("proxy_on_memory_allocate")  # cpp-host's lookup order
-        if self._alloc is None:
+        alloc = f("malloc") or f("proxy_on_memory_allocate")  # cpp-host's lookup order
+        if alloc is None:
             raise PluginError(f"plugin {spec.name}: module exports neither proxy_on_memory_allocate nor malloc")
+        self._alloc = alloc
         self._on_context_create = f("proxy_on_context_create")
         self._on_vm_start = f("proxy_on_vm_start")
         self._on_configure = f("proxy_on_configure")
@@ -88,6 +91,9 @@ class PluginVM:
         self._on_done = f("proxy_on_done")
         self._on_log = f("proxy_on_log")
         self._on_delete = f("proxy_on_delete")
+        self._on_tick = f("proxy_on_tick")
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self.tick_period = 0.0  # seconds; 0 = no timer
         self.root = RootContext(self, 0)
 
     @property
@@ -161,10 +167,8 @@ class PluginVM:
 
     def log_stream(self, ctx: HttpContext) -> None:
         if ctx.alive and self._on_log is not None and self.failed is None:
-            try:
+            with contextlib.suppress(PluginFailed):  # already logged and counted
                 self._call(self._on_log, ctx, ctx.id)
-            except PluginFailed:
-                pass
 
     def finish_stream(self, ctx: HttpContext) -> None:
         """on_done then on_delete (Envoy runs every plugin's on_log before these)."""
@@ -180,6 +184,39 @@ class PluginVM:
             pass
         finally:
             self.contexts.pop(ctx.id, None)
+
+    # ---- timers ----------------------------------------------------------------------
+
+    def set_tick_period(self, millis: int) -> None:
+        """proxy_set_tick_period_milliseconds: on_tick every period on the event loop."""
+        self.tick_period = max(millis, 0) / 1000.0
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        if self.tick_period <= 0 or self.failed is not None or self._on_tick is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a unit test driving the VM by hand): no timer
+        self._tick_handle = loop.call_later(self.tick_period, self._tick)
+
+    def _tick(self) -> None:
+        self._tick_handle = None
+        if self._on_tick is None or self.failed is not None:
+            return
+        with contextlib.suppress(PluginFailed):  # fail() has logged it; the timer stops
+            self._call(self._on_tick, self.root, self.root.id)
+        if self._tick_handle is None:
+            self._schedule_tick()
+
+    def stop(self) -> None:
+        """Stop timers; the VM serves no new work afterwards."""
+        self.tick_period = 0
+        self._schedule_tick()
 
     # ---- guest calls ---------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 from wasmgate.headers import HeaderMap, Pair
@@ -132,8 +133,8 @@ class Exchange:
                 else:
                     # From another context's callback (a timer, a callout): resume
                     # after that VM call has returned, as Envoy defers it.
-                    self.conn.app.defer(lambda: self._guard(lambda: direction.continue_from(index),
-                                                            request_side))
+                    self.conn.app.defer(partial(self._guard, partial(direction.continue_from, index),
+                                                request_side))
                 return
 
     def _guard(self, step: Callable[[], object], request_side: bool) -> None:
@@ -312,10 +313,7 @@ class Exchange:
                 self._response_eos_sent = True
                 self.complete()
             return
-        if self._downstream_chunked:
-            out = http.chunk(data) + (http.last_chunk() if eos else b"")
-        else:
-            out = data
+        out = http.chunk(data) + (http.last_chunk() if eos else b"") if self._downstream_chunked else data
         if out:
             self.conn.write(out)
         if eos:

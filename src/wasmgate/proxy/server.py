@@ -229,20 +229,27 @@ class HttpConnection(asyncio.Protocol):
         self._active = None
         if not keep_alive:
             self._close()
+        elif self._queue:
+            # Not from inside this exchange's callbacks: start the next one afresh.
+            asyncio.get_running_loop().call_soon(self._next)
+
+    def _next(self) -> None:
+        if self.closing or self._active is not None or not self._queue:
             return
-        if self._queue:
-            pending = self._queue.popleft()
-            self._start(pending.exchange)
-            if self._receiving is pending:
-                self._receiving = pending.exchange
-            for kind, payload in pending.events:
-                if kind == "body":
-                    pending.exchange.request_body(payload)  # type: ignore[arg-type]
-                else:
+        pending = self._queue.popleft()
+        ex = pending.exchange
+        self._start(ex)
+        if self._receiving is pending:
+            self._receiving = ex
+        for kind, payload in pending.events:
+            if kind == "body":
+                ex.request_body(payload)  # type: ignore[arg-type]
+            else:
+                if ex is self._active:
                     self._active_complete = True
-                    pending.exchange.request_end(payload)  # type: ignore[arg-type]
-            if not self._queue:
-                self.pause_reading(False, "pipeline")
+                ex.request_end(payload)  # type: ignore[arg-type]
+        if not self._queue:
+            self.pause_reading(False, "pipeline")
 
     def _start(self, ex: Exchange) -> None:
         self._active = ex

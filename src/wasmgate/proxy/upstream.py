@@ -51,7 +51,7 @@ class Cluster:
             _, proto = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
                 self.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             why = "connection timeout" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
             ready(None, f"connection failure: {why}")
             return

@@ -1,12 +1,14 @@
-// Command pause is a wasmgate test plugin that pauses request headers until
-// the whole request body has arrived, then records the body length in the
-// request header x-body-seen before letting the request continue.
+// Command pause is a wasmgate test plugin for stopped iteration and resumption.
 //
-// It checks that the host buffers the body while headers are paused and
-// still accepts header mutations at that point (as Envoy does).
+//   - A request with header `x-pause` is paused in on_request_headers and resumed
+//     from the root context's on_tick: it switches to the stream's context, sets
+//     request header `x-resumed: tick` and calls proxy_continue_stream.
+//   - Request bodies are buffered (Pause until end of stream), then upper-cased in
+//     place with proxy_set_buffer_bytes, which keeps their length.
 package main
 
 import (
+	"bytes"
 	"strconv"
 
 	"wasmgate.test/plugins/internal/abi"
@@ -14,46 +16,57 @@ import (
 
 func main() {}
 
+var paused []uint32
+
 //go:wasmexport proxy_on_context_create
 func onContextCreate(ctxID, parentID uint32) {}
 
+//go:wasmexport proxy_on_vm_start
+func onVMStart(rootID, size uint32) uint32 {
+	if st := abi.SetTickPeriod(10); st != abi.OK {
+		abi.Log(abi.LogError, "pause: set_tick_period failed status="+itoa(uint32(st)))
+		return 0
+	}
+	return 1
+}
+
+//go:wasmexport proxy_on_tick
+func onTick(rootID uint32) {
+	for _, id := range paused {
+		if st := abi.SetEffectiveContext(id); st != abi.OK {
+			abi.Log(abi.LogError, "pause: set_effective_context failed ctx="+itoa(id))
+			continue
+		}
+		abi.ReplaceHeader(abi.RequestHeaders, "x-resumed", "tick")
+		abi.Log(abi.LogInfo, "pause: resuming ctx="+itoa(id))
+		abi.ContinueStream(abi.StreamRequest)
+	}
+	paused = paused[:0]
+}
+
 //go:wasmexport proxy_on_request_headers
 func onRequestHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
-	if endOfStream != 0 {
-		setBodySeen(ctxID, "0")
-		abi.Log(abi.LogInfo, "pause: no request body ctx="+itoa(ctxID)+", continuing")
+	if _, st := abi.GetHeader(abi.RequestHeaders, "x-pause"); st != abi.OK {
 		return abi.Continue
 	}
-	abi.Log(abi.LogInfo, "pause: pausing request headers until body ends ctx="+itoa(ctxID))
+	abi.Log(abi.LogInfo, "pause: pausing ctx="+itoa(ctxID))
+	paused = append(paused, ctxID)
 	return abi.Pause
 }
 
 //go:wasmexport proxy_on_request_body
 func onRequestBody(ctxID, bodySize, endOfStream uint32) abi.Action {
 	if endOfStream == 0 {
-		// Pausing here asks the host to keep buffering the body.
-		abi.Log(abi.LogInfo, "pause: buffering request body ctx="+itoa(ctxID)+" size="+itoa(bodySize))
-		return abi.Pause
+		return abi.Pause // buffer: the next call sees the whole body so far
 	}
-	seen := "0"
-	if bodySize > 0 {
-		body, st := abi.GetBuffer(abi.RequestBody, 0, bodySize)
-		if st != abi.OK {
-			abi.Log(abi.LogError, "pause: proxy_get_buffer_bytes failed ctx="+itoa(ctxID)+" status="+itoa(uint32(st)))
-			seen = "read-error"
-		} else {
-			seen = strconv.Itoa(len(body))
-		}
+	body, st := abi.GetBuffer(abi.RequestBody, 0, bodySize)
+	if st != abi.OK {
+		abi.Log(abi.LogError, "pause: get_buffer_bytes failed status="+itoa(uint32(st)))
+		return abi.Continue
 	}
-	setBodySeen(ctxID, seen)
-	abi.Log(abi.LogInfo, "pause: request body complete ctx="+itoa(ctxID)+" size="+itoa(bodySize)+" read="+seen+", continuing")
+	abi.SetBuffer(abi.RequestBody, 0, bodySize, bytes.ToUpper(body))
+	abi.Log(abi.LogInfo, "pause: body complete ctx="+itoa(ctxID)+" size="+itoa(bodySize))
 	return abi.Continue
-}
-
-func setBodySeen(ctxID uint32, value string) {
-	if st := abi.ReplaceHeader(abi.RequestHeaders, "x-body-seen", value); st != abi.OK {
-		abi.Log(abi.LogError, "pause: proxy_replace_header_map_value failed ctx="+itoa(ctxID)+" status="+itoa(uint32(st)))
-	}
 }
 
 func itoa(v uint32) string { return strconv.FormatUint(uint64(v), 10) }

@@ -1,10 +1,12 @@
-// Command tag is a wasmgate test plugin that appends its plugin
-// configuration (a plain string such as "A") to the request header x-chain
-// and the response header x-chain-resp. Chaining several instances shows the
+// Command tag is a wasmgate test plugin that appends its tag to the request
+// header x-chain and the response header x-chain-resp. The tag is the plugin
+// configuration: JSON {"tag": "A"} (as a WasmPlugin's pluginConfig arrives)
+// or a plain string. Chaining several instances shows the
 // order the host runs them in: request in order, response in reverse.
 package main
 
 import (
+	"encoding/json"
 	"strconv"
 
 	"wasmgate.test/plugins/internal/abi"
@@ -27,7 +29,12 @@ func onConfigure(rootID, configSize uint32) uint32 {
 			abi.Log(abi.LogError, "tag: reading plugin configuration failed status="+strconv.Itoa(int(st)))
 			return 0
 		}
-		tag = string(cfg)
+		var obj struct{ Tag string }
+		if json.Unmarshal(cfg, &obj) == nil && obj.Tag != "" {
+			tag = obj.Tag
+		} else {
+			tag = string(cfg)
+		}
 	}
 	abi.Log(abi.LogInfo, "tag: configured tag="+tag)
 	return 1

@@ -100,6 +100,15 @@ func proxySendLocalResponse(statusCode uint32, details unsafe.Pointer, detailsSi
 //go:wasmimport env proxy_continue_stream
 func proxyContinueStream(streamType uint32) uint32
 
+//go:wasmimport env proxy_set_buffer_bytes
+func proxySetBufferBytes(bufferType uint32, start uint32, length uint32, data unsafe.Pointer, size uint32) uint32
+
+//go:wasmimport env proxy_set_tick_period_milliseconds
+func proxySetTickPeriodMilliseconds(millis uint32) uint32
+
+//go:wasmimport env proxy_set_effective_context
+func proxySetEffectiveContext(contextID uint32) uint32
+
 //go:wasmexport proxy_abi_version_0_2_1
 func abiVersion() {}
 
@@ -214,6 +223,22 @@ func GetBuffer(b BufferType, start, length uint32) ([]byte, Status) {
 		return nil, BadArgument
 	}
 	return data, OK
+}
+
+// SetBuffer replaces length bytes at start with data (Envoy's rules: start 0
+// replaces the front, start >= size appends).
+func SetBuffer(b BufferType, start, length uint32, data []byte) Status {
+	return Status(proxySetBufferBytes(uint32(b), start, length, bytesPtr(data), uint32(len(data))))
+}
+
+// SetTickPeriod asks for proxy_on_tick every millis milliseconds (root context only).
+func SetTickPeriod(millis uint32) Status {
+	return Status(proxySetTickPeriodMilliseconds(millis))
+}
+
+// SetEffectiveContext makes later host calls act on another context.
+func SetEffectiveContext(ctxID uint32) Status {
+	return Status(proxySetEffectiveContext(ctxID))
 }
 
 // SendLocalResponse answers the request from the plugin. grpcStatus -1

@@ -1,0 +1,184 @@
+"""Real servers for end-to-end tests: a recording upstream and wasmgate in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from wasmgate.app import RunOptions, Running, start
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_BUILD = REPO / "tests" / "plugins" / "build"
+ALLOW_HEADER_WASM = REPO / "examples" / "allow-header" / "plugin.wasm"
+ALLOW_HEADER_YAML = REPO / "examples" / "allow-header" / "wasmplugin.yaml"
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    peer_port: int
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k.lower() == name]
+
+
+@dataclass
+class Upstream:
+    server: ThreadingHTTPServer
+    seen: list[Seen] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            out = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("content-length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def _handle(self) -> None:
+        body = self._body()
+        seen = Seen(self.command, self.path, list(self.headers.items()), body, self.client_address[1])
+        self.server.upstream.seen.append(seen)
+        if self.path.startswith("/chunked"):
+            self.send_response(200)
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("x-remove-me", "yes")
+            self.end_headers()
+            for part in (b"first,", b"second,", b"third"):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path.startswith("/big/"):
+            n = int(self.path.split("/")[2])
+            payload = bytes(i % 251 for i in range(n))
+            self.send_response(200)
+            self.send_header("content-length", str(n))
+            self.end_headers()
+            self.wfile.write(payload)
+            return
+        if self.path.startswith("/status/"):
+            status = int(self.path.split("/")[2])
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            return
+        reply = json.dumps({"method": self.command, "path": self.path, "body_len": len(body)}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(reply)))
+        self.send_header("x-remove-me", "yes")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(reply)
+
+    do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _handle
+
+
+def start_upstream() -> Upstream:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    up = Upstream(server)
+    server.upstream = up  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return up
+
+
+class ProxyThread:
+    """wasmgate running on uvloop in a background thread, on ephemeral ports."""
+
+    def __init__(self, plugins: list[Path], upstream: str | None, **opts: Any):
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        options = RunOptions(listen="127.0.0.1:0", admin="127.0.0.1:0", upstream=upstream, plugins=plugins,
+                             **opts)
+        try:
+            self.running: Running = self.call(start(options))
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    @property
+    def admin_port(self) -> int:
+        return self.running.admin_port
+
+    def stop(self) -> None:
+        self.call(self.running.stop(drain_seconds=2))
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+
+def wasmplugin_yaml(directory: Path, name: str, wasm: Path, *, config: Any = None, phase: str = "",
+                    priority: int | None = None, fail_strategy: str = "", env: dict[str, str] | None = None) -> Path:
+    """Write one WasmPlugin resource and return its path."""
+    spec: dict[str, Any] = {"url": f"file://{wasm}", "pluginName": name}
+    if config is not None:
+        spec["pluginConfig"] = config
+    if phase:
+        spec["phase"] = phase
+    if priority is not None:
+        spec["priority"] = priority
+    if fail_strategy:
+        spec["failStrategy"] = fail_strategy
+    if env:
+        spec["vmConfig"] = {"env": [{"name": k, "value": v} for k, v in env.items()]}
+    doc = {"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+           "metadata": {"name": name}, "spec": spec}
+    path = directory / f"{name}.yaml"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def iter_lines(text: str, needle: str) -> Iterator[str]:
+    return (ln for ln in text.splitlines() if needle in ln)
