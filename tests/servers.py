@@ -13,7 +13,7 @@ from typing import Any
 
 import uvloop
 
-from wasmgate.app import RunOptions, Running, start
+from wasmgate.app import Running, RunOptions, start
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_BUILD = REPO / "tests" / "plugins" / "build"

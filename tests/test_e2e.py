@@ -43,10 +43,10 @@ def request(port: int, method: str = "GET", path: str = "/", headers: dict[str, 
     try:
         conn.request(method, path, body=body, headers=headers or {})
         r = conn.getresponse()
-        headers: dict[str, str] = {}
+        out: dict[str, str] = {}
         for k, v in r.getheaders():  # repeated headers joined, as in one comma list
-            headers[k.lower()] = f"{headers[k.lower()]}, {v}" if k.lower() in headers else v
-        return r.status, headers, r.read()
+            out[k.lower()] = f"{out[k.lower()]}, {v}" if k.lower() in out else v
+        return r.status, out, r.read()
     finally:
         conn.close()
 
