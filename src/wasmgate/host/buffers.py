@@ -71,3 +71,11 @@ def proxy_set_buffer_bytes(vm: PluginVM, buffer_type: int, start: int, length: i
     else:
         return R.BAD_ARGUMENT
     return R.OK
+
+
+@hostcall("ii")
+def proxy_get_configuration(vm: PluginVM, rp: int, rs: int) -> int:
+    """ABI 0.1.0's way to read the plugin configuration (in on_configure)."""
+    if not vm.configuring:
+        return R.NOT_FOUND
+    return vm.copy_out(vm.spec.plugin_config, rp, rs)
