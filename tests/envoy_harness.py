@@ -50,6 +50,7 @@ class EnvoyPlugin:
     config: str = ""  # plugin configuration (google.protobuf.StringValue)
     vm_env: dict[str, str] = field(default_factory=dict)
     fail_open: bool = False
+    root_id: str = ""  # Istio sets it from WasmPlugin.spec.pluginName
 
 
 def envoy_binary() -> Path:
@@ -103,7 +104,7 @@ def _wasm_filter(plugin: EnvoyPlugin) -> dict[str, Any]:
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
                 "name": plugin.name,
-                "root_id": "",
+                "root_id": plugin.root_id,
                 "configuration": {
                     "@type": "type.googleapis.com/google.protobuf.StringValue",
                     "value": plugin.config,

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 ENV = "env"
 WASI = "wasi_snapshot_preview1"
+WASI_UNSTABLE = "wasi_unstable"  # AssemblyScript 0.14 imports proc_exit & co from here
+WASI_MODULES = (WASI, WASI_UNSTABLE)
 
 
 @dataclass(frozen=True)
@@ -31,13 +33,16 @@ class _Entry:
 REGISTRY: dict[tuple[str, str], _Entry] = {}
 
 
-def hostcall(params: str, results: str = "i", *, module: str = ENV, name: str | None = None,
-             aliases: tuple[str, ...] = ()) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def hostcall(params: str, results: str = "i", *, module: str = ENV,
+             name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn`` as import ``module.name`` (default: the function's own name)."""
 
+    modules = WASI_MODULES if module == WASI else (module,)
+
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        for n in (name or fn.__name__, *aliases):
-            REGISTRY[(module, n)] = _Entry(module, n, params, results, fn)
+        for m in modules:
+            n = name or fn.__name__
+            REGISTRY[(m, n)] = _Entry(m, n, params, results, fn)
         return fn
 
     return wrap

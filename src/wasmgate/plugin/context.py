@@ -31,7 +31,7 @@ class Stream:
 
     __slots__ = ("request_headers", "request_trailers", "response_headers", "response_trailers",
                  "request_body", "response_body", "local_reply", "reset", "on_continue",
-                 "downstream_addr")
+                 "downstream_addr", "local_addr", "code_details")
 
     def __init__(self) -> None:
         self.request_headers: HeaderMap | None = None
@@ -44,7 +44,9 @@ class Stream:
         self.reset = False
         # Set by the filter chain: (context, stream_type) -> resume that direction.
         self.on_continue: Callable[[HttpContext, int], None] | None = None
-        self.downstream_addr: str = ""
+        self.downstream_addr: tuple[str, int] = ("", 0)  # the client
+        self.local_addr: tuple[str, int] = ("", 0)  # our listener
+        self.code_details = ""  # why a local reply was sent (Envoy's response code details)
 
     def header_map(self, map_type: int) -> HeaderMap | None:
         if map_type == MapType.REQUEST_HEADERS:

@@ -263,7 +263,7 @@ class PluginVM:
     def _unknown_import(self, module: str, name: str, params: str, results: str) -> HostFunc:
         """Imports we don't provide still link; they fail softly and are logged once."""
         label = f"{module}.{name}"
-        ret = _WASI_ENOSYS if module == host.registry.WASI else WasmResult.UNIMPLEMENTED
+        ret = _WASI_ENOSYS if module in host.registry.WASI_MODULES else WasmResult.UNIMPLEMENTED
 
         def unimplemented(*_: Any) -> int:
             if label not in self._unknown_logged:

@@ -42,7 +42,8 @@ class Exchange:
         self.http10 = http10
         self.stream = stream = Stream()
         stream.request_headers = req = http.request_map(method, target, raw_headers)
-        stream.downstream_addr = conn.peer_ip
+        stream.downstream_addr = conn.peer
+        stream.local_addr = conn.local
         # What Envoy's connection manager adds before the filters run (with
         # use_remote_address, hence X-Forwarded-For).
         xff = req.get(b"x-forwarded-for")
@@ -261,6 +262,7 @@ class Exchange:
     def _local_reply_through_filters(self, reply: LocalReply) -> None:
         stream = self.stream
         stream.response_headers = _local_reply_headers(reply)
+        stream.code_details = reply.details
         stream.local_reply = None  # from here on a new reply would replace this one
         response = self.response
         if response is None:
@@ -278,6 +280,7 @@ class Exchange:
             self.abort("local reply after response started")
             return
         self.stream.response_headers = _local_reply_headers(reply)
+        self.stream.code_details = reply.details
         self.write_head(eos=not reply.body)
         if reply.body:
             self.write_body(reply.body, True)

@@ -80,6 +80,8 @@ class HttpConnection(asyncio.Protocol):
         self.app = app
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
+        self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)
         self.closing = False
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
@@ -99,7 +101,10 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
-        self.peer_ip = peer[0] if peer else ""
+        local = transport.get_extra_info("sockname")
+        self.peer = (peer[0], peer[1]) if peer else ("", 0)
+        self.local = (local[0], local[1]) if local else ("", 0)
+        self.peer_ip = self.peer[0]
         self.app.connections.add(self)
         self.app.stats.active_connections += 1
 
