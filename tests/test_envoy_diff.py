@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from envoy_harness import Envoy, EnvoyPlugin
-from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
+from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, ProxyThread, start_upstream, wasmplugin_yaml
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,9 @@ class Pair:
 
     def __init__(self, plugins: list[Plugin], workdir: Path):
         self.upstream = start_upstream()
+        # As Istio translates a WasmPlugin: root_id from pluginName, config as JSON text.
         envoy_plugins = [EnvoyPlugin(p.name, p.wasm, json.dumps(p.config, separators=(",", ":"))
-                                     if p.config is not None else "") for p in plugins]
+                                     if p.config is not None else "", root_id=p.name) for p in plugins]
         self.envoy = Envoy(envoy_plugins, self.upstream.port, workdir / "envoy")
         (workdir / "envoy").mkdir(exist_ok=True)
         self.envoy.start()
