@@ -182,8 +182,12 @@ class Exchange:
         self.conn.app.cluster.acquire(self._connected)
 
     def send_upstream(self, data: bytes) -> None:
-        if self._pending_upstream is not None:
-            self._pending_upstream.append(data)
+        pending = self._pending_upstream
+        if pending is not None:
+            pending.append(data)
+            # Still connecting: stop reading the client rather than buffer without bound.
+            if sum(map(len, pending)) > self.conn.app.limits.max_buffered_body:
+                self.conn.pause_reading(True, "connect")
         elif self.upstream is not None:
             self.upstream.write(data)
 
@@ -201,6 +205,7 @@ class Exchange:
         conn.start(self, self.method == b"HEAD")
         pending, self._pending_upstream = self._pending_upstream or [], None
         conn.write(b"".join(pending))
+        self.conn.pause_reading(False, "connect")
 
     def _upstream_error(self, reason: str) -> None:
         if self._response_started:
@@ -212,7 +217,9 @@ class Exchange:
 
     def _drop_upstream(self) -> None:
         conn, self.upstream = self.upstream, None
-        self._pending_upstream = None
+        if self._pending_upstream is not None:
+            self._pending_upstream = None
+            self.conn.pause_reading(False, "connect")
         if conn is not None:
             conn.detach()
             conn.close()

@@ -232,6 +232,8 @@ class HttpConnection(asyncio.Protocol):
         if ex is not self._active:
             return
         self._active = None
+        for reason in ("upstream", "connect"):  # back-pressure of the finished exchange
+            self.pause_reading(False, reason)
         if not keep_alive:
             self._close()
         elif self._queue:
