@@ -299,8 +299,9 @@ class Instance:
         """Guest bytes, or None when [ptr, ptr+size) is outside linear memory."""
         self._refresh()
         ptr &= 0xFFFFFFFF
-        size &= 0xFFFFFFFF
-        if ptr + size > self._mem_len:
+        if size < 0:
+            size &= 0xFFFFFFFF  # an i32 argument meant as u32
+        if ptr + size > self._mem_len:  # also refuses sizes computed past 32 bits
             return None
         return ctypes.string_at(self._mem_base + ptr, size) if size else b""
 

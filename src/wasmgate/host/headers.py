@@ -42,6 +42,8 @@ def _missing(vm: PluginVM) -> int:
 
 @hostcall("iiiii")
 def proxy_get_header_map_value(vm: PluginVM, map_type: int, kp: int, ks: int, rvp: int, rsp: int) -> int:
+    if not 0 <= map_type <= _MAX_MAP_TYPE:
+        return R.BAD_ARGUMENT
     hmap = _map(vm, map_type)
     if hmap is None:
         return _missing(vm)
@@ -84,8 +86,10 @@ def proxy_set_header_map_pairs(vm: PluginVM, map_type: int, ptr: int, size: int)
     return R.OK
 
 
-@hostcall("iii")
+@hostcall("ii")
 def proxy_get_header_map_size(vm: PluginVM, map_type: int, rs: int) -> int:
+    if not 0 <= map_type <= _MAX_MAP_TYPE:
+        return R.BAD_ARGUMENT
     hmap = _map(vm, map_type)
     if hmap is None:
         return _missing(vm)

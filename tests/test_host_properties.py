@@ -1,0 +1,133 @@
+"""proxy_get_property: plugin attributes and the stream attributes of the first subset."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from wasmgate.abi.constants import WasmResult
+from wasmgate.headers import HeaderMap
+from wasmgate.plugin.context import HttpContext, Stream
+from wat_util import MEMORY_SIZE, OOB, RP, RS, SENTINEL, Guest, new_vm, pairs_bytes
+
+R = WasmResult
+REQUEST = [(b":method", b"POST"), (b":path", b"/p/q?x=1&y"), (b":authority", b"svc.local"), (b":scheme", b"https"),
+           (b"user-agent", b"curl/8"), (b"referer", b"http://r/"), (b"x-request-id", b"abc-123")]
+
+
+@pytest.fixture
+def g(tmp_path: Path) -> Guest:
+    return Guest(new_vm(tmp_path, name="props", root_id="root-x", vm_id="vm-y"))
+
+
+@pytest.fixture
+def ctx(g: Guest) -> HttpContext:
+    s = Stream()
+    s.request_headers = HeaderMap(REQUEST)
+    s.response_headers = HeaderMap([(b":status", b"503"), (b"server", b"up")])
+    s.downstream_addr = ("10.1.2.3", 54321)
+    s.local_addr = ("127.0.0.1", 8080)
+    s.code_details = "upstream reset  before"
+    return g.http(s, open_maps=0)
+
+
+def _prop(g: Guest, *segments: bytes, trailing_nul: bool = False) -> tuple[int, bytes | None]:
+    path = b"\0".join(segments) + (b"\0" if trailing_nul else b"")
+    pp, ps = g.put_str(path)
+    g.poison(RP, RS)
+    status = g.call("proxy_get_property", pp, ps, RP, RS)
+    return status, (g.out() if status == R.OK else None)
+
+
+def _i64(v: int) -> bytes:
+    return struct.pack("<q", v)
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    (b"plugin_name", b"props"),
+    (b"plugin_root_id", b"root-x"),
+    (b"plugin_vm_id", b"vm-y"),
+])
+def test_plugin_properties_in_any_context(g: Guest, path: bytes, value: bytes) -> None:
+    g.vm.effective = g.vm.root
+    assert _prop(g, path) == (R.OK, value)
+    g.http(Stream())
+    assert _prop(g, path) == (R.OK, value)
+
+
+def test_empty_plugin_property(tmp_path: Path) -> None:
+    g = Guest(new_vm(tmp_path))
+    assert _prop(g, b"plugin_vm_id") == (R.OK, b"")
+    assert (g.u32(RP), g.u32(RS)) == (0, 0)
+
+
+@pytest.mark.parametrize(("segments", "value"), [
+    ((b"request", b"path"), b"/p/q?x=1&y"),
+    ((b"request", b"url_path"), b"/p/q"),
+    ((b"request", b"query"), b"x=1&y"),
+    ((b"request", b"host"), b"svc.local"),
+    ((b"request", b"scheme"), b"https"),
+    ((b"request", b"method"), b"POST"),
+    ((b"request", b"referer"), b"http://r/"),
+    ((b"request", b"useragent"), b"curl/8"),
+    ((b"request", b"id"), b"abc-123"),
+    ((b"request", b"protocol"), b"HTTP/1.1"),
+    ((b"request", b"headers"), pairs_bytes(REQUEST)),
+    ((b"response", b"code"), _i64(503)),
+    ((b"response", b"headers"), pairs_bytes([(b":status", b"503"), (b"server", b"up")])),
+    ((b"response", b"code_details"), b"upstream_reset__before"),
+    ((b"source", b"address"), b"10.1.2.3:54321"),
+    ((b"source", b"port"), _i64(54321)),
+    ((b"destination", b"address"), b"127.0.0.1:8080"),
+    ((b"destination", b"port"), _i64(8080)),
+])
+def test_stream_properties(g: Guest, ctx: HttpContext, segments: tuple[bytes, ...], value: bytes) -> None:
+    assert _prop(g, *segments) == (R.OK, value)
+
+
+def test_trailing_nul_is_ignored(g: Guest, ctx: HttpContext) -> None:
+    assert _prop(g, b"request", b"method", trailing_nul=True) == (R.OK, b"POST")
+
+
+def test_query_without_question_mark_is_empty(g: Guest, ctx: HttpContext) -> None:
+    assert ctx.stream.request_headers is not None
+    ctx.stream.request_headers.replace(b":path", b"/plain")
+    assert _prop(g, b"request", b"query") == (R.OK, b"")
+    assert _prop(g, b"request", b"url_path") == (R.OK, b"/plain")
+
+
+@pytest.mark.parametrize("segments", [
+    (b"request", b"nope"),
+    (b"nope",),
+    (b"request",),
+    (b"response", b"trailers"),  # no trailers yet
+    (b"request", b"referer", b"x"),
+])
+def test_unknown_or_absent_is_not_found(g: Guest, ctx: HttpContext, segments: tuple[bytes, ...]) -> None:
+    assert _prop(g, *segments) == (R.NOT_FOUND, None)
+    assert (g.u32(RP), g.u32(RS)) == (SENTINEL, SENTINEL)
+
+
+def test_stream_properties_absent_before_the_stream_has_them(g: Guest) -> None:
+    g.http(Stream())
+    for segments in [(b"request", b"path"), (b"response", b"code"), (b"source", b"address"),
+                     (b"destination", b"port"), (b"response", b"code_details"), (b"request", b"headers")]:
+        assert _prop(g, *segments) == (R.NOT_FOUND, None), segments
+
+
+def test_stream_property_in_root_context_is_not_found(g: Guest, ctx: HttpContext) -> None:
+    g.vm.effective = g.vm.root
+    assert _prop(g, b"request", b"path") == (R.NOT_FOUND, None)
+
+
+@pytest.mark.parametrize(("pp", "ps"), [(OOB, 8), (MEMORY_SIZE, 1), (0x1000, 0xFFFFFFFF)])
+def test_path_out_of_bounds(g: Guest, ctx: HttpContext, pp: int, ps: int) -> None:
+    assert g.call("proxy_get_property", pp, ps, RP, RS) == R.INVALID_MEMORY_ACCESS
+
+
+@pytest.mark.parametrize(("rp", "rs"), [(OOB, RS), (RP, OOB), (MEMORY_SIZE - 2, RS)])
+def test_return_pointer_out_of_bounds(g: Guest, ctx: HttpContext, rp: int, rs: int) -> None:
+    pp, ps = g.put_str(b"plugin_name")
+    assert g.call("proxy_get_property", pp, ps, rp, rs) == R.INVALID_MEMORY_ACCESS
