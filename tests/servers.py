@@ -30,6 +30,7 @@ class Seen:
     headers: list[tuple[str, str]]
     body: bytes
     peer_port: int
+    trailers: list[tuple[str, str]] = field(default_factory=list)
 
     def header(self, name: str) -> str | None:
         for k, v in self.headers:
@@ -63,13 +64,15 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _body(self) -> bytes:
+        self.trailers: list[tuple[str, str]] = []
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             out = b""
             while True:
                 size = int(self.rfile.readline().split(b";")[0], 16)
                 if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
+                    while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                        k, _, v = line.decode("latin-1").partition(":")
+                        self.trailers.append((k.strip().lower(), v.strip()))
                     return out
                 out += self.rfile.read(size)
                 self.rfile.readline()
@@ -78,7 +81,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
-        seen = Seen(self.command, self.path, list(self.headers.items()), body, self.client_address[1])
+        seen = Seen(self.command, self.path, list(self.headers.items()), body, self.client_address[1],
+                    self.trailers)
         self.server.upstream.seen.append(seen)
         if self.path.startswith("/chunked"):
             self.send_response(200)

@@ -332,3 +332,18 @@ def test_stream_lifecycle_order(upstream: Upstream, tmp_path: Path, caplog: pyte
     assert calls == ["on_context_create", "on_request_headers", "on_request_body", "on_request_body",
                      "on_response_headers", "on_response_body", "on_response_body", "on_log", "on_done",
                      "on_delete"]
+
+
+def test_request_trailers_reach_plugin_and_upstream(upstream: Upstream, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    proxy = ProxyThread([wasmplugin_yaml(tmp_path, "lifecycle", PLUGIN_BUILD / "lifecycle.wasm")], upstream.url)
+    try:
+        with caplog.at_level(logging.INFO, logger="wasmgate.wasm"):
+            out = raw_exchange(proxy.port, b"POST /t HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n"
+                               b"connection: close\r\n\r\n5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n")
+    finally:
+        proxy.stop()
+    assert out.startswith(b"HTTP/1.1 200 ")
+    assert upstream.seen[-1].body == b"hello"
+    assert upstream.seen[-1].trailers == [("x-checksum", "abc")]
+    assert any("on_request_trailers ctx=2" in r.getMessage() for r in caplog.records)
