@@ -16,7 +16,7 @@ from wasmgate.engine.wasm import WasmError, WasmTrap, compile_module
 from wasmgate.headers import HeaderMap
 from wasmgate.host.registry import REGISTRY
 from wasmgate.plugin.context import Stream
-from wasmgate.plugin.manager import engine, load_plugin
+from wasmgate.plugin.manager import engine, load_handle
 from wasmgate.plugin.spec import PluginSpec
 from wasmgate.plugin.vm import PluginError, PluginFailed, detect_abi
 from wat_util import (
@@ -96,7 +96,7 @@ def test_hostile_arguments_never_raise(tmp_path: Path, imp: Import, context: str
         args = [value] * len(imp[2])
         status = g.call(imp[1], *args)
         assert 0 <= status <= limit, (imp[1], hex(value), status)
-    g.vm.stop()
+    g.vm.shutdown()
 
 
 # ---- imports we don't implement ------------------------------------------------------
@@ -219,11 +219,11 @@ def test_no_abi_marker_is_an_error(tmp_path: Path, markers: tuple[str, ...]) -> 
         new_vm(tmp_path, module_wat(markers=markers))
 
 
-def test_no_abi_marker_through_load_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_abi_marker_through_load_handle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WASMGATE_CACHE_DIR", "off")
     path = write_module(tmp_path, module_wat(markers=()), "nomarker.wasm")
     with pytest.raises(PluginError, match=r"plugin no-marker: module exports no proxy_abi_version_\* marker") as e:
-        load_plugin(PluginSpec("no-marker", module_path=path))
+        load_handle(PluginSpec("no-marker", module_path=path))
     assert str(path) in str(e.value)
 
 
@@ -324,11 +324,11 @@ def test_initialize_trap_names_plugin(tmp_path: Path) -> None:
         vm.create_http_context(Stream())
 
 
-def test_initialize_trap_through_load_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_initialize_trap_through_load_handle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WASMGATE_CACHE_DIR", "off")
     path = write_module(tmp_path, module_wat(init="(unreachable)"), "trap.wasm")
     with pytest.raises(PluginError, match=r"plugin trap-init: _initialize: .*unreachable"):
-        load_plugin(PluginSpec("trap-init", module_path=path))
+        load_handle(PluginSpec("trap-init", module_path=path))
 
 
 def test_on_configure_false(tmp_path: Path) -> None:
@@ -369,12 +369,12 @@ def test_invalid_module_bytes(data: bytes, message: str) -> None:
         compile_module(engine(), data, "bad.wasm")
 
 
-def test_invalid_module_through_load_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_module_through_load_handle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WASMGATE_CACHE_DIR", "off")
     path = tmp_path / "broken.wasm"
     path.write_bytes(b"\0asm\x01\0\0\0\x01\xff")
     with pytest.raises(PluginError, match=r"plugin broken: .*broken\.wasm: invalid WebAssembly module"):
-        load_plugin(PluginSpec("broken", module_path=path))
+        load_handle(PluginSpec("broken", module_path=path))
 
 
 # ---- a host function that raises -----------------------------------------------------

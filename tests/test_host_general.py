@@ -190,7 +190,7 @@ def test_tick_period_from_stream_context_sets_root_timer(g: Guest) -> None:
 def test_tick_period_is_unsigned(g: Guest) -> None:
     assert g.call("proxy_set_tick_period_milliseconds", 0x80000000) == R.OK
     assert g.vm.tick_period == 0x80000000 / 1000
-    g.vm.stop()
+    g.vm.shutdown()
     assert g.vm.tick_period == 0
 
 
@@ -208,7 +208,7 @@ def test_tick_period_drives_on_tick(g: Guest) -> None:
     try:
         ticks, later = asyncio.run(run())
     finally:
-        g.vm.stop()
+        g.vm.shutdown()
     assert ticks >= 3
     assert later == ticks
 

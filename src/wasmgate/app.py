@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wasmgate.admin.server import AdminState, serve_admin
-from wasmgate.plugin.manager import Chain, Plugin, chain_order, load_plugin
+from wasmgate.plugin.manager import Chain, PluginHandle, PluginManager, chain_order, load_handle
 from wasmgate.plugin.vm import PluginError
 from wasmgate.proxy.demo import start_demo_upstream
 from wasmgate.proxy.server import Limits, ProxyApp, serve
@@ -42,10 +42,10 @@ def load_chain(paths: list[Path]) -> Chain:
         specs = chain_order(load_plugin_specs(paths))
     except ConfigError as e:
         raise StartupError(str(e)) from None
-    plugins: list[Plugin] = []
+    plugins: list[PluginHandle] = []
     for spec in specs:
         try:
-            plugins.append(load_plugin(spec))
+            plugins.append(load_handle(spec))
         except PluginError as e:
             raise StartupError(str(e)) from None
     return Chain(plugins)
@@ -108,7 +108,7 @@ async def start(opts: RunOptions) -> Running:
         cluster = Cluster("upstream", upstream)
     except ValueError as e:
         raise StartupError(str(e)) from None
-    app = ProxyApp(chain, cluster, opts.limits)
+    app = ProxyApp(PluginManager(chain), cluster, opts.limits)
     admin = AdminState(app)
     try:
         lhost, lport = parse_address(opts.listen, "--listen")

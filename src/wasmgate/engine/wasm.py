@@ -12,8 +12,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.metadata
+import math
 import os
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,8 @@ _mem_data = _dll["wasmtime_memory_data"]
 _mem_data.restype = ctypes.c_void_p
 _mem_size = _dll["wasmtime_memory_data_size"]
 _mem_size.restype = ctypes.c_size_t
+_set_deadline = _dll["wasmtime_context_set_epoch_deadline"]
+_set_deadline.restype = None
 _wasm_trap_t_p = ctypes.POINTER(ffi.wasm_trap_t)
 _wasmtime_error_t_p = ctypes.POINTER(ffi.wasmtime_error_t)
 
@@ -91,11 +96,48 @@ class HostFunc:
     impl: Callable[..., int | None]
 
 
-def new_engine(*, consume_fuel: bool = False) -> wasmtime.Engine:
+# Settings that change generated code; part of the compiled-module cache key.
+ENGINE_SETTINGS = "epoch-opt_speed"
+EPOCH_TICK = 0.01  # seconds per epoch tick: the resolution of callback deadlines
+
+
+def new_engine() -> wasmtime.Engine:
+    """An engine whose guest code checks an epoch deadline (see EpochTicker)."""
     cfg = wasmtime.Config()
-    cfg.consume_fuel = consume_fuel
     cfg.cranelift_opt_level = "speed"
+    cfg.epoch_interruption = True
     return wasmtime.Engine(cfg)
+
+
+class EpochTicker:
+    """Advances an engine's epoch every EPOCH_TICK from a daemon thread.
+
+    Guest calls run with the GIL released (ctypes), so this thread ticks while a
+    plugin spins; a callback past its deadline then traps with "interrupt".
+    """
+
+    _started: dict[int, threading.Thread] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def ensure(cls, engine: wasmtime.Engine) -> None:
+        with cls._lock:
+            if id(engine) in cls._started:
+                return
+            t = threading.Thread(target=cls._run, args=(engine,), name="wasm-epoch", daemon=True)
+            cls._started[id(engine)] = t
+            t.start()
+
+    @staticmethod
+    def _run(engine: wasmtime.Engine) -> None:
+        while True:
+            time.sleep(EPOCH_TICK)
+            engine.increment_epoch()
+
+
+def deadline_ticks(seconds: float) -> int:
+    """Ticks for a deadline; +1 because the current tick may be nearly over."""
+    return max(1, math.ceil(seconds / EPOCH_TICK)) + 1
 
 
 def compile_module(engine: wasmtime.Engine, wasm: bytes, name: str,
@@ -110,7 +152,7 @@ def compile_module(engine: wasmtime.Engine, wasm: bytes, name: str,
     cached = None
     if cache_dir is not None:
         key = sha256 or hashlib.sha256(wasm).hexdigest()
-        cached = cache_dir / f"{key}-wasmtime{_WASMTIME_VERSION}.cwasm"
+        cached = cache_dir / f"{key}-wasmtime{_WASMTIME_VERSION}-{ENGINE_SETTINGS}.cwasm"
         if cached.is_file():
             try:
                 return wasmtime.Module.deserialize_file(engine, str(cached))
@@ -191,9 +233,17 @@ class Instance:
         module: wasmtime.Module,
         host_funcs: dict[tuple[str, str], HostFunc],
         unknown_import: Callable[[str, str, str, str], HostFunc],
+        *,
+        max_memory_bytes: int = -1,
+        deadline: float = 5.0,
     ):
         self.store = wasmtime.Store(engine)
         self._ctx = self.store._context()
+        if max_memory_bytes >= 0:
+            self.store.set_limits(memory_size=max_memory_bytes)
+        EpochTicker.ensure(engine)
+        self._deadline = ctypes.c_uint64(deadline_ticks(deadline))
+        _set_deadline(self._ctx, self._deadline)  # instantiation may run guest code
         self.host_error: BaseException | None = None  # the exception behind the last host trap
         linker = wasmtime.Linker(engine)
         self._callbacks: list[Any] = []  # ctypes callbacks must outlive the instance
@@ -255,10 +305,15 @@ class Instance:
         for i in range(fn.nparams):
             buf[2 * i] = args[i]
         self._trap.value = None
+        _set_deadline(self._ctx, self._deadline)
         err = _call_unchecked(self._ctx, fn.ref, self._args_ref, fn.slots, self._trap_ref)
         if err or self._trap.value:
             raise self._trap_from(err, self._trap.value, fn.name)
         return self._args32[0] if fn.nresults else 0
+
+    def set_deadline(self, seconds: float) -> None:
+        """The CPU-time budget of each top-level guest call from now on."""
+        self._deadline = ctypes.c_uint64(deadline_ticks(seconds))
 
     def call_reentrant(self, fn: GuestFunc, *args: int) -> int:
         """Like ``call`` but safe from inside a host function (own argument buffer)."""

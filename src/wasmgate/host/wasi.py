@@ -26,7 +26,6 @@ EINVAL = 28
 ESPIPE = 70
 
 _FILETYPE_CHARACTER_DEVICE = 2
-_MAX_RANDOM = 1 << 20  # per call; a plugin asking for more gets EINVAL
 
 
 @hostcall("iiii", module=WASI)
@@ -153,7 +152,7 @@ def clock_res_get(vm: PluginVM, clock_id: int, ptr: int) -> int:
 @hostcall("ii", module=WASI)
 def random_get(vm: PluginVM, ptr: int, size: int) -> int:
     size &= 0xFFFFFFFF
-    if size > _MAX_RANDOM:
+    if size > vm.spec.limits.max_random_bytes:
         return EINVAL
     return ESUCCESS if vm.instance.write(ptr, os.urandom(size)) else EFAULT
 

@@ -11,7 +11,7 @@ from wasmgate.plugin.spec import FailStrategy
 from wasmgate.plugin.vm import PluginFailed
 
 if TYPE_CHECKING:
-    from wasmgate.plugin.manager import Plugin
+    from wasmgate.plugin.manager import Plugin, PluginHandle
 
 _log = logging.getLogger("wasmgate.wasm")
 
@@ -32,11 +32,12 @@ class PluginFilter:
     one that answered locally first hears of the stream in ``on_log``.
     """
 
-    __slots__ = ("plugin", "stream", "ctx", "skip", "request", "response")
+    __slots__ = ("ctx", "handle", "plugin", "request", "response", "skip", "stream")
 
-    def __init__(self, plugin: Plugin, stream: Stream):
-        self.plugin = plugin
+    def __init__(self, handle: PluginHandle, stream: Stream):
+        self.handle = handle
         self.stream = stream
+        self.plugin: Plugin | None = handle.checkout()  # this stream's VM, kept to its end
         self.ctx: HttpContext | None = None
         self.skip = False
         self.request = _Side(self, True)
@@ -46,12 +47,13 @@ class PluginFilter:
         """The stream context, created on first use; None once the plugin is skipped."""
         if self.ctx is not None or self.skip:
             return self.ctx
-        vm = self.plugin.vm
-        if vm is None or vm.failed is not None:
-            self.fail((vm.failed if vm else self.plugin.error) or "plugin has no VM")
+        plugin = self.plugin
+        if plugin is None or plugin.vm.failed is not None:
+            vm = plugin.vm if plugin else self.handle.vm
+            self.fail((vm.failed if vm else None) or self.handle.error or "plugin has no VM")
             return None
         try:
-            self.ctx = vm.create_http_context(self.stream)
+            self.ctx = plugin.vm.create_http_context(self.stream)
         except PluginFailed as e:
             self.fail(str(e))
         return self.ctx
@@ -59,12 +61,12 @@ class PluginFilter:
     def fail(self, why: str) -> int:
         """Apply the fail strategy; returns the action the chain should see."""
         self.skip = True
-        self.plugin.stats.failed_streams += 1
-        if self.plugin.spec.fail_strategy == FailStrategy.FAIL_OPEN:
+        self.handle.stats.failed_streams += 1
+        if self.handle.spec.fail_strategy == FailStrategy.FAIL_OPEN:
             return Action.CONTINUE
         if self.stream.local_reply is None:
             self.stream.local_reply = LocalReply(FAIL_STATUS, b"", [], FAIL_DETAILS)
-        _log.debug("plugin %s failed stream: %s", self.plugin.name, why)
+        _log.debug("plugin %s failed stream: %s", self.handle.name, why)
         return Action.PAUSE
 
     def log(self) -> None:
@@ -77,6 +79,9 @@ class PluginFilter:
     def finish(self) -> None:
         if self.ctx is not None:
             self.ctx.vm.finish_stream(self.ctx)
+        plugin, self.plugin = self.plugin, None
+        if plugin is not None:
+            self.handle.checkin(plugin)
 
 
 class _Side:

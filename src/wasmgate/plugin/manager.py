@@ -1,11 +1,22 @@
-"""Loaded plugins and the chain they form, ordered as Istio orders WasmPlugins."""
+"""Plugins over time: loading, Istio ordering, live swap, fail-reload and recycling.
+
+A ``PluginHandle`` is one WasmPlugin resource. Its VM generations are ``Plugin``s:
+a stream takes the current one when it starts and gives it back when it ends, so
+a swap never touches in-flight requests; a replaced VM is torn down once its last
+stream is done. The ``Chain`` (ordered handles) is replaced as a whole.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import wasmtime
@@ -13,12 +24,20 @@ import wasmtime
 from wasmgate.engine.wasm import WasmError, compile_module, new_engine
 from wasmgate.plugin.context import Stream
 from wasmgate.plugin.filter import PluginFilter
-from wasmgate.plugin.spec import PluginSpec
+from wasmgate.plugin.spec import FailStrategy, PluginSpec
 from wasmgate.plugin.vm import PluginError, PluginStats, PluginVM
 
 _log = logging.getLogger("wasmgate.wasm")
 
 _engine: wasmtime.Engine | None = None
+
+# FAIL_RELOAD: backoff doubles from RELOAD_BACKOFF up to RELOAD_BACKOFF_MAX; after
+# CRASH_LOOP_MAX failures within CRASH_LOOP_WINDOW the plugin stops being reloaded
+# until its resource or module changes (the spec asks hosts to bound restarts).
+RELOAD_BACKOFF = 0.5
+RELOAD_BACKOFF_MAX = 30.0
+CRASH_LOOP_MAX = 5
+CRASH_LOOP_WINDOW = 60.0
 
 
 def engine() -> wasmtime.Engine:
@@ -37,34 +56,179 @@ def cache_dir() -> Path | None:
 
 
 def chain_order(specs: list[PluginSpec]) -> list[PluginSpec]:
-    """Istio's order: by phase, then priority descending, then namespace/name."""
-    return sorted(specs, key=lambda s: (s.phase.rank, -s.priority, s.namespace, s.name))
+    """Istio's order: by phase, then priority (higher first, unset last), then namespace/name."""
+    return sorted(specs, key=lambda s: (s.phase.rank, s.priority is None, -(s.priority or 0),
+                                        s.namespace, s.name))
 
 
-@dataclass
+@dataclass(frozen=True)
+class Module:
+    """A compiled module and the identity it was compiled from."""
+
+    path: Path
+    sha256: str
+    compiled: wasmtime.Module
+
+
+def compile_spec(spec: PluginSpec) -> Module:
+    """Read and compile a plugin's module (blocking; run it off the event loop)."""
+    where = spec.source or str(spec.module_path)
+    try:
+        wasm = spec.module_path.read_bytes()
+    except OSError as e:
+        raise PluginError(f"{where}: plugin {spec.name}: cannot read module {spec.module_path}: "
+                          f"{e.strerror or e}") from None
+    sha = hashlib.sha256(wasm).hexdigest()
+    try:
+        return Module(spec.module_path, sha, compile_module(engine(), wasm, str(spec.module_path), cache_dir(), sha))
+    except WasmError as e:
+        raise PluginError(f"{where}: plugin {spec.name}: {e}") from None
+
+
+def start_vm(spec: PluginSpec, module: Module, stats: PluginStats) -> PluginVM:
+    """Instantiate and start (vm_start, configure): the canary check before a swap."""
+    where = spec.source or str(spec.module_path)
+    try:
+        vm = PluginVM(spec, engine(), module.compiled, stats)
+    except WasmError as e:
+        raise PluginError(f"{where}: plugin {spec.name}: {e}") from None
+    try:
+        vm.start()
+    except PluginError as e:
+        raise PluginError(f"{where}: {e}") from None
+    return vm
+
+
 class Plugin:
-    spec: PluginSpec
-    sha256: str = ""
-    vm: PluginVM | None = None
-    error: str | None = None
-    stats: PluginStats = field(default_factory=PluginStats)
+    """One VM generation of a plugin."""
+
+    __slots__ = ("active", "handle", "retired", "vm")
+
+    def __init__(self, handle: PluginHandle, vm: PluginVM):
+        self.handle = handle
+        self.vm = vm
+        self.active = 0  # streams using this VM
+        self.retired = False
+
+    @property
+    def name(self) -> str:
+        return self.handle.name
+
+
+class PluginHandle:
+    """One WasmPlugin resource: its current VM, its state, its counters."""
+
+    def __init__(self, spec: PluginSpec, module: Module | None, vm: PluginVM | None, *, error: str | None = None,
+                 stats: PluginStats | None = None):
+        self.spec = spec
+        self.module = module
+        self.stats = stats or (vm.stats if vm else PluginStats())
+        self.current: Plugin | None = None
+        self.error = error  # last load/reload/swap error, shown on /plugins
+        self.failures: deque[float] = deque(maxlen=CRASH_LOOP_MAX)
+        self.reloading = False
+        self.crash_looping = False
+        self.reloads = 0
+        self.recycles = 0
+        self._spawn: Callable[[PluginHandle], None] | None = None
+        if vm is not None:
+            self._install(vm)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
+    def sha256(self) -> str:
+        return self.module.sha256 if self.module else ""
+
+    @property
+    def vm(self) -> PluginVM | None:
+        return self.current.vm if self.current else None
+
+    @property
     def state(self) -> str:
-        if self.vm is None:
-            return "failed"
-        return "failed" if self.vm.failed else "running"
+        if self.crash_looping:
+            return "crash-looping"
+        if self.reloading:
+            return "reloading"
+        vm = self.vm
+        return "running" if vm is not None and vm.failed is None else "failed"
+
+    # ---- streams -------------------------------------------------------------------
+
+    def checkout(self) -> Plugin | None:
+        """The VM for a new stream, or None when there is no healthy one."""
+        cur = self.current
+        if cur is None or cur.vm.failed is not None:
+            return None
+        cur.active += 1
+        return cur
+
+    def checkin(self, plugin: Plugin) -> None:
+        plugin.active -= 1
+        if plugin.retired:
+            if plugin.active == 0:
+                _teardown(plugin.vm)
+            return
+        limit = self.spec.limits.memory_recycle_bytes
+        if limit and plugin.vm.failed is None and not self.reloading and plugin.vm.memory_bytes() > limit:
+            _log.warning("plugin %s: linear memory %d bytes is over %d; recycling its VM",
+                         self.name, plugin.vm.memory_bytes(), limit)
+            self.recycles += 1
+            self._respawn()
+
+    # ---- VM generations ------------------------------------------------------------
+
+    def _install(self, vm: PluginVM) -> None:
+        old = self.current
+        self.current = Plugin(self, vm)
+        vm.on_failed = self._vm_failed
+        vm.activate()
+        if old is not None:
+            old.retired = True
+            if old.active == 0:
+                _teardown(old.vm)
+
+    def _vm_failed(self, vm: PluginVM | None = None) -> None:
+        self.failures.append(time.monotonic())
+        if self.spec.fail_strategy != FailStrategy.FAIL_RELOAD:
+            return
+        recent = [t for t in self.failures if time.monotonic() - t < CRASH_LOOP_WINDOW]
+        if len(recent) >= CRASH_LOOP_MAX:
+            self.crash_looping = True
+            _log.error("plugin %s: %d failures within %.0fs; not reloading it again until it changes",
+                       self.name, len(recent), CRASH_LOOP_WINDOW)
+            return
+        self._respawn(delay=min(RELOAD_BACKOFF * 2 ** (len(recent) - 1), RELOAD_BACKOFF_MAX))
+
+    def _respawn(self, delay: float = 0.0) -> None:
+        if self.reloading or self.module is None or self._spawn is None:
+            return
+        self.reloading = True
+        spawn = self._spawn
+        try:
+            asyncio.get_running_loop().call_later(delay, spawn, self)
+        except RuntimeError:
+            self.reloading = False  # no event loop: nothing can reload it
+
+    def replaced(self) -> None:
+        """This handle left the chain: retire its VM once its streams are done."""
+        cur, self.current = self.current, None
+        self._spawn = None
+        if cur is not None:
+            cur.retired = True
+            if cur.active == 0:
+                _teardown(cur.vm)
 
     def describe(self) -> dict[str, object]:
         vm = self.vm
         return {
             "name": self.name,
+            "namespace": self.spec.namespace,
             "root_id": self.spec.root_id,
             "vm_id": self.spec.vm_id,
+            "source": self.spec.source,
             "url": str(self.spec.module_path),
             "sha256": self.sha256,
             "abi_version": vm.abi.label if vm else None,
@@ -76,36 +240,115 @@ class Plugin:
             "last_error": (vm.failed if vm and vm.failed else self.error),
             "calls": self.stats.calls,
             "errors": self.stats.errors,
+            "failed_streams": self.stats.failed_streams,
+            "reloads": self.reloads,
+            "recycles": self.recycles,
         }
 
 
-def load_plugin(spec: PluginSpec) -> Plugin:
-    """Read, compile, instantiate and start one plugin. Raises PluginError naming it."""
-    where = spec.source or str(spec.module_path)
-    try:
-        wasm = spec.module_path.read_bytes()
-    except OSError as e:
-        raise PluginError(f"{where}: plugin {spec.name}: cannot read module {spec.module_path}: "
-                          f"{e.strerror or e}") from None
-    sha = hashlib.sha256(wasm).hexdigest()
-    try:
-        module = compile_module(engine(), wasm, str(spec.module_path), cache_dir(), sha)
-        stats = PluginStats()
-        vm = PluginVM(spec, engine(), module, stats)
-    except WasmError as e:
-        raise PluginError(f"{where}: plugin {spec.name}: {e}") from None
-    except PluginError as e:
-        raise PluginError(f"{where}: {e}") from None
-    vm.start()
-    _log.info("plugin %s loaded: abi %s, sha256 %s", spec.name, vm.abi.label, sha[:12])
-    return Plugin(spec, sha, vm, None, stats)
+def _teardown(vm: PluginVM) -> None:
+    with contextlib.suppress(Exception):  # a VM on its way out must not hurt anyone
+        vm.shutdown()
 
 
 class Chain:
-    """The active plugin chain; swapped as a whole so streams see one version."""
+    """The active plugin chain; replaced as a whole so a stream sees one version."""
 
-    def __init__(self, plugins: list[Plugin]):
+    def __init__(self, plugins: list[PluginHandle]):
         self.plugins = plugins
 
     def filters(self, stream: Stream) -> list[PluginFilter]:
-        return [PluginFilter(p, stream) for p in self.plugins]
+        return [PluginFilter(h, stream) for h in self.plugins]
+
+
+def load_handle(spec: PluginSpec) -> PluginHandle:
+    """Compile and start one plugin now (startup). Raises PluginError naming it."""
+    module = compile_spec(spec)
+    vm = start_vm(spec, module, PluginStats())
+    _log.info("plugin %s loaded: abi %s, sha256 %s", spec.name, vm.abi.label, module.sha256[:12])
+    return PluginHandle(spec, module, vm)
+
+
+class PluginManager:
+    """Owns the chain; applies new resource sets with compile and canary off the loop."""
+
+    def __init__(self, chain: Chain | None = None):
+        self.chain = chain or Chain([])
+        for h in self.chain.plugins:
+            h._spawn = self._spawn
+        self._lock = asyncio.Lock()
+        self.swaps = 0
+
+    async def apply(self, specs: list[PluginSpec], keep: set[str] | None = None) -> dict[str, str]:
+        """Make the chain match ``specs``. Returns errors by plugin name.
+
+        A plugin whose new version fails to load keeps serving its old version; so
+        does every plugin defined in a file listed in ``keep`` (a file that could not
+        be read this time).
+        """
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            current = {(h.spec.namespace, h.name): h for h in self.chain.plugins}
+            errors: dict[str, str] = {}
+            handles: list[PluginHandle] = []
+            for h in self.chain.plugins:
+                if keep and h.spec.source in keep:
+                    handles.append(h)
+            for spec in specs:
+                old = current.get((spec.namespace, spec.name))
+                try:
+                    module = await loop.run_in_executor(None, compile_spec, spec)
+                    if old is not None and old.spec == spec and old.sha256 == module.sha256 and \
+                            not old.crash_looping:
+                        handles.append(old)  # unchanged
+                        continue
+                    vm = await loop.run_in_executor(None, start_vm, spec, module, PluginStats())
+                except PluginError as e:
+                    errors[spec.name] = str(e)
+                    _log.error("%s; %s", e, "the previous version keeps serving" if old else "not loaded")
+                    if old is not None:
+                        old.error = str(e)
+                        handles.append(old)
+                    continue
+                h = PluginHandle(spec, module, vm)
+                h._spawn = self._spawn
+                handles.append(h)
+                _log.info("plugin %s %s: abi %s, sha256 %s", spec.name, "swapped" if old else "loaded",
+                          vm.abi.label, module.sha256[:12])
+            new = Chain(chain_order_handles(handles))
+            kept = {id(h) for h in new.plugins}
+            old_chain, self.chain = self.chain, new  # the swap: new streams use the new chain
+            self.swaps += 1
+            for h in old_chain.plugins:
+                if id(h) not in kept:
+                    h.replaced()
+            return errors
+
+    def _spawn(self, handle: PluginHandle) -> None:
+        asyncio.get_running_loop().create_task(self._reload(handle))
+
+    async def _reload(self, handle: PluginHandle) -> None:
+        """A fresh VM from the same module (FAIL_RELOAD, memory recycling)."""
+        module = handle.module
+        assert module is not None  # _respawn checked
+        try:
+            vm = await asyncio.get_running_loop().run_in_executor(None, start_vm, handle.spec, module, handle.stats)
+        except PluginError as e:
+            handle.reloading = False
+            handle.error = str(e)
+            _log.error("plugin %s: reload failed: %s", handle.name, e)
+            if handle._spawn is not None:
+                handle._vm_failed()  # counts towards backoff and crash-loop protection
+            return
+        handle.reloading = False
+        if handle._spawn is None:  # left the chain meanwhile
+            _teardown(vm)
+            return
+        handle.reloads += 1
+        handle._install(vm)
+        _log.info("plugin %s: new VM running", handle.name)
+
+
+def chain_order_handles(handles: list[PluginHandle]) -> list[PluginHandle]:
+    by_spec = {id(h.spec): h for h in handles}
+    return [by_spec[id(s)] for s in chain_order([h.spec for h in handles])]

@@ -8,8 +8,20 @@ from pathlib import Path
 
 
 class FailStrategy(StrEnum):
-    FAIL_CLOSE = "FAIL_CLOSE"
-    FAIL_OPEN = "FAIL_OPEN"
+    FAIL_CLOSE = "FAIL_CLOSE"  # 503 for requests that need the failed VM
+    FAIL_OPEN = "FAIL_OPEN"  # skip the plugin
+    FAIL_RELOAD = "FAIL_RELOAD"  # 503 meanwhile; a fresh VM, with backoff
+
+
+@dataclass(frozen=True)
+class PluginLimits:
+    """Sandbox limits of one plugin; see docs/configuration.md."""
+
+    max_memory_bytes: int = 256 << 20  # linear memory; growing past it fails memory.grow
+    callback_deadline: float = 0.5  # CPU seconds for one callback (Envoy has no limit)
+    start_deadline: float = 10.0  # for _initialize, on_vm_start, on_configure
+    max_random_bytes: int = 1 << 20  # per random_get call
+    memory_recycle_bytes: int = 0  # 0: off; else replace a VM whose memory grew past this
 
 
 class Phase(StrEnum):
@@ -36,6 +48,7 @@ class PluginSpec:
     env: dict[str, str] = field(default_factory=dict)
     fail_strategy: FailStrategy = FailStrategy.FAIL_CLOSE
     phase: Phase = Phase.UNSPECIFIED_PHASE
-    priority: int = 0
+    priority: int | None = None  # unset sorts after every set priority in its phase
     namespace: str = ""
     source: str = ""  # the file it was defined in, for error messages
+    limits: PluginLimits = field(default_factory=PluginLimits)

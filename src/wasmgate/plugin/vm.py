@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import wasmtime
@@ -70,8 +71,11 @@ class PluginVM:
         self._unknown_logged: set[str] = set()
         self._log_prefix = " ".join(p for p in (spec.name, spec.root_id, spec.vm_id) if p)
         self.wasi_env = [f"{k}={v}".encode() for k, v in spec.env.items()]
+        self.on_failed: Callable[[PluginVM], None] | None = None  # set by the plugin's handle
+        limits = spec.limits
         try:
-            self.instance = Instance(engine, module, host.bind(self), self._unknown_import)
+            self.instance = Instance(engine, module, host.bind(self), self._unknown_import,
+                                     max_memory_bytes=limits.max_memory_bytes, deadline=limits.start_deadline)
         except WasmError as e:
             raise PluginError(f"plugin {spec.name}: {e}") from None
         f = self.instance.func
@@ -128,6 +132,24 @@ class PluginVM:
                     raise PluginError(f"plugin {self.name}: proxy_on_configure returned false")
         except PluginFailed as e:
             raise PluginError(f"plugin {self.name}: {e}") from None
+        self.instance.set_deadline(self.spec.limits.callback_deadline)
+
+    def activate(self) -> None:
+        """Start serving on the running event loop (arms the tick timer)."""
+        self._schedule_tick()
+
+    def shutdown(self) -> None:
+        """Retire the VM: stop its timer, then on_done/on_delete of the root context."""
+        self.tick_period = 0
+        self._schedule_tick()
+        if self.failed is None:
+            with contextlib.suppress(PluginFailed):
+                if self._on_done is not None:
+                    self._call(self._on_done, self.root, self.root.id)
+                if self._on_delete is not None:
+                    self._call(self._on_delete, self.root, self.root.id)
+        self.failed = self.failed or "shut down"
+        self.contexts.clear()
 
     def _new_id(self) -> int:
         cid = self._next_id
@@ -213,11 +235,6 @@ class PluginVM:
         if self._tick_handle is None:
             self._schedule_tick()
 
-    def stop(self) -> None:
-        """Stop timers; the VM serves no new work afterwards."""
-        self.tick_period = 0
-        self._schedule_tick()
-
     # ---- guest calls ---------------------------------------------------------------
 
     def _call(self, fn: GuestFunc, ctx: Context | None, *args: int) -> int:
@@ -237,11 +254,19 @@ class PluginVM:
             stats.seconds += time.perf_counter() - t0
 
     def fail(self, trap: WasmTrap) -> None:
+        """Mark the VM failed (once); its handle applies the fail strategy from here."""
+        callback = trap.message.split(":", 1)[0]
         if trap.exit_code is not None:
-            self.failed = f"proc_exit({trap.exit_code}) in {trap.message.split(':', 1)[0]}"
+            self.failed = f"proc_exit({trap.exit_code}) in {callback}"
+        elif trap.message.endswith("interrupt"):
+            self.failed = f"{callback}: CPU deadline exceeded ({self.spec.limits.callback_deadline * 1000:.0f} ms)"
         else:
             self.failed = trap.message
-        _log.error("plugin %s failed: %s", self.name, trap.describe())
+        self.tick_period = 0
+        self._schedule_tick()
+        _log.error("plugin %s failed: %s", self.name, trap.describe() if trap.exit_code is None else self.failed)
+        if self.on_failed is not None:
+            self.on_failed(self)
 
     def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
         """Copy ``data`` into guest-allocated memory; write its pointer and size."""

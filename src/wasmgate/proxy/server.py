@@ -21,7 +21,7 @@ from wasmgate.proxy import http
 from wasmgate.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
-    from wasmgate.plugin.manager import Chain
+    from wasmgate.plugin.manager import Chain, PluginManager
     from wasmgate.proxy.upstream import Cluster
 
 _log = logging.getLogger("wasmgate.http")
@@ -51,12 +51,16 @@ class ProxyStats:
 class ProxyApp:
     """What every connection shares: the plugin chain, the upstream, limits, stats."""
 
-    def __init__(self, chain: Chain, cluster: Cluster, limits: Limits | None = None):
-        self.chain = chain
+    def __init__(self, plugins: PluginManager, cluster: Cluster, limits: Limits | None = None):
+        self.plugins = plugins
         self.cluster = cluster
         self.limits = limits or Limits()
         self.stats = ProxyStats()
         self.connections: set[HttpConnection] = set()
+
+    @property
+    def chain(self) -> Chain:
+        return self.plugins.chain  # read per request: a swap takes effect for the next one
 
     def defer(self, fn: Callable[[], None]) -> None:
         asyncio.get_running_loop().call_soon(fn)

@@ -166,7 +166,7 @@ def to_spec(wp: WasmPlugin, path: Path) -> PluginSpec:
         env=env,
         fail_strategy=s.fail_strategy,
         phase=s.phase,
-        priority=s.priority or 0,
+        priority=s.priority,
         source=str(path),
     )
 
