@@ -10,12 +10,14 @@ from pathlib import Path
 
 from wasmgate.admin.server import AdminState, serve_admin
 from wasmgate.plugin.manager import Chain, PluginHandle, PluginManager, chain_order, load_handle
+from wasmgate.plugin.spec import PluginLimits
 from wasmgate.plugin.vm import PluginError
 from wasmgate.proxy.demo import start_demo_upstream
 from wasmgate.proxy.server import Limits, ProxyApp, serve
 from wasmgate.proxy.upstream import Cluster
 from wasmgate.resources.config import parse_address
 from wasmgate.resources.wasmplugin import ConfigError, load_plugin_specs
+from wasmgate.resources.watch import PluginWatcher
 
 _log = logging.getLogger("wasmgate")
 
@@ -34,12 +36,14 @@ class RunOptions:
     upstream: str | None = None  # None: start the built-in demo upstream
     plugins: list[Path] | None = None  # None: the embedded allow-header example
     limits: Limits = field(default_factory=Limits)
+    plugin_limits: PluginLimits = field(default_factory=PluginLimits)
+    watch: bool = True  # re-apply plugin files and modules when they change
     drain_seconds: float = 10.0
 
 
-def load_chain(paths: list[Path]) -> Chain:
+def load_chain(paths: list[Path], defaults: PluginLimits | None = None) -> Chain:
     try:
-        specs = chain_order(load_plugin_specs(paths))
+        specs = chain_order(load_plugin_specs(paths, defaults))
     except ConfigError as e:
         raise StartupError(str(e)) from None
     plugins: list[PluginHandle] = []
@@ -64,8 +68,9 @@ class Running:
     """A started proxy; ``stop()`` drains it."""
 
     def __init__(self, app: ProxyApp, admin: AdminState, servers: list[asyncio.Server],
-                 proxy: asyncio.Server, upstream_url: str):
+                 proxy: asyncio.Server, upstream_url: str, watcher: PluginWatcher | None):
         self.app = app
+        self.watcher = watcher
         self.admin = admin
         self.servers = servers
         self.proxy = proxy
@@ -83,6 +88,8 @@ class Running:
         """Stop accepting, let in-flight requests finish, then close everything."""
         self.admin.draining = True
         self.proxy.close()
+        if self.watcher is not None:
+            await self.watcher.stop()
         deadline = asyncio.get_running_loop().time() + drain_seconds
         while any(c._active is not None for c in self.app.connections):
             if asyncio.get_running_loop().time() > deadline:
@@ -97,7 +104,7 @@ class Running:
 
 async def start(opts: RunOptions) -> Running:
     plugin_paths = opts.plugins if opts.plugins is not None else default_plugins()
-    chain = load_chain(plugin_paths)
+    chain = load_chain(plugin_paths, opts.plugin_limits)
     servers: list[asyncio.Server] = []
     upstream = opts.upstream
     demo = None
@@ -108,7 +115,8 @@ async def start(opts: RunOptions) -> Running:
         cluster = Cluster("upstream", upstream)
     except ValueError as e:
         raise StartupError(str(e)) from None
-    app = ProxyApp(PluginManager(chain), cluster, opts.limits)
+    manager = PluginManager(chain)
+    app = ProxyApp(manager, cluster, opts.limits)
     admin = AdminState(app)
     try:
         lhost, lport = parse_address(opts.listen, "--listen")
@@ -122,7 +130,10 @@ async def start(opts: RunOptions) -> Running:
         raise StartupError(f"cannot listen: {e}") from None
     if demo is not None:
         servers.append(demo)
-    running = Running(app, admin, servers, proxy, upstream)
+    watcher = PluginWatcher(plugin_paths, manager, opts.plugin_limits) if opts.watch else None
+    if watcher is not None:
+        watcher.start()
+    running = Running(app, admin, servers, proxy, upstream, watcher)
     _log.info("listening on %s:%d, admin on %s:%d, upstream %s%s, plugins: %s",
               lhost, running.port, ahost, running.admin_port, upstream, " (demo)" if demo else "",
               ", ".join(p.name for p in chain.plugins) or "none")

@@ -45,7 +45,8 @@ def handle(state: AdminState, method: bytes, target: bytes) -> Response:
     if path in ("/stats", "/stats/prometheus"):
         return 200, b"text/plain; version=0.0.4; charset=utf-8", prometheus_text(state.app)
     if path == "/plugins":
-        body = json.dumps({"plugins": [p.describe() for p in state.app.chain.plugins]}, indent=2).encode()
+        body = json.dumps({"plugins": [p.describe() for p in state.app.chain.plugins],
+                           "resource_errors": state.app.plugins.resource_errors}, indent=2).encode()
         return 200, b"application/json", body + b"\n"
     if path == "/logging":
         if method == b"POST":

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from wasmgate.plugin.vm import PluginVM
 
 R = WasmResult
+MAX_LOG_LINE = 16 * 1024  # longer plugin log lines are cut, not written whole
 
 
 @hostcall("iii")
@@ -24,7 +25,10 @@ def proxy_log(vm: PluginVM, level: int, ptr: int, size: int) -> int:
     if msg is None:
         return R.INVALID_MEMORY_ACCESS
     if level >= wasm_level():
-        vm.log(LogLevel(level), msg.decode("utf-8", "replace"))
+        text = msg[:MAX_LOG_LINE].decode("utf-8", "replace")
+        if len(msg) > MAX_LOG_LINE:
+            text += f"... [{len(msg) - MAX_LOG_LINE} more bytes]"
+        vm.log(LogLevel(level), text)
     return R.OK
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from wasmgate.abi.constants import LogLevel
 from wasmgate.engine.wasm import ProcExit
+from wasmgate.host.general import MAX_LOG_LINE
 from wasmgate.host.registry import WASI, hostcall
 
 if TYPE_CHECKING:
@@ -43,7 +44,9 @@ def fd_write(vm: PluginVM, fd: int, iovs: int, iovs_len: int, nwritten_ptr: int)
             return EFAULT
         chunks.append(data)
     out = b"".join(chunks)
-    text = out.decode("utf-8", "replace").rstrip("\n")
+    text = out[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip("\n")
+    if len(out) > MAX_LOG_LINE:
+        text += f"... [{len(out) - MAX_LOG_LINE} more bytes]"
     if text:
         vm.log(LogLevel.INFO if fd == 1 else LogLevel.ERROR, text)
     return ESUCCESS if vm.instance.write_u32(nwritten_ptr, len(out)) else EFAULT

@@ -31,10 +31,9 @@ _log = logging.getLogger("wasmgate.wasm")
 
 _engine: wasmtime.Engine | None = None
 
-# FAIL_RELOAD: backoff doubles from RELOAD_BACKOFF up to RELOAD_BACKOFF_MAX; after
-# CRASH_LOOP_MAX failures within CRASH_LOOP_WINDOW the plugin stops being reloaded
-# until its resource or module changes (the spec asks hosts to bound restarts).
-RELOAD_BACKOFF = 0.5
+# FAIL_RELOAD: backoff doubles from limits.reload_backoff up to RELOAD_BACKOFF_MAX;
+# after CRASH_LOOP_MAX failures within CRASH_LOOP_WINDOW the plugin stops being
+# reloaded until its resource or module changes (the spec asks hosts to bound restarts).
 RELOAD_BACKOFF_MAX = 30.0
 CRASH_LOOP_MAX = 5
 CRASH_LOOP_WINDOW = 60.0
@@ -200,7 +199,7 @@ class PluginHandle:
             _log.error("plugin %s: %d failures within %.0fs; not reloading it again until it changes",
                        self.name, len(recent), CRASH_LOOP_WINDOW)
             return
-        self._respawn(delay=min(RELOAD_BACKOFF * 2 ** (len(recent) - 1), RELOAD_BACKOFF_MAX))
+        self._respawn(delay=min(self.spec.limits.reload_backoff * 2 ** (len(recent) - 1), RELOAD_BACKOFF_MAX))
 
     def _respawn(self, delay: float = 0.0) -> None:
         if self.reloading or self.module is None or self._spawn is None:
@@ -278,6 +277,7 @@ class PluginManager:
             h._spawn = self._spawn
         self._lock = asyncio.Lock()
         self.swaps = 0
+        self.resource_errors: dict[str, str] = {}  # resource file -> why it is not applied
 
     async def apply(self, specs: list[PluginSpec], keep: set[str] | None = None) -> dict[str, str]:
         """Make the chain match ``specs``. Returns errors by plugin name.

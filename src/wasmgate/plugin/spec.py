@@ -22,6 +22,7 @@ class PluginLimits:
     start_deadline: float = 10.0  # for _initialize, on_vm_start, on_configure
     max_random_bytes: int = 1 << 20  # per random_get call
     memory_recycle_bytes: int = 0  # 0: off; else replace a VM whose memory grew past this
+    reload_backoff: float = 0.5  # FAIL_RELOAD: first delay; doubles per failure up to 30 s
 
 
 class Phase(StrEnum):

@@ -9,6 +9,8 @@ Example::
     log_level: info
     component_log_levels: {wasm: debug}
     limits: {max_header_bytes: 61440, max_headers: 100, max_buffered_body: 1048576}
+    plugin_limits: {max_memory_bytes: 268435456, callback_deadline_ms: 500, memory_recycle_bytes: 0}
+    watch: true                  # re-apply plugin files and modules when they change
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from wasmgate.abi.constants import LogLevel
+from wasmgate.plugin.spec import PluginLimits
 from wasmgate.resources.wasmplugin import ConfigError, _explain, load_documents
 
 
@@ -35,6 +38,22 @@ class LimitsConfig(BaseModel):
     max_buffered_body: int = 1024 * 1024
 
 
+class PluginLimitsConfig(BaseModel):
+    """Defaults for every plugin; a WasmPlugin's wasmgate.io/* annotations override them."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_memory_bytes: int = 256 << 20
+    callback_deadline_ms: int = 500
+    start_deadline_ms: int = 10_000
+    max_random_bytes: int = 1 << 20
+    memory_recycle_bytes: int = 0
+    reload_backoff_ms: int = 500
+
+    def to_limits(self) -> PluginLimits:
+        return PluginLimits(self.max_memory_bytes, self.callback_deadline_ms / 1000, self.start_deadline_ms / 1000,
+                            self.max_random_bytes, self.memory_recycle_bytes, self.reload_backoff_ms / 1000)
+
+
 class ProxyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     listen: str = "127.0.0.1:8080"
@@ -45,6 +64,8 @@ class ProxyConfig(BaseModel):
     log_level: str = "info"
     component_log_levels: dict[str, str] = {}
     limits: LimitsConfig = LimitsConfig()
+    plugin_limits: PluginLimitsConfig = PluginLimitsConfig()
+    watch: bool = True
 
     @field_validator("listen", "admin")
     @classmethod

@@ -6,15 +6,17 @@ field, e.g. ``plugins.yaml: WasmPlugin allow-header: spec.phase: Input should be
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from wasmgate.plugin.spec import FailStrategy, Phase, PluginSpec
+from wasmgate.plugin.spec import FailStrategy, Phase, PluginLimits, PluginSpec
 
 API_VERSIONS = ("extensions.istio.io/v1alpha1",)
 
@@ -149,7 +151,42 @@ def resolve_url(url: str, base: Path, where: str) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
-def to_spec(wp: WasmPlugin, path: Path) -> PluginSpec:
+ANNOTATION_PREFIX = "wasmgate.io/"
+_LIMIT_ANNOTATIONS: dict[str, tuple[str, Callable[[str], float]]] = {
+    "max-memory-bytes": ("max_memory_bytes", int),
+    "callback-deadline-ms": ("callback_deadline", lambda v: int(v) / 1000),
+    "start-deadline-ms": ("start_deadline", lambda v: int(v) / 1000),
+    "max-random-bytes": ("max_random_bytes", int),
+    "memory-recycle-bytes": ("memory_recycle_bytes", int),
+    "reload-backoff-ms": ("reload_backoff", lambda v: int(v) / 1000),
+}
+
+
+def _limits(wp: WasmPlugin, defaults: PluginLimits, where: str) -> PluginLimits:
+    """Per-plugin overrides from ``wasmgate.io/*`` annotations (Istio ignores them)."""
+    annotations = wp.metadata.model_extra.get("annotations") if wp.metadata.model_extra else None
+    if not annotations:
+        return defaults
+    changes: dict[str, Any] = {}
+    for key, value in dict(annotations).items():
+        if not str(key).startswith(ANNOTATION_PREFIX):
+            continue
+        name = str(key)[len(ANNOTATION_PREFIX):]
+        if name not in _LIMIT_ANNOTATIONS:
+            raise ConfigError(f"{where}: metadata.annotations.{key}: unknown; known: "
+                              + ", ".join(ANNOTATION_PREFIX + k for k in _LIMIT_ANNOTATIONS))
+        field_name, convert = _LIMIT_ANNOTATIONS[name]
+        try:
+            parsed = convert(str(value))
+        except ValueError:
+            raise ConfigError(f"{where}: metadata.annotations.{key}: expected an integer, got {value!r}") from None
+        if parsed < 0:
+            raise ConfigError(f"{where}: metadata.annotations.{key}: must not be negative")
+        changes[field_name] = parsed
+    return dataclasses.replace(defaults, **changes)
+
+
+def to_spec(wp: WasmPlugin, path: Path, defaults: PluginLimits | None = None) -> PluginSpec:
     where = f"{path}: WasmPlugin {wp.metadata.name}"
     s = wp.spec
     env: dict[str, str] = {}
@@ -168,29 +205,61 @@ def to_spec(wp: WasmPlugin, path: Path) -> PluginSpec:
         phase=s.phase,
         priority=s.priority,
         source=str(path),
+        limits=_limits(wp, defaults or PluginLimits(), where),
     )
 
 
-def load_plugin_specs(paths: list[Path]) -> list[PluginSpec]:
-    """Every WasmPlugin in the given files and directories (``*.yaml``/``*.yml``)."""
+def resource_files(paths: list[Path]) -> list[Path]:
+    """The YAML files named, and the ``*.yaml``/``*.yml`` files in directories named."""
     files: list[Path] = []
-    for p in paths:
+    for p in (q.resolve() for q in paths):
         if p.is_dir():
-            files += sorted(q for q in p.iterdir() if q.suffix in (".yaml", ".yml"))
+            files += sorted(q for q in p.iterdir() if q.suffix in (".yaml", ".yml") and q.is_file())
         elif p.exists():
             files.append(p)
         else:
             raise ConfigError(f"{p}: no such file or directory")
-    specs: list[PluginSpec] = []
-    seen: dict[tuple[str, str], Path] = {}
-    for f in files:
-        for doc in load_documents(f):
-            if doc.get("kind") != "WasmPlugin":
-                continue  # other resources (Secrets ...) share these files
-            spec = to_spec(parse_wasmplugin(doc, f), f)
-            key = (spec.namespace, spec.name)
-            if key in seen:
-                raise ConfigError(f"{f}: WasmPlugin {spec.name}: metadata.name: duplicate of the one in {seen[key]}")
-            seen[key] = f
-            specs.append(spec)
+    return files
+
+
+def load_file(path: Path, defaults: PluginLimits) -> list[PluginSpec]:
+    """The WasmPlugins of one file; other kinds (Secrets ...) may share it and are skipped."""
+    return [to_spec(parse_wasmplugin(doc, path), path, defaults)
+            for doc in load_documents(path) if doc.get("kind") == "WasmPlugin"]
+
+
+def _no_duplicates(specs: list[PluginSpec]) -> None:
+    seen: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        key = (spec.namespace, spec.name)
+        if key in seen:
+            raise ConfigError(f"{spec.source}: WasmPlugin {spec.name}: metadata.name: duplicate of the one in "
+                              f"{seen[key]}")
+        seen[key] = spec.source
+
+
+def load_plugin_specs(paths: list[Path], defaults: PluginLimits | None = None) -> list[PluginSpec]:
+    """Every WasmPlugin in ``paths``; the first error raises (startup is all or nothing)."""
+    specs = [s for f in resource_files(paths) for s in load_file(f, defaults or PluginLimits())]
+    _no_duplicates(specs)
     return specs
+
+
+def scan_plugin_specs(paths: list[Path], defaults: PluginLimits | None = None) -> tuple[list[PluginSpec],
+                                                                                      dict[str, str]]:
+    """Like load_plugin_specs, but a bad file is reported (by path) and skipped."""
+    specs: list[PluginSpec] = []
+    errors: dict[str, str] = {}
+    try:
+        files = resource_files(paths)
+    except ConfigError as e:
+        return [], {str(e).split(":", 1)[0]: str(e)}
+    for f in files:
+        try:
+            got = load_file(f, defaults or PluginLimits())
+            _no_duplicates(specs + got)
+        except ConfigError as e:
+            errors[str(f)] = str(e)
+            continue
+        specs += got
+    return specs, errors

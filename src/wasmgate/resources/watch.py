@@ -1,0 +1,73 @@
+"""Live reload: watch the WasmPlugin files and their modules, apply what changed.
+
+A change is applied through ``PluginManager.apply``: compiled and canaried off the
+event loop, swapped in atomically; a file that no longer parses keeps its last
+good plugins serving, with the error logged and shown on /plugins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import watchfiles
+
+from wasmgate.plugin.manager import PluginManager
+from wasmgate.plugin.spec import PluginLimits
+from wasmgate.resources.wasmplugin import scan_plugin_specs
+
+_log = logging.getLogger("wasmgate.config")
+
+
+class PluginWatcher:
+    def __init__(self, paths: list[Path], manager: PluginManager, defaults: PluginLimits):
+        self.paths = [p.resolve() for p in paths]
+        self.manager = manager
+        self.defaults = defaults
+        self.errors: dict[str, str] = {}  # resource file -> why it was not applied
+        self.applied = 0  # completed reloads, for tests and /plugins
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _roots(self) -> set[Path]:
+        """Directories to watch: the resource dirs and the dirs of every module in use."""
+        roots = {p if p.is_dir() else p.parent for p in self.paths}
+        roots |= {h.spec.module_path.resolve().parent for h in self.manager.chain.plugins}
+        return {r for r in roots if r.is_dir()}
+
+    def _relevant(self, changed: set[Path]) -> bool:
+        modules = {h.spec.module_path.resolve() for h in self.manager.chain.plugins}
+        for path in changed:
+            if path in modules or path in self.paths:
+                return True
+            if path.suffix in (".yaml", ".yml") and any(path.parent == p for p in self.paths):
+                return True
+        return False
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            roots = self._roots()
+            async for changes in watchfiles.awatch(*roots, stop_event=self._stop, debounce=50, step=10,
+                                                   recursive=False):
+                if self._relevant({Path(p).resolve() for _, p in changes}):
+                    await self.reload()
+                if self._roots() != roots:
+                    break  # modules moved to other directories: watch those instead
+
+    async def reload(self) -> None:
+        specs, errors = scan_plugin_specs(self.paths, self.defaults)
+        for f, why in errors.items():
+            if self.errors.get(f) != why:
+                _log.error("%s; its plugins keep their last good version", why)
+        self.errors = self.manager.resource_errors = errors
+        await self.manager.apply(specs, keep=set(errors))
+        self.applied += 1
