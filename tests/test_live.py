@@ -1,0 +1,177 @@
+"""Live swap: resource and module changes are applied without a restart or a lost request."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from servers import PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
+from test_e2e import request
+
+TAG = PLUGIN_BUILD / "tag.wasm"
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    up = start_upstream()
+    yield up
+    up.server.shutdown()
+
+
+def plugins(p: ProxyThread) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/plugins", timeout=10) as r:
+        return dict(json.loads(r.read()))
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def tag_of(p: ProxyThread, path: str = "/") -> str:
+    status, headers, _ = request(p.port, path=path)
+    assert status == 200
+    return headers.get("x-chain-resp", "")
+
+
+class Load:
+    """Requests in a loop from another thread; every status and tag recorded."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.results: list[tuple[int, str]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status, headers, _ = request(self.port)
+                self.results.append((status, headers.get("x-chain-resp", "")))
+            except Exception as e:  # noqa: BLE001 - any failure is what we count
+                self.errors.append(repr(e))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def test_config_change_swaps_without_failed_requests(upstream: Upstream, tmp_path: Path) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "tag", TAG, config={"tag": "v1"})
+    proxy = ProxyThread([d], upstream.url)
+    load = Load(proxy.port)
+    try:
+        assert tag_of(proxy) == "v1"
+        for version in ("v2", "v3", "v2"):
+            wasmplugin_yaml(d, "tag", TAG, config={"tag": version})
+            wait_for(lambda v=version: tag_of(proxy) == v)  # type: ignore[misc]
+        time.sleep(0.1)
+    finally:
+        load.stop()
+        proxy.stop()
+    assert load.errors == []
+    assert load.results and {s for s, _ in load.results} == {200}
+    assert {t for _, t in load.results} <= {"v1", "v2", "v3"}  # always one version, never a mix
+
+
+def test_in_flight_request_finishes_on_old_vm(upstream: Upstream, tmp_path: Path) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "tag", TAG, config={"tag": "old"})
+    proxy = ProxyThread([d], upstream.url)
+    try:
+        slow: dict[str, str] = {}
+        t = threading.Thread(target=lambda: slow.update(tag=tag_of(proxy, "/slow/700")))
+        t.start()
+        time.sleep(0.2)  # the slow request is now at the upstream, on the old VM
+        wasmplugin_yaml(d, "tag", TAG, config={"tag": "new"})
+        wait_for(lambda: tag_of(proxy) == "new")
+        t.join(timeout=10)
+    finally:
+        proxy.stop()
+    assert slow["tag"] == "old"
+
+
+def test_bad_update_keeps_last_good_version(upstream: Upstream, tmp_path: Path) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    yaml_path = wasmplugin_yaml(d, "tag", TAG, config={"tag": "good"})
+    proxy = ProxyThread([d], upstream.url)
+    watcher = proxy.running.watcher
+    assert watcher is not None
+    try:
+        applied = watcher.applied
+        yaml_path.write_text("kind: WasmPlugin\nspec: [broken\n")
+        wait_for(lambda: watcher.applied > applied)
+        assert tag_of(proxy) == "good"
+        info = plugins(proxy)
+        assert str(yaml_path) in info["resource_errors"]
+        assert "invalid YAML" in info["resource_errors"][str(yaml_path)]
+
+        junk = d / "junk.wasm"
+        junk.write_bytes(b"\0asm\x01\0\0\0junk")
+        applied = watcher.applied
+        wasmplugin_yaml(d, "tag", junk, config={"tag": "junk"})
+        wait_for(lambda: watcher.applied > applied)
+        assert tag_of(proxy) == "good"
+        info = plugins(proxy)
+        assert info["resource_errors"] == {}
+        (p,) = info["plugins"]
+        assert "invalid WebAssembly module" in p["last_error"] and p["state"] == "running"
+
+        wasmplugin_yaml(d, "tag", TAG, config={"tag": "fixed"})
+        wait_for(lambda: tag_of(proxy) == "fixed")
+        assert plugins(proxy)["plugins"][0]["last_error"] is None
+    finally:
+        proxy.stop()
+
+
+def test_module_rebuild_is_picked_up(upstream: Upstream, tmp_path: Path) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    module = tmp_path / "plugin.wasm"
+    shutil.copy(TAG, module)
+    wasmplugin_yaml(d, "p", module, config={"tag": "tagged"})
+    proxy = ProxyThread([d], upstream.url)
+    try:
+        assert tag_of(proxy) == "tagged"
+        tmp = tmp_path / "plugin.wasm.tmp"
+        shutil.copy(PLUGIN_BUILD / "mutate.wasm", tmp)
+        tmp.replace(module)  # an atomic replace, as build tools do
+        wait_for(lambda: request(proxy.port)[1].get("x-wasm") == "hello")
+        assert "x-chain-resp" not in request(proxy.port)[1]
+        sha = plugins(proxy)["plugins"][0]["sha256"]
+        import hashlib
+        assert sha == hashlib.sha256(module.read_bytes()).hexdigest()
+    finally:
+        proxy.stop()
+
+
+def test_plugins_added_and_removed(upstream: Upstream, tmp_path: Path) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "a", TAG, config={"tag": "A"}, priority=2)
+    proxy = ProxyThread([d], upstream.url)
+    try:
+        assert tag_of(proxy) == "A"
+        b = wasmplugin_yaml(d, "b", TAG, config={"tag": "B"}, priority=1)
+        wait_for(lambda: tag_of(proxy) == "B, A")
+        b.unlink()
+        wait_for(lambda: tag_of(proxy) == "A")
+        assert [p["name"] for p in plugins(proxy)["plugins"]] == ["a"]
+    finally:
+        proxy.stop()
