@@ -175,3 +175,15 @@ def test_plugins_added_and_removed(upstream: Upstream, tmp_path: Path) -> None:
         assert [p["name"] for p in plugins(proxy)["plugins"]] == ["a"]
     finally:
         proxy.stop()
+
+
+def test_load_and_swap_command() -> None:
+    """The reproducible command: 100 swaps under load from another process, nothing lost."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "load_and_swap.py"
+    r = subprocess.run([sys.executable, str(script), "--swaps", "100"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "failed or reset: 0  responses from neither version: 0" in r.stdout
+    assert "observed for 100/100 swaps" in r.stdout
