@@ -21,7 +21,7 @@ run: setup
 	$(VENV)/bin/wasmgate run
 
 lint: setup
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests scripts
 	$(VENV)/bin/mypy
 
 test: lint

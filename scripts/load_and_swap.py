@@ -86,10 +86,10 @@ def main() -> int:
     port, admin = free_port(), free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        wasmgate = subprocess.Popen(
-            [sys.executable, "-m", "wasmgate", "run", "--listen", f"127.0.0.1:{port}", "--admin",
-             f"127.0.0.1:{admin}", "--plugins", str(plugins)],
-            stderr=open(work / "wasmgate.log", "wb"), cwd=REPO)
+        with open(work / "wasmgate.log", "wb") as log:
+            wasmgate = subprocess.Popen(
+                [sys.executable, "-m", "wasmgate", "run", "--listen", f"127.0.0.1:{port}", "--admin",
+                 f"127.0.0.1:{admin}", "--plugins", str(plugins)], stderr=log, cwd=REPO)
         procs.append(wasmgate)
         deadline = time.monotonic() + 60
         while True:
