@@ -9,6 +9,7 @@ from pathlib import Path
 
 from wasmgate import log
 from wasmgate.app import RunOptions, StartupError, run_forever
+from wasmgate.oci import commands as oci_commands
 from wasmgate.proxy.server import Limits
 from wasmgate.resources.config import load_config
 from wasmgate.resources.wasmplugin import ConfigError
@@ -29,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=None, help="worker processes (only 1 is supported yet)")
     run.add_argument("--log-level", action="append", default=[], metavar="LEVEL|COMPONENT=LEVEL",
                      help="e.g. debug, or wasm=debug; repeatable")
+    oci_commands.register(sub)
     return p
 
 
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command in oci_commands.COMMANDS:
+            return oci_commands.run(args)
     except (StartupError, ConfigError) as e:
         print(f"wasmgate: error: {e}", file=sys.stderr)
         return 2
