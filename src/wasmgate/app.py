@@ -90,10 +90,10 @@ class Running:
         self.proxy.close()
         if self.watcher is not None:
             await self.watcher.stop()
+        for c in list(self.app.connections):
+            c.drain()
         deadline = asyncio.get_running_loop().time() + drain_seconds
-        while any(c._active is not None for c in self.app.connections):
-            if asyncio.get_running_loop().time() > deadline:
-                break
+        while self.app.connections and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.app.connections):
             c._close()

@@ -300,7 +300,7 @@ class Exchange:
             self.status = int(headers.get(b":status") or b"0")
         except ValueError:
             self.status = 0
-        if self.conn.closing:
+        if self.conn.closing or self.conn.draining:
             self.keep_alive = False
         body_ok = http.body_allowed(self.status, self.method)
         framed = headers.get(b"content-length") is not None

@@ -29,11 +29,19 @@ _log = logging.getLogger("wasmgate.http")
 
 @dataclass
 class Limits:
-    """Envoy's defaults: 60 KiB of request headers, 100 headers, 1 MiB buffers."""
+    """Envoy's defaults for sizes: 60 KiB of request headers, 100 headers, 1 MiB buffers.
+
+    Timeouts (seconds, 0 = none): ``header_timeout`` bounds reading a request's line
+    and headers (slowloris; 408), ``request_timeout`` reading the whole request (408),
+    ``idle_timeout`` a keep-alive connection with no request.
+    """
 
     max_header_bytes: int = 60 * 1024
     max_headers: int = 100
     max_buffered_body: int = 1024 * 1024
+    header_timeout: float = 10.0
+    request_timeout: float = 0.0
+    idle_timeout: float = 60.0
 
 
 @dataclass
@@ -99,6 +107,9 @@ class HttpConnection(asyncio.Protocol):
         self._queue: deque[_Pending] = deque()
         self._receiving: _Pending | Exchange | None = None  # where body events go
         self._read_paused_by: set[str] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_head = False  # between a request's first byte and its last header
+        self.draining = False
 
     # ---- asyncio.Protocol ------------------------------------------------------------
 
@@ -111,6 +122,7 @@ class HttpConnection(asyncio.Protocol):
         self.peer_ip = self.peer[0]
         self.app.connections.add(self)
         self.app.stats.active_connections += 1
+        self._arm(self.app.limits.header_timeout, self._header_timeout)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -128,6 +140,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
+        self._arm(0, None)
         self.app.connections.discard(self)
         self.app.stats.active_connections -= 1
         active, self._active = self._active, None
@@ -148,6 +161,9 @@ class HttpConnection(asyncio.Protocol):
     # ---- httptools callbacks ---------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._active is None:
+            self._arm(self.app.limits.header_timeout, self._header_timeout)
+        self._reading_head = True
         self._url = b""
         self._headers = []
         self._trailers = []
@@ -173,6 +189,8 @@ class HttpConnection(asyncio.Protocol):
             raise httptools.HttpParserError("headers too large")
 
     def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._arm(self.app.limits.request_timeout, self._request_timeout)
         p = self._parser
         self._in_body = True
         self.app.stats.requests += 1
@@ -200,6 +218,8 @@ class HttpConnection(asyncio.Protocol):
             target.events.append(("body", body))
 
     def on_message_complete(self) -> None:
+        if self._timer is not None and self._receiving is self._active:
+            self._arm(0, None)  # the whole request is in
         target, self._receiving = self._receiving, None
         trailers = self._trailers
         if isinstance(target, Exchange):
@@ -238,9 +258,11 @@ class HttpConnection(asyncio.Protocol):
         self._active = None
         for reason in ("upstream", "connect"):  # back-pressure of the finished exchange
             self.pause_reading(False, reason)
-        if not keep_alive:
+        if not keep_alive or (self.draining and not self._queue):
             self._close()
-        elif self._queue:
+        elif not self._queue:
+            self._arm(self.app.limits.idle_timeout, self._close)
+        else:
             # Not from inside this exchange's callbacks: start the next one afresh.
             asyncio.get_running_loop().call_soon(self._next)
 
@@ -280,6 +302,37 @@ class HttpConnection(asyncio.Protocol):
         if active is not None:
             active.abort("downstream protocol error")
         self._close()
+
+    # ---- timeouts and drain ------------------------------------------------------------
+
+    def _arm(self, seconds: float, fn: Callable[[], None] | None) -> None:
+        """One timer per connection: the phase it is in decides which."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if seconds > 0 and fn is not None and not self.closing:
+            self._timer = asyncio.get_running_loop().call_later(seconds, fn)
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self._reading_head:
+            self._reject(408, b"request header read timeout")  # Envoy's words
+        else:
+            self._close()  # idle before any byte of a request
+
+    def _request_timeout(self) -> None:
+        self._timer = None
+        active = self._active
+        if active is not None and active._response_started:
+            active.abort("request timeout")
+        else:
+            self._reject(408, b"request timeout")
+
+    def drain(self) -> None:
+        """Shutdown: finish the request in flight (its response says close), take no more."""
+        self.draining = True
+        if self._active is None:
+            self._close()
 
     def _close(self) -> None:
         self.closing = True

@@ -36,6 +36,9 @@ class LimitsConfig(BaseModel):
     max_header_bytes: int = 60 * 1024
     max_headers: int = 100
     max_buffered_body: int = 1024 * 1024
+    header_timeout: float = 10.0  # seconds to read a request's headers (408 after)
+    request_timeout: float = 0.0  # seconds to read a whole request; 0 = no limit
+    idle_timeout: float = 60.0  # seconds a keep-alive connection may sit idle
 
 
 class PluginLimitsConfig(BaseModel):
