@@ -347,3 +347,14 @@ def test_request_trailers_reach_plugin_and_upstream(upstream: Upstream, tmp_path
     assert upstream.seen[-1].body == b"hello"
     assert upstream.seen[-1].trailers == [("x-checksum", "abc")]
     assert any("on_request_trailers ctx=2" in r.getMessage() for r in caplog.records)
+
+
+def test_half_closed_client_still_gets_its_response(allow_proxy: ProxyThread) -> None:
+    with socket.create_connection(("127.0.0.1", allow_proxy.port), timeout=5) as s:
+        s.sendall(b"GET /half HTTP/1.1\r\nhost: x\r\nallow: true\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 200 ")
+    assert b'"path": "/half"' in out

@@ -49,6 +49,10 @@ def _plugin_metrics(chain: Chain) -> Iterator[Metric]:
     memory = GaugeMetricFamily("wasmgate_plugin_memory_bytes", "Linear memory of the plugin's VM.",
                                labels=["plugin"])
     up = GaugeMetricFamily("wasmgate_plugin_up", "1 if the plugin's VM is running.", labels=["plugin"])
+    reloads = CounterMetricFamily("wasmgate_plugin_reloads", "Fresh VMs started after a failure (FAIL_RELOAD).",
+                                  labels=["plugin"])
+    recycles = CounterMetricFamily("wasmgate_plugin_recycles",
+                                   "VMs replaced by the memory watchdog.", labels=["plugin"])
     for p in chain.plugins:
         st = p.stats
         calls.add_metric([p.name], st.calls)
@@ -57,7 +61,9 @@ def _plugin_metrics(chain: Chain) -> Iterator[Metric]:
         failed.add_metric([p.name], st.failed_streams)
         memory.add_metric([p.name], p.vm.memory_bytes() if p.vm else 0)
         up.add_metric([p.name], 1 if p.state == "running" else 0)
-    yield from (calls, errors, seconds, failed, memory, up)
+        reloads.add_metric([p.name], p.reloads)
+        recycles.add_metric([p.name], p.recycles)
+    yield from (calls, errors, seconds, failed, memory, up, reloads, recycles)
 
 
 def prometheus_text(app: ProxyApp) -> bytes:

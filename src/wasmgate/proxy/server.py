@@ -138,6 +138,13 @@ class HttpConnection(asyncio.Protocol):
                 _log.debug("bad request from %s: %s", self.peer_ip, e)
                 self._reject(400, b"Bad Request")
 
+    def eof_received(self) -> bool:
+        """The client half-closed: answer what it sent, then close."""
+        if self._active is None and not self._queue:
+            return False  # nothing to answer: let the transport close
+        self.draining = True
+        return True
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._arm(0, None)
