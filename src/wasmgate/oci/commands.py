@@ -162,12 +162,14 @@ def _pull(args: argparse.Namespace) -> int:
 
 def module_info(wasm: bytes, name: str) -> dict[str, Any]:
     """sha256, size, ABI version, imports and exports of a module (compiled with wasmtime)."""
-    from wasmgate.engine.wasm import WasmError, compile_module, exports_of, imports_of, new_engine
+    from wasmgate.engine.wasm import WasmError, compile_module, exports_of, imports_of
+    from wasmgate.plugin.manager import cache_dir, engine
     from wasmgate.plugin.vm import detect_abi
 
-    info: dict[str, Any] = {"sha256": hashlib.sha256(wasm).hexdigest(), "size": len(wasm)}
-    try:
-        module = compile_module(new_engine(), wasm, name)
+    sha = hashlib.sha256(wasm).hexdigest()
+    info: dict[str, Any] = {"sha256": sha, "size": len(wasm)}
+    try:  # the proxy's engine and compiled-code cache: a later `run` of this module starts fast
+        module = compile_module(engine(), wasm, name, cache_dir(), sha)
     except WasmError as e:
         raise OciError(str(e)) from None
     try:

@@ -95,7 +95,7 @@ def plugin_tar_gz(wasm: bytes) -> tuple[bytes, bytes]:
         info.size, info.mode, info.mtime = len(wasm), 0o644, 0
         tar.addfile(info, io.BytesIO(wasm))
     plain = raw.getvalue()
-    return gzip.compress(plain, mtime=0), plain
+    return gzip.compress(plain, compresslevel=6, mtime=0), plain
 
 
 def _compact(obj: Any) -> bytes:
