@@ -3,7 +3,8 @@
 ``module(action)`` misbehaves on every request; ``module(action, callback=...)``
 in one chosen callback. Actions: trap, loop (CPU), bomb (memory), leak (one page a
 request), exit (proc_exit), oob (out-of-bounds pointers to every kind of host call),
-log (a 16 MiB log line), reenter (the allocator calls back into the host).
+log (a 16 MiB log line), reenter (the allocator calls back into the host), buffer
+(body callbacks hold the whole body).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ _TEMPLATE = """
 """
 
 
-def _body(export: str, action: str | None) -> str:
+def _body(export: str, action: str | None, buffer: bool = False) -> str:
     params, result = CALLBACKS[export]
     ps = " ".join("i32" for _ in range(params))
     code = ACTIONS[action] if action else ""
@@ -83,12 +84,20 @@ def _body(export: str, action: str | None) -> str:
     ret = "(result i32)" if result else ""
     value = "(i32.const 1)" if export in ("proxy_on_vm_start", "proxy_on_configure", "proxy_on_done") else \
         "(i32.const 0)"
+    if buffer and export in ("proxy_on_request_body", "proxy_on_response_body"):
+        # StopIterationAndBuffer until the end of the stream, then Continue with it all
+        value = "(select (i32.const 0) (i32.const 1) (local.get 2))"
     return f'(func (export "{export}") (param {ps}) {ret} {code} {value if result else ""})'
 
 
 def module(action: str, callback: str = "proxy_on_request_headers") -> bytes:
-    """A module doing ``action`` in ``callback`` and behaving everywhere else."""
-    bodies = "\n  ".join(_body(cb, action if cb == callback else None) for cb in CALLBACKS)
+    """A module doing ``action`` in ``callback`` and behaving everywhere else.
+
+    Action "buffer" makes both body callbacks buffer the whole body before continuing.
+    """
+    buffer = action == "buffer"
+    bodies = "\n  ".join(_body(cb, action if cb == callback and not buffer else None, buffer)
+                         for cb in CALLBACKS)
     reentry = "(drop (call $log (i32.const 1) (i32.const 100) (i32.const 5)))" if action == "reenter" else ""
     return wat_to_wasm(_TEMPLATE.replace("REENTER", reentry).replace("BODIES", bodies))
 

@@ -191,3 +191,21 @@ def test_memory_watchdog_recycles_leaking_vm(upstream: Upstream, tmp_path: Path)
     assert info["recycles"] >= 2
     assert info["memory_bytes"] <= 6 * 65536 + 65536
     assert mem and float(mem[0].split()[-1]) == info["memory_bytes"]
+
+
+def test_per_plugin_body_buffer_cap(upstream: Upstream, tmp_path: Path) -> None:
+    wasm = hostile.write(tmp_path, "buffer")
+    proxy = ProxyThread([resource(tmp_path, "hoarder", wasm, "FAIL_CLOSE", max_buffered_body_bytes="1000")],
+                        upstream.url)
+    try:
+        small = request(proxy.port, "POST", "/", {}, b"x" * 500)  # buffered whole, then sent at end of stream
+        big = request(proxy.port, "POST", "/", {}, b"x" * 4000)
+        # The response headers went out before the body overflowed: the stream is reset.
+        with pytest.raises(http.client.IncompleteRead):
+            request(proxy.port, "GET", "/big/100000")
+        info = plugin_info(proxy)
+    finally:
+        proxy.stop()
+    assert small[0] == 200
+    assert (big[0], big[2]) == (413, b"Payload Too Large")
+    assert info["state"] == "running"  # over a buffer limit is not a VM failure

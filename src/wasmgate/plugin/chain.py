@@ -26,6 +26,8 @@ class Halted(Exception):
 
 
 class FilterCallbacks(Protocol):
+    buffer_limit: int  # most body bytes this filter may hold stopped; 0: no own limit
+
     def headers(self, count: int, eos: bool) -> int: ...
     def data(self, body: bytearray, eos: bool) -> int: ...
     def trailers(self, count: int) -> int: ...
@@ -67,6 +69,7 @@ class Direction:
         self._check = check  # raises Halted when the stream ended during a callback
         self.current = -1  # index of the filter whose callback runs (or ran last)
         self.buffered = 0  # bytes held by stopped filters
+        self.over_limit = False  # a filter holds more than its own buffer_limit
 
     # ---- input ---------------------------------------------------------------------
 
@@ -136,6 +139,8 @@ class Direction:
         held += body
         self.buffered += len(body)
         slot.held_eos = eos
+        if slot.cb.buffer_limit and len(held) > slot.cb.buffer_limit:
+            self.over_limit = True
         return held
 
     def _flow_data(self, start: int, body: bytearray, eos: bool) -> None:

@@ -87,11 +87,12 @@ class PluginFilter:
 class _Side:
     """The chain's view of one direction of a ``PluginFilter``."""
 
-    __slots__ = ("f", "is_request", "headers_bit", "trailers_bit")
+    __slots__ = ("buffer_limit", "f", "headers_bit", "is_request", "trailers_bit")
 
     def __init__(self, f: PluginFilter, is_request: bool):
         self.f = f
         self.is_request = is_request
+        self.buffer_limit = f.handle.spec.limits.max_buffered_body
         self.headers_bit = _REQ_HEADERS if is_request else _RESP_HEADERS
         self.trailers_bit = _REQ_TRAILERS if is_request else _RESP_TRAILERS
 

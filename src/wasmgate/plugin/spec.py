@@ -23,6 +23,7 @@ class PluginLimits:
     max_random_bytes: int = 1 << 20  # per random_get call
     memory_recycle_bytes: int = 0  # 0: off; else replace a VM whose memory grew past this
     reload_backoff: float = 0.5  # FAIL_RELOAD: first delay; doubles per failure up to 30 s
+    max_buffered_body: int = 0  # body bytes held while this plugin is stopped; 0: the proxy's limit
 
 
 class Phase(StrEnum):

@@ -87,7 +87,8 @@ class Exchange:
         if request is None or self._finished:
             return
         self._guard(lambda: request.data(data, False), True)
-        if request.buffered > self.conn.app.limits.max_buffered_body and not self._finished:
+        if (request.over_limit or request.buffered > self.conn.app.limits.max_buffered_body) \
+                and not self._finished:
             # Envoy answers an over-full request buffer with 413.
             self._halt_with(LocalReply(413, b"Payload Too Large", [], "request_payload_too_large"), True)
 
@@ -232,9 +233,14 @@ class Exchange:
             self._guard(lambda: response.headers(no_body), False)
 
     def upstream_body(self, data: bytes) -> None:
-        if self.response is not None and not self._finished:
-            response = self.response
-            self._guard(lambda: response.data(data, False), False)
+        response = self.response
+        if response is None or self._finished:
+            return
+        self._guard(lambda: response.data(data, False), False)
+        if (response.over_limit or response.buffered > self.conn.app.limits.max_buffered_body) \
+                and not self._finished:
+            # Envoy: 500 if the response has not started, else the stream is reset.
+            self._halt_with(LocalReply(500, b"Internal Server Error", [], "response_payload_too_large"), False)
 
     def upstream_end(self, trailers: list[Pair]) -> None:
         conn, self.upstream = self.upstream, None

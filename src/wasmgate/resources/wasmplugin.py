@@ -159,6 +159,7 @@ _LIMIT_ANNOTATIONS: dict[str, tuple[str, Callable[[str], float]]] = {
     "max-random-bytes": ("max_random_bytes", int),
     "memory-recycle-bytes": ("memory_recycle_bytes", int),
     "reload-backoff-ms": ("reload_backoff", lambda v: int(v) / 1000),
+    "max-buffered-body-bytes": ("max_buffered_body", int),
 }
 
 
