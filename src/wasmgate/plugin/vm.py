@@ -96,6 +96,13 @@ class PluginVM:
         self._on_log = f("proxy_on_log")
         self._on_delete = f("proxy_on_delete")
         self._on_tick = f("proxy_on_tick")
+        self._on_http_call_response = f("proxy_on_http_call_response")
+        self._on_queue_ready = f("proxy_on_queue_ready")
+        self._on_foreign_function = f("proxy_on_foreign_function")
+        self._on_grpc_receive_initial_metadata = f("proxy_on_grpc_receive_initial_metadata")
+        self._on_grpc_receive = f("proxy_on_grpc_receive")
+        self._on_grpc_receive_trailing_metadata = f("proxy_on_grpc_receive_trailing_metadata")
+        self._on_grpc_close = f("proxy_on_grpc_close")
         self._tick_handle: asyncio.TimerHandle | None = None
         self.tick_period = 0.0  # seconds; 0 = no timer
         self.root = RootContext(self, 0)
@@ -186,6 +193,46 @@ class PluginVM:
     def on_response_trailers(self, ctx: HttpContext, count: int) -> int:
         fn = self._on_response_trailers
         return self._call(fn, ctx, ctx.id, count) if fn else 0
+
+    # ---- root-context callbacks for callouts, queues and foreign functions ----------------
+    # Each runs on the context that asked (the root context unless a stream did) and
+    # returns False when the VM has failed or lacks the export.
+
+    def _root_callback(self, fn: GuestFunc | None, ctx: Context | None, *args: int) -> bool:
+        if fn is None or self.failed is not None:
+            return False
+        try:
+            self._call(fn, ctx or self.root, *args)
+        except PluginFailed:
+            return False
+        return True
+
+    def on_http_call_response(self, ctx: Context | None, token: int, headers: int, body_size: int,
+                              trailers: int) -> bool:
+        cid = (ctx or self.root).id
+        return self._root_callback(self._on_http_call_response, ctx, cid, token, headers, body_size, trailers)
+
+    def on_queue_ready(self, queue_id: int) -> bool:
+        return self._root_callback(self._on_queue_ready, self.root, self.root.id, queue_id)
+
+    def on_foreign_function(self, function_id: int, size: int) -> bool:
+        return self._root_callback(self._on_foreign_function, self.root, self.root.id, function_id, size)
+
+    def on_grpc_receive_initial_metadata(self, ctx: Context | None, token: int, headers: int) -> bool:
+        cid = (ctx or self.root).id
+        return self._root_callback(self._on_grpc_receive_initial_metadata, ctx, cid, token, headers)
+
+    def on_grpc_receive(self, ctx: Context | None, token: int, size: int) -> bool:
+        cid = (ctx or self.root).id
+        return self._root_callback(self._on_grpc_receive, ctx, cid, token, size)
+
+    def on_grpc_receive_trailing_metadata(self, ctx: Context | None, token: int, trailers: int) -> bool:
+        cid = (ctx or self.root).id
+        return self._root_callback(self._on_grpc_receive_trailing_metadata, ctx, cid, token, trailers)
+
+    def on_grpc_close(self, ctx: Context | None, token: int, status: int) -> bool:
+        cid = (ctx or self.root).id
+        return self._root_callback(self._on_grpc_close, ctx, cid, token, status)
 
     def log_stream(self, ctx: HttpContext) -> None:
         if ctx.alive and self._on_log is not None and self.failed is None:
