@@ -142,7 +142,7 @@ class RegistryClient:
         for scheme in schemes:
             base = f"{scheme}://{api_host}"
             try:
-                r = self._send("GET", f"{base}/v2/", registry)
+                r = self._send("GET", f"{base}/v2/", registry, retry=scheme == schemes[-1])
             except httpx.TransportError as e:
                 last = e
                 continue
@@ -161,9 +161,9 @@ class RegistryClient:
         hint = "" if "http" in schemes else " (a plain-HTTP registry needs --insecure)"
         raise RegistryError(f"registry {registry}: cannot connect ({reason}){hint}")
 
-    def _send(self, method: str, url: str, registry: str, **kw: Any) -> httpx.Response:
+    def _send(self, method: str, url: str, registry: str, *, retry: bool = True, **kw: Any) -> httpx.Response:
         """One request with retries on transport errors and 5xx for idempotent methods."""
-        attempts = 1 + (self.retries if method in ("GET", "HEAD") else 0)
+        attempts = 1 + (self.retries if retry and method in ("GET", "HEAD") else 0)
         for i in range(attempts):
             try:
                 r = self._http.request(method, url, **kw)
