@@ -102,6 +102,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(payload)
             return
+        if self.path.startswith("/auth/"):  # a tiny auth service for callout tests
+            user = self.path.split("/")[2]
+            if user == "slow":
+                time.sleep(3)
+            reply = f"ok:{user}".encode()
+            self.send_response(403 if user == "mallory" else 200)
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+            return
         if self.path.startswith("/slow/"):
             time.sleep(int(self.path.split("/")[2]) / 1000)
         if self.path.startswith("/status/"):

@@ -104,7 +104,7 @@ def test_hostile_arguments_never_raise(tmp_path: Path, imp: Import, context: str
 
 _UNKNOWN: list[Import] = [
     (ENV, "proxy_not_a_thing", "i", "i"),
-    (ENV, "proxy_http_call", "iiiiiiiiii", "i"),
+    (ENV, "proxy_future_call", "iiiiiiiiii", "i"),
     (ENV, "proxy_unknown_i64", "I", "I"),
     (ENV, "proxy_unknown_void", "ii", ""),
     (WASI, "path_open", "iiiiiIIii", "i"),
@@ -119,7 +119,7 @@ def unknown(tmp_path: Path) -> Guest:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("proxy_not_a_thing", R.UNIMPLEMENTED), ("proxy_http_call", R.UNIMPLEMENTED),
+    [("proxy_not_a_thing", R.UNIMPLEMENTED), ("proxy_future_call", R.UNIMPLEMENTED),
      ("proxy_unknown_i64", R.UNIMPLEMENTED), ("path_open", ENOSYS), ("sock_accept", ENOSYS)],
 )
 def test_unknown_import_returns_status(unknown: Guest, name: str, expected: int) -> None:

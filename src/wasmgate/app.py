@@ -12,6 +12,7 @@ from wasmgate.admin.server import AdminState, serve_admin
 from wasmgate.plugin.manager import Chain, PluginHandle, PluginManager, chain_order, load_handle
 from wasmgate.plugin.spec import PluginLimits
 from wasmgate.plugin.vm import PluginError
+from wasmgate.proxy.callout import Callouts
 from wasmgate.proxy.demo import start_demo_upstream
 from wasmgate.proxy.server import Limits, ProxyApp, serve
 from wasmgate.proxy.upstream import Cluster
@@ -37,6 +38,7 @@ class RunOptions:
     plugins: list[Path] | None = None  # None: the embedded allow-header example
     limits: Limits = field(default_factory=Limits)
     plugin_limits: PluginLimits = field(default_factory=PluginLimits)
+    clusters: dict[str, str] = field(default_factory=dict)  # name -> http://host:port, for proxy_http_call
     watch: bool = True  # re-apply plugin files and modules when they change
     drain_seconds: float = 10.0
 
@@ -100,6 +102,8 @@ class Running:
         for s in self.servers:
             s.close()
         self.app.cluster.close()
+        if self.app.plugins.callouts is not None:
+            self.app.plugins.callouts.close()
 
 
 async def start(opts: RunOptions) -> Running:
@@ -113,9 +117,10 @@ async def start(opts: RunOptions) -> Running:
         upstream = f"http://127.0.0.1:{demo.sockets[0].getsockname()[1]}"
     try:
         cluster = Cluster("upstream", upstream)
+        callouts = Callouts({name: Cluster(name, url) for name, url in opts.clusters.items()})
     except ValueError as e:
         raise StartupError(str(e)) from None
-    manager = PluginManager(chain)
+    manager = PluginManager(chain, callouts)
     app = ProxyApp(manager, cluster, opts.limits)
     admin = AdminState(app)
     try:

@@ -19,6 +19,8 @@ def _buffer(vm: PluginVM, buffer_type: int) -> bytes | bytearray | None:
         return vm.spec.vm_config if vm.starting else None
     if buffer_type == BufferType.PLUGIN_CONFIGURATION:
         return vm.spec.plugin_config if vm.configuring else None
+    if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY:
+        return vm.call_response.body if vm.call_response is not None else None
     ctx = vm.effective
     stream = ctx.stream if ctx is not None else None
     return stream.body(buffer_type) if stream is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from wasmgate.abi.constants import AbiVersion, WasmResult
+from wasmgate.abi.constants import AbiVersion, MapType, WasmResult
 from wasmgate.abi.pairs import PairsError, decode_pairs, encode_pairs
 from wasmgate.headers import HeaderMap
 from wasmgate.host.registry import hostcall
@@ -21,6 +21,11 @@ _MAX_MAP_TYPE = 7
 
 def _map(vm: PluginVM, map_type: int) -> HeaderMap | None:
     """The map if this context may touch it now (see HttpContext.header_map)."""
+    if map_type in (MapType.HTTP_CALL_RESPONSE_HEADERS, MapType.HTTP_CALL_RESPONSE_TRAILERS):
+        resp = vm.call_response
+        if resp is None:
+            return None
+        return resp.headers if map_type == MapType.HTTP_CALL_RESPONSE_HEADERS else resp.trailers
     ctx = vm.effective
     if not isinstance(ctx, HttpContext) or not 0 <= map_type <= _MAX_MAP_TYPE:
         return None

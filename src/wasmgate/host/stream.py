@@ -40,6 +40,8 @@ def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, b
     stream = ctx.stream
     if stream.local_reply is None:  # the first reply wins, as in Envoy
         stream.local_reply = LocalReply(status, body, headers, details.decode("utf-8", "replace"), grpc_status)
+        if stream.on_end is not None:
+            stream.on_end(ctx)
     return R.OK
 
 
@@ -77,6 +79,8 @@ def _close(vm: PluginVM, stream_type: int) -> int:
     if ctx is None or not 0 <= stream_type <= StreamType.UPSTREAM:
         return R.BAD_ARGUMENT
     ctx.stream.reset = True  # Envoy resets the stream; on HTTP/1.1 that closes the connection
+    if ctx.stream.on_end is not None:
+        ctx.stream.on_end(ctx)
     return R.OK
 
 

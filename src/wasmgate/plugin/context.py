@@ -30,7 +30,7 @@ class Stream:
     """
 
     __slots__ = ("request_headers", "request_trailers", "response_headers", "response_trailers",
-                 "request_body", "response_body", "local_reply", "reset", "on_continue",
+                 "request_body", "response_body", "local_reply", "reset", "on_continue", "on_end",
                  "downstream_addr", "local_addr", "code_details")
 
     def __init__(self) -> None:
@@ -44,6 +44,9 @@ class Stream:
         self.reset = False
         # Set by the filter chain: (context, stream_type) -> resume that direction.
         self.on_continue: Callable[[HttpContext, int], None] | None = None
+        # Set by the exchange: a local reply or reset was requested (maybe from a
+        # callback of another context, e.g. an HTTP-call response).
+        self.on_end: Callable[[HttpContext], None] | None = None
         self.downstream_addr: tuple[str, int] = ("", 0)  # the client
         self.local_addr: tuple[str, int] = ("", 0)  # our listener
         self.code_details = ""  # why a local reply was sent (Envoy's response code details)

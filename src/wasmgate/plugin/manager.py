@@ -26,6 +26,7 @@ from wasmgate.plugin.context import Stream
 from wasmgate.plugin.filter import PluginFilter
 from wasmgate.plugin.spec import FailStrategy, PluginSpec
 from wasmgate.plugin.vm import PluginError, PluginStats, PluginVM
+from wasmgate.proxy.callout import Callouts
 
 _log = logging.getLogger("wasmgate.wasm")
 
@@ -271,10 +272,13 @@ def load_handle(spec: PluginSpec) -> PluginHandle:
 class PluginManager:
     """Owns the chain; applies new resource sets with compile and canary off the loop."""
 
-    def __init__(self, chain: Chain | None = None):
+    def __init__(self, chain: Chain | None = None, callouts: Callouts | None = None):
         self.chain = chain or Chain([])
+        self.callouts = callouts
         for h in self.chain.plugins:
             h._spawn = self._spawn
+            if h.vm is not None:
+                h.vm.callouts = callouts
         self._lock = asyncio.Lock()
         self.swaps = 0
         self.resource_errors: dict[str, str] = {}  # resource file -> why it is not applied
@@ -303,6 +307,7 @@ class PluginManager:
                         handles.append(old)  # unchanged
                         continue
                     vm = await loop.run_in_executor(None, start_vm, spec, module, PluginStats())
+                    vm.callouts = self.callouts
                 except PluginError as e:
                     errors[spec.name] = str(e)
                     _log.error("%s; %s", e, "the previous version keeps serving" if old else "not loaded")
@@ -344,6 +349,7 @@ class PluginManager:
         if handle._spawn is None:  # left the chain meanwhile
             _teardown(vm)
             return
+        vm.callouts = self.callouts
         handle.reloads += 1
         handle._install(vm)
         _log.info("plugin %s: new VM running", handle.name)

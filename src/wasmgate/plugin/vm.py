@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import wasmtime
 
@@ -24,6 +24,9 @@ from wasmgate.engine.wasm import GuestFunc, HostFunc, Instance, WasmError, WasmT
 from wasmgate.log import PY_LEVEL, wasm_log
 from wasmgate.plugin.context import Context, HttpContext, RootContext, Stream
 from wasmgate.plugin.spec import PluginSpec
+
+if TYPE_CHECKING:
+    from wasmgate.proxy.callout import Callouts, CallResponse
 
 _log = logging.getLogger("wasmgate.wasm")
 
@@ -65,6 +68,10 @@ class PluginVM:
         self.failed: str | None = None
         self.contexts: dict[int, Context] = {}
         self.effective: Context | None = None
+        self.callouts: Callouts | None = None  # clusters for proxy_http_call, set by the manager
+        self.pending_calls: dict[int, Any] = {}  # token -> callout in flight
+        self.call_response: CallResponse | None = None  # readable during on_http_call_response
+        self._call_token = 0
         self.configuring = False  # plugin configuration is readable only in on_configure
         self.starting = False  # VM configuration is readable only in on_vm_start
         self._next_id = 1
@@ -149,6 +156,7 @@ class PluginVM:
         """Retire the VM: stop its timer, then on_done/on_delete of the root context."""
         self.tick_period = 0
         self._schedule_tick()
+        self._cancel_calls()
         if self.failed is None:
             with contextlib.suppress(PluginFailed):
                 if self._on_done is not None:
@@ -212,6 +220,25 @@ class PluginVM:
         cid = (ctx or self.root).id
         return self._root_callback(self._on_http_call_response, ctx, cid, token, headers, body_size, trailers)
 
+    def next_call_token(self) -> int:
+        self._call_token = self._call_token % 0x7FFFFFFF + 1
+        return self._call_token
+
+    def deliver_http_call_response(self, ctx: Context, token: int, response: CallResponse) -> None:
+        """Run proxy_on_http_call_response with the response readable meanwhile."""
+        if isinstance(ctx, HttpContext) and not ctx.alive:
+            return
+        self.call_response = response
+        try:
+            self.on_http_call_response(ctx, token, len(response.headers), len(response.body),
+                                       len(response.trailers))
+        finally:
+            self.call_response = None
+
+    def _cancel_calls(self, ctx: Context | None = None) -> None:
+        for call in [c for c in self.pending_calls.values() if ctx is None or c.ctx is ctx]:
+            call.cancel()
+
     def on_queue_ready(self, queue_id: int) -> bool:
         return self._root_callback(self._on_queue_ready, self.root, self.root.id, queue_id)
 
@@ -244,6 +271,8 @@ class PluginVM:
         if not ctx.alive:
             return
         ctx.alive = False
+        if self.pending_calls:
+            self._cancel_calls(ctx)  # Envoy cancels a context's calls when it goes away
         try:
             if self.failed is None:
                 for fn in (self._on_done, self._on_delete):

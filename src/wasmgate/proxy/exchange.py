@@ -63,6 +63,7 @@ class Exchange:
         self._downstream_chunked = False
         self._response_keep_alive = keep_alive
         self._finished = False
+        self._in_chain = 0  # inside a chain step: its own check sees local replies
         self.status = 0
 
     # ---- request side: fed by HttpConnection -----------------------------------------
@@ -75,6 +76,7 @@ class Exchange:
                                  self._request_header_count, self._request_trailer_count, self._check)
         self.response = self._response_direction(self.filters)
         stream.on_continue = self._on_continue
+        stream.on_end = self._on_end
         request = self.request
         self._guard(lambda: request.headers(not self.has_body), True)
 
@@ -139,12 +141,33 @@ class Exchange:
                                                 request_side))
                 return
 
+    def _on_end(self, ctx: object) -> None:
+        """A local reply or reset from outside this stream's own callbacks is acted on
+        once that VM call returns; inside one, the chain's check handles it."""
+        if self._in_chain:
+            return
+        for i, f in enumerate(self.filters):
+            if f.ctx is ctx:
+                self.conn.app.defer(partial(self._ended_out_of_band, i))
+                return
+
+    def _ended_out_of_band(self, index: int) -> None:
+        if self._finished or (self.stream.local_reply is None and not self.stream.reset):
+            return
+        request_side = not self._response_started and self.stream.response_headers is None
+        if request_side and self.request is not None:
+            self.request.current = index  # the sender, for the local reply's path
+        self._halted(request_side)
+
     def _guard(self, step: Callable[[], object], request_side: bool) -> None:
         """Run a chain step; turn a halt into a local reply or a reset."""
+        self._in_chain += 1
         try:
             step()
         except Halted:
             self._halted(request_side)
+        finally:
+            self._in_chain -= 1
 
     def _halt_with(self, reply: LocalReply, request_side: bool) -> None:
         if self.stream.local_reply is None:
@@ -371,6 +394,7 @@ class Exchange:
     def _finish_filters(self) -> None:
         # Envoy: every plugin's on_log (in chain order), then on_done/on_delete each.
         self.stream.on_continue = None
+        self.stream.on_end = None
         for f in self.filters:
             f.log()
         for f in self.filters:

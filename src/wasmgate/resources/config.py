@@ -5,6 +5,7 @@ Example::
     listen: 127.0.0.1:8080
     admin: 127.0.0.1:9901
     upstream: http://127.0.0.1:8000
+    clusters: {auth: "http://127.0.0.1:9000"}   # for proxy_http_call, by Envoy cluster name
     plugins: [plugins/]          # WasmPlugin YAML files or directories, relative to this file
     log_level: info
     component_log_levels: {wasm: debug}
@@ -62,6 +63,7 @@ class ProxyConfig(BaseModel):
     listen: str = "127.0.0.1:8080"
     admin: str = "127.0.0.1:9901"
     upstream: str | None = None
+    clusters: dict[str, str] = {}  # name -> http://host:port that plugins may call (proxy_http_call)
     plugins: list[Path] = []
     workers: int = 1
     log_level: str = "info"
