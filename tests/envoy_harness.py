@@ -116,10 +116,26 @@ def _wasm_filter(plugin: EnvoyPlugin) -> dict[str, Any]:
     }
 
 
+def _cluster(name: str, port: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(port)}}]}],
+        },
+    }
+
+
 def bootstrap_config(
-    plugins: list[EnvoyPlugin], port: int, admin_port: int, upstream_port: int
+    plugins: list[EnvoyPlugin], port: int, admin_port: int, upstream_port: int,
+    clusters: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The static bootstrap used by :class:`Envoy` (exposed for tests)."""
+    """The static bootstrap used by :class:`Envoy` (exposed for tests).
+
+    ``clusters`` adds named clusters (name -> port on 127.0.0.1) for plugins' HTTP calls.
+    """
     http_filters = [_wasm_filter(p) for p in plugins]
     http_filters.append(
         {
@@ -162,25 +178,8 @@ def bootstrap_config(
                 }
             ],
             "clusters": [
-                {
-                    "name": "upstream",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": "upstream",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": _socket_address(upstream_port)
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
+                _cluster("upstream", upstream_port),
+                *(_cluster(n, p) for n, p in (clusters or {}).items()),
             ],
         },
     }
@@ -203,7 +202,9 @@ class Envoy:
         *,
         envoy_log_level: str | None = None,
         start_timeout: float = 30.0,
+        clusters: dict[str, int] | None = None,
     ) -> None:
+        self.clusters = dict(clusters or {})
         for level in (log_level, envoy_log_level):
             if level is not None and level not in _LOG_LEVELS:
                 raise ValueError(f"unknown envoy log level {level!r}")
@@ -276,7 +277,7 @@ class Envoy:
 
     def _launch(self) -> None:
         config = bootstrap_config(
-            self.plugins, self.port, self.admin_port, self.upstream_port
+            self.plugins, self.port, self.admin_port, self.upstream_port, self.clusters
         )
         # JSON is valid YAML; avoids depending on a YAML library.
         self.config_path.write_text(json.dumps(config, indent=2))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from envoy_harness import Envoy, EnvoyPlugin
-from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, ProxyThread, start_upstream, wasmplugin_yaml
+from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
 
 
 @dataclass(frozen=True)
@@ -35,25 +35,27 @@ class Observed:
 
 
 PLUGIN_HEADERS = ("x-wasmgate-denied", "x-chain-resp", "x-wasm", "content-type")
-PLUGIN_REQUEST_HEADERS = ("x-chain", "x-resumed", "x-replace", "allow")
+PLUGIN_REQUEST_HEADERS = ("x-chain", "x-resumed", "x-replace", "allow", "x-auth")
 
 
 class Pair:
     """Envoy and wasmgate with the same plugin chain in front of one upstream."""
 
-    def __init__(self, plugins: list[Plugin], workdir: Path):
+    def __init__(self, plugins: list[Plugin], workdir: Path, clusters: dict[str, Upstream] | None = None):
         self.upstream = start_upstream()
+        clusters = clusters or {}
         # As Istio translates a WasmPlugin: root_id from pluginName, config as JSON text.
         envoy_plugins = [EnvoyPlugin(p.name, p.wasm, json.dumps(p.config, separators=(",", ":"))
                                      if p.config is not None else "", root_id=p.name) for p in plugins]
-        self.envoy = Envoy(envoy_plugins, self.upstream.port, workdir / "envoy")
+        self.envoy = Envoy(envoy_plugins, self.upstream.port, workdir / "envoy",
+                           clusters={n: u.port for n, u in clusters.items()})
         (workdir / "envoy").mkdir(exist_ok=True)
         self.envoy.start()
         # Priorities keep wasmgate's chain in list order, like Envoy's filter list.
         files = [wasmplugin_yaml(workdir, p.name, p.wasm, config=p.config, priority=100 - i)
                  for i, p in enumerate(plugins)]
         try:
-            self.wasmgate = ProxyThread(files, self.upstream.url)
+            self.wasmgate = ProxyThread(files, self.upstream.url, clusters={n: u.url for n, u in clusters.items()})
         except BaseException:
             self.envoy.stop()
             raise
@@ -134,3 +136,16 @@ def test_chain_and_local_reply_same_as_envoy(tmp_path: Path) -> None:
         assert allowed.upstream_headers["x-replace"] == "replaced"
     finally:
         pair.stop()
+
+
+def test_http_callout_same_as_envoy(tmp_path: Path) -> None:
+    auth = start_upstream()
+    pair = Pair([Plugin("callout", PLUGIN_BUILD / "callout.wasm")], tmp_path, clusters={"auth": auth})
+    try:
+        assert pair.compare(headers={"x-user": "alice"}).upstream_headers["x-auth"] == "ok:alice"
+        assert pair.compare(headers={"x-user": "mallory"}).status == 403
+        assert pair.compare().status == 200
+        assert pair.compare("POST", "/p", {"x-user": "bob"}, b"request body").upstream_body == b"request body"
+    finally:
+        pair.stop()
+        auth.server.shutdown()
