@@ -48,6 +48,7 @@ class Row:
     envoy: Median | str
     notes: list[str] = field(default_factory=list)
     foreign_cores: float = 0.0  # CPUs busy with other processes during the measured rounds
+    waited_s: float = 0.0  # time spent waiting for other processes to go idle before rounds
 
     @property
     def ratio(self) -> float | None:
@@ -206,7 +207,8 @@ def rounds_lines(rows: list[Row]) -> list[str]:
                 parts.append(f"{name} [{rps}] spread {m.spread:.0%}")
         if parts:
             out.append(f"  {r.case.name:<9} w{r.workers}: " + "; ".join(parts) +
-                       f"; other load {r.foreign_cores:.2f} CPUs")
+                       f"; other load {r.foreign_cores:.2f} CPUs" +
+                       (f" (waited {r.waited_s:.0f}s for quiet)" if r.waited_s >= 1 else ""))
     busy = max((r.foreign_cores for r in rows), default=0.0)
     if busy > NOISY_CORES:
         out.append(f"  WARNING: other processes kept up to {busy:.2f} CPUs busy during measurements; "
