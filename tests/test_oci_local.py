@@ -6,6 +6,7 @@ import base64
 import gzip
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -300,6 +301,7 @@ class FileServer:
     files: dict[str, bytes] = field(default_factory=dict)
     fail_first: dict[str, int] = field(default_factory=dict)  # path -> 503s to answer first
     hits: dict[str, int] = field(default_factory=dict)
+    auth: dict[str, str] = field(default_factory=dict)  # path -> Authorization header seen
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
@@ -316,6 +318,7 @@ def files() -> Iterator[FileServer]:
         def do_GET(self) -> None:
             path = self.path.split("?")[0]
             fs.hits[path] = fs.hits.get(path, 0) + 1
+            fs.auth[path] = self.headers.get("Authorization", "")
             if fs.fail_first.get(path, 0) > 0:
                 fs.fail_first[path] -= 1
                 self.send_response(503)
@@ -373,7 +376,7 @@ def test_http_fetch_retries_with_backoff(files: FileServer, cache: ModuleCache) 
         fetch_module(files.url("/missing.wasm"), cache=cache, initial_backoff=0.01)
 
 
-def test_http_fetch_checks(files: FileServer, cache: ModuleCache) -> None:
+def test_http_fetch_checks(files: FileServer, cache: ModuleCache, caplog: pytest.LogCaptureFixture) -> None:
     files.files["/gz.wasm"] = gzip.compress(TINY)
     got = fetch_module(files.url("/gz.wasm"), sha256=hashlib.sha256(TINY).hexdigest(), cache=cache)
     assert got.path.read_bytes() == TINY  # unpacked as Istio does; sha256 is the module's
@@ -384,10 +387,13 @@ def test_http_fetch_checks(files: FileServer, cache: ModuleCache) -> None:
     with pytest.raises(FetchError, match="over the 8388608-byte limit"):
         fetch_module(files.url("/big.wasm"), cache=cache)
     files.files["/secret.wasm"] = b"nope"
-    with pytest.raises(FetchError) as e:
+    with caplog.at_level(logging.DEBUG), pytest.raises(FetchError) as e:
         fetch_module(files.url("/secret.wasm").replace("http://", "http://user:pa55word@") + "?sig=tok3n",
                      cache=cache)
     assert "pa55word" not in str(e.value) and "tok3n" not in str(e.value) and "/secret.wasm" in str(e.value)
+    assert files.auth["/secret.wasm"] == "Basic " + _b64("user:pa55word")  # sent as a header
+    logs = "\n".join(r.getMessage() for r in caplog.records)
+    assert "/secret.wasm" in logs and "pa55word" not in logs and _b64("user:pa55word") not in logs
     with pytest.raises(FetchError, match="unsupported URL scheme 'ftp'"):
         fetch_module("ftp://x/y.wasm", cache=cache)
     with pytest.raises(FetchError, match="sha256 must be 64 hex digits"):

@@ -295,7 +295,12 @@ def _http_get(url: str, shown: str, insecure: bool, timeout: float, max_retries:
     last = ""
     delay = initial_backoff
     attempts = max(1, max_retries)
-    with httpx.Client(timeout=timeout, follow_redirects=True, verify=not insecure) as client:
+    # userinfo goes into an auth header, never into a URL that httpx might log
+    u = urlsplit(url)
+    auth = (unquote(u.username), unquote(u.password or "")) if u.username else None
+    if auth:
+        url = u._replace(netloc=u.netloc.rpartition("@")[2]).geturl()
+    with httpx.Client(timeout=timeout, follow_redirects=True, verify=not insecure, auth=auth) as client:
         for attempt in range(1, attempts + 1):
             try:
                 with client.stream("GET", url) as r:
