@@ -194,7 +194,21 @@ def cpu_table(rows: list[Row]) -> list[str]:
         rel = (f"{r.wasmgate.cpu_us / r.envoy.cpu_us:.2f}"
                if isinstance(r.wasmgate, Median) and isinstance(r.envoy, Median) and r.envoy.cpu_us else "n/a")
         body.append([r.case.name, str(r.workers), wg, ev, rel])
-    return _table(header, body, "<>>>>")
+    lines = _table(header, body, "<>>>>")
+    for workers in sorted({r.workers for r in rows}):  # what the plugin adds, against no plugin
+        by = {r.case.name: r for r in rows if r.workers == workers}
+        if "no plugin" not in by:
+            continue
+        parts = []
+        for proxy in ("wasmgate", "envoy"):
+            base = getattr(by["no plugin"], proxy)
+            for case in ("allow", "403"):
+                m = getattr(by[case], proxy) if case in by else None
+                if isinstance(base, Median) and isinstance(m, Median):
+                    parts.append(f"{proxy} {case} {m.cpu_us - base.cpu_us:+.1f}us")
+        if parts:
+            lines.append(f"  plugin's CPU per request over no plugin, {workers} worker(s): " + ", ".join(parts))
+    return lines
 
 
 def rounds_lines(rows: list[Row]) -> list[str]:
@@ -253,7 +267,7 @@ def micro_lines(m: MicroResult | str) -> list[str]:
             lines.append(f"  {label}: guest split n/a ({cost.guest_error})")
             continue
         lines.append(f"  {label}: per request {g.outer_calls:.0f} guest calls, {g.host_calls:.0f} host calls, "
-                     f"{g.nested_calls:.0f} guest calls from host (alloc); instrumented, inclusive:")
+                     f"{g.nested_calls:.0f} from host to guest (allocation); time by callee, inclusive, instrumented:")
         lines.append("    " + ", ".join(f"{k} {v:.2f}" for k, v in g.breakdown_us.items() if v >= 0.05))
     if m.crossing:
         c = m.crossing
