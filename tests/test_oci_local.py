@@ -144,7 +144,7 @@ def test_credential_helper(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
                       'else echo "credentials not found in native keychain"; exit 1; fi\n')
     helper.chmod(0o755)
     monkeypatch.setenv("PATH", f"{helper.parent}:{os.environ['PATH']}")
-    kc = Keychain.from_dockerconfigjson({"credsStore": "testhelper"})
+    kc = Keychain.from_dockerconfigjson({"credsStore": "testhelper", "auths": {"127.0.0.1:5000": {}}})
     assert kc.resolve("127.0.0.1:5000") == Credentials("h", "hs")
     assert kc.resolve("other:1").anonymous
 

@@ -218,6 +218,8 @@ def test_anonymous_registry(open_registry: Registry, plugin: Path, tmp_path: Pat
     out = tmp_path / "p.wasm"
     assert wg("pull", ref, "-o", str(out), env=env).returncode == 0
     assert out.read_bytes() == plugin.read_bytes()
+    by_name = ref.replace("127.0.0.1:", "localhost:")  # plain HTTP for localhost too
+    assert wg("pull", by_name, "-o", str(tmp_path / "q.wasm"), env=env).returncode == 0
 
 
 def test_insecure_flag_allows_plain_http(open_registry: Registry, plugin: Path, tmp_path: Path) -> None:

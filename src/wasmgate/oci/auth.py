@@ -162,10 +162,12 @@ class Keychain:
     def resolve(self, registry: str) -> Credentials:
         """Credentials for ``registry`` (host[:port]); anonymous when none are configured."""
         key = normalize_registry(registry)
-        helper = self._helpers.get(key) or ("" if key in self._auths else self._store)
+        entry = self._auths.get(key, Credentials())
+        # with a credsStore, Docker leaves empty entries in auths: the store holds the secrets
+        helper = self._helpers.get(key) or (self._store if entry.anonymous else "")
         if helper:
             return _from_helper(helper, DOCKER_HUB_CONFIG_KEY if key == DOCKER_HUB else key)
-        return self._auths.get(key, Credentials())
+        return entry
 
 
 def _entry(v: Any, source: str, key: str) -> Credentials:

@@ -233,7 +233,7 @@ class RegistryClient:
         """An authenticated request to ``/v2/<repo>/<path>``; redoes auth once on a new challenge."""
         try:
             return self._request_once(method, ref, path, scope_actions, stream=stream, headers=headers, **kw)
-        except httpx.TransportError as e:
+        except httpx.HTTPError as e:
             raise RegistryError(f"registry {ref.registry}: {method} {ref.repository}: "
                                 f"{type(e).__name__}: {self._scrub(str(e))}") from None
 
