@@ -50,6 +50,22 @@ class Server:
     command: list[str]
     log_path: Path
     first_response_s: float = 0.0  # spawn -> first response served
+    admin_port: int = 0
+
+    def plugin_call_seconds(self) -> float | None:
+        """wasmgate's own count of seconds spent in plugin calls (admin /stats), if it has one."""
+        if not self.admin_port:
+            return None
+        try:
+            conn = http.client.HTTPConnection(HOST, self.admin_port, timeout=5)
+            conn.request("GET", "/stats")
+            text = conn.getresponse().read().decode(errors="replace")
+            conn.close()
+        except OSError:
+            return None
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("wasmgate_plugin_call_seconds_total")]
+        return sum(values) if values else None
 
     @property
     def url(self) -> str:
@@ -303,7 +319,7 @@ def start_wasmgate(procs: Processes, workdir: Path, upstream_port: int, *, plugi
     if cache_dir is not None:
         env["WASMGATE_CACHE_DIR"] = str(cache_dir)
     proc, log_path, t0 = _spawn(f"wasmgate-w{workers}-{'plugin' if plugin else 'none'}", command, workdir, env)
-    server = procs.add(Server("wasmgate", proc, port, command, log_path))
+    server = procs.add(Server("wasmgate", proc, port, command, log_path, admin_port=admin))
     try:
         _wait_first_response(server, t0, unsupported_exit=2)
     except StartError:

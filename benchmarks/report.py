@@ -49,6 +49,7 @@ class Row:
     notes: list[str] = field(default_factory=list)
     foreign_cores: float = 0.0  # CPUs busy with other processes during the measured rounds
     waited_s: float = 0.0  # time spent waiting for other processes to go idle before rounds
+    plugin_call_us: float | None = None  # wasmgate's own plugin call time per request (/stats)
 
     @property
     def ratio(self) -> float | None:
@@ -274,6 +275,16 @@ def micro_lines(m: MicroResult | str) -> list[str]:
         lines.append(f"  boundary crossings (no-op WAT module, instrumented): host->guest {c.outer_us:.2f}, "
                      f"guest->host {c.callback_us:.2f}, nested host->guest {c.nested_us:.2f}")
     return lines
+
+
+def in_proxy_lines(rows: list[Row]) -> list[str]:
+    """The plugin's time per request inside the running proxy, as wasmgate counts it."""
+    parts = [f"{r.case.name} {r.plugin_call_us:.1f}us ({r.workers} worker(s))" for r in rows
+             if r.plugin_call_us is not None]
+    if not parts:
+        return []
+    return ["  in wasmgate under load (wasmgate_plugin_call_seconds_total / requests, wall time in guest "
+            "calls incl. host functions): " + ", ".join(parts)]
 
 
 # ---- targets --------------------------------------------------------------------------------

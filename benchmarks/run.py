@@ -103,6 +103,7 @@ def run_case(case: Case, workers: int, wasmgate: Server | str, envoy: Server | s
         log(f"{case.name}, {workers} worker(s): warming up {name} ({args.warmup}s)")
         load.run_wrk(server.url, warm)
     rounds: dict[str, list[Round]] = {name: [] for name, _ in live}
+    plugin_s0 = {name: server.plugin_call_seconds() for name, server in live}
     ours = [nginx] + [s for _, s in live]
     foreign: list[float] = []
     for i in range(args.rounds):  # A/B/A/B: slow drifts of the machine hit both alike
@@ -116,6 +117,11 @@ def run_case(case: Case, workers: int, wasmgate: Server | str, envoy: Server | s
             rounds[name].append(r)
         foreign.append(other.close())
     row.foreign_cores = sum(foreign) / len(foreign) if foreign else 0.0
+    for name, server in live:
+        s0, s1 = plugin_s0[name], server.plugin_call_seconds()
+        requests = sum(r.result.requests for r in rounds[name])
+        if case.plugin and s0 is not None and s1 is not None and requests:
+            row.plugin_call_us = (s1 - s0) / requests * 1e6
     for name, rs in rounds.items():
         setattr(row, name, Median.of(rs))
     row.notes = list(dict.fromkeys(row.notes))
@@ -305,6 +311,7 @@ def render(args: argparse.Namespace, base: load.WrkResult, rows: list[Row], star
     lines += report.cpu_table(rows)
     lines += ["", "host overhead of the seed plugin (in-process microbenchmark, allow-header):"]
     lines += report.micro_lines(costs)
+    lines += report.in_proxy_lines(rows)
     lines += ["", "start-up (spawn -> first response served) and memory:"]
     lines += report.startup_table(startups)
     lines += ["", "issue 6 targets:", *report.target_lines(rows, costs)]
