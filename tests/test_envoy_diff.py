@@ -22,7 +22,7 @@ from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, ProxyThread, Upstream, star
 class Plugin:
     name: str
     wasm: Path
-    config: dict[str, str] | None = None
+    config: dict[str, object] | None = None
 
 
 @dataclass
@@ -41,7 +41,9 @@ PLUGIN_REQUEST_HEADERS = ("x-chain", "x-resumed", "x-replace", "allow", "x-auth"
 class Pair:
     """Envoy and wasmgate with the same plugin chain in front of one upstream."""
 
-    def __init__(self, plugins: list[Plugin], workdir: Path, clusters: dict[str, Upstream] | None = None):
+    def __init__(self, plugins: list[Plugin], workdir: Path, clusters: dict[str, Upstream] | None = None,
+                 response_headers: tuple[str, ...] = ()):
+        self.response_headers = PLUGIN_HEADERS + response_headers  # compared on every response
         self.upstream = start_upstream()
         clusters = clusters or {}
         # As Istio translates a WasmPlugin: root_id from pluginName, config as JSON text.
@@ -80,7 +82,8 @@ class Pair:
             up_headers = {h: ", ".join(seen[-1].header_all(h)) for h in PLUGIN_REQUEST_HEADERS
                           if seen[-1].header_all(h)}
             up_body = seen[-1].body
-        return Observed(r.status, data, {h: got[h] for h in PLUGIN_HEADERS if h in got}, up_headers, up_body)
+        return Observed(r.status, data, {h: got[h] for h in self.response_headers if h in got}, up_headers,
+                        up_body)
 
     def compare(self, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
                 body: bytes | None = None) -> Observed:
@@ -149,3 +152,28 @@ def test_http_callout_same_as_envoy(tmp_path: Path) -> None:
     finally:
         pair.stop()
         auth.server.shutdown()
+
+
+STABLE_PROPERTIES = ["request.path", "request.url_path", "request.query", "request.method",
+                     "request.scheme", "request.protocol", "request.useragent", "request.referer",
+                     "response.code", "plugin_name", "plugin_root_id", "connection.mtls",
+                     "source.address.missing", "no.such.attribute"]
+
+
+def test_properties_same_as_envoy(tmp_path: Path) -> None:
+    headers = (*(f"x-prop-{p}" for p in STABLE_PROPERTIES), *(f"x-prop-req-{p}" for p in STABLE_PROPERTIES),
+               "x-prop-filter-state")
+    pair = Pair([Plugin("props", PLUGIN_BUILD / "props.wasm", {"paths": STABLE_PROPERTIES})], tmp_path,
+                response_headers=headers)
+    try:
+        got = pair.compare(path="/a/b?x=1&y=2", headers={"user-agent": "diff/1", "referer": "http://r/"})
+        # read in on_response_headers: request headers are gone there, in Envoy too
+        assert got.headers["x-prop-request.path"] == "status:1"
+        assert got.headers["x-prop-request.protocol"] == b"HTTP/1.1".hex()
+        assert got.headers["x-prop-req-request.path"] == b"/a/b?x=1&y=2".hex()
+        assert got.headers["x-prop-req-request.url_path"] == b"/a/b".hex()
+        assert got.headers["x-prop-response.code"] == (200).to_bytes(8, "little").hex()
+        assert got.headers["x-prop-filter-state"] == b"set-by-plugin".hex()
+        pair.compare("POST", "/", {}, b"body")
+    finally:
+        pair.stop()

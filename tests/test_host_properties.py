@@ -30,7 +30,7 @@ def ctx(g: Guest) -> HttpContext:
     s.downstream_addr = ("10.1.2.3", 54321)
     s.local_addr = ("127.0.0.1", 8080)
     s.code_details = "upstream reset  before"
-    return g.http(s, open_maps=0)
+    return g.http(s)  # every header map reachable
 
 
 def _prop(g: Guest, *segments: bytes, trailing_nul: bool = False) -> tuple[int, bytes | None]:
@@ -131,3 +131,77 @@ def test_path_out_of_bounds(g: Guest, ctx: HttpContext, pp: int, ps: int) -> Non
 def test_return_pointer_out_of_bounds(g: Guest, ctx: HttpContext, rp: int, rs: int) -> None:
     pp, ps = g.put_str(b"plugin_name")
     assert g.call("proxy_get_property", pp, ps, rp, rs) == R.INVALID_MEMORY_ACCESS
+
+
+def _set(g: Guest, path: bytes, value: bytes) -> int:
+    pp, ps = g.put_str(path)
+    vp, vs = g.put_str(value)
+    return g.call("proxy_set_property", pp, ps, vp, vs)
+
+
+def test_filter_state_round_trip(g: Guest, ctx: HttpContext) -> None:
+    assert _prop(g, b"my_key") == (R.NOT_FOUND, None)
+    assert _set(g, b"my_key", b"\x00binary\xff") == R.OK
+    assert _prop(g, b"my_key") == (R.OK, b"\x00binary\xff")
+    assert _set(g, b"my_key", b"v2") == R.OK
+    assert _prop(g, b"my_key") == (R.OK, b"v2")
+    assert ctx.stream.filter_state == {b"my_key": b"v2"}
+
+
+def test_filter_state_is_per_stream(g: Guest, ctx: HttpContext) -> None:
+    assert _set(g, b"k", b"one") == R.OK
+    g.http(Stream())
+    assert _prop(g, b"k") == (R.NOT_FOUND, None)
+
+
+def test_set_property_needs_a_stream(g: Guest) -> None:
+    g.vm.effective = g.vm.root
+    assert _set(g, b"k", b"v") == R.NOT_FOUND
+
+
+def test_set_property_bad_pointers(g: Guest, ctx: HttpContext) -> None:
+    assert g.call("proxy_set_property", OOB, 4, 0, 0) == R.INVALID_MEMORY_ACCESS
+    pp, ps = g.put_str(b"k")
+    assert g.call("proxy_set_property", pp, ps, OOB, 4) == R.INVALID_MEMORY_ACCESS
+
+
+def test_request_timing_and_sizes(g: Guest, ctx: HttpContext) -> None:
+    ctx.stream.start_ns = 1_700_000_000_000_000_000
+    ctx.stream.request_bytes = 42
+    ctx.stream.response_bytes = 7
+    assert _prop(g, b"request", b"time") == (R.OK, _i64(1_700_000_000_000_000_000))
+    assert _prop(g, b"request", b"size") == (R.OK, _i64(42))
+    headers = sum(len(k) + len(v) for k, v in REQUEST)
+    assert _prop(g, b"request", b"total_size") == (R.OK, _i64(42 + headers))
+    assert _prop(g, b"response", b"size") == (R.OK, _i64(7))
+    status, value = _prop(g, b"request", b"duration")
+    assert status == R.OK and value is not None and struct.unpack("<q", value)[0] > 0
+
+
+def test_connection_and_upstream(g: Guest, ctx: HttpContext) -> None:
+    ctx.stream.connection_id = 9
+    ctx.stream.upstream_addr = ("127.0.0.1", 9000)
+    assert _prop(g, b"connection", b"id") == (R.OK, struct.pack("<Q", 9))
+    assert _prop(g, b"connection", b"mtls") == (R.OK, b"\x00")
+    assert _prop(g, b"upstream", b"address") == (R.OK, b"127.0.0.1:9000")
+    assert _prop(g, b"upstream", b"port") == (R.OK, _i64(9000))
+
+
+def test_node_attributes(g: Guest) -> None:
+    g.vm.node = {"id": "sidecar~10.0.0.1~pod.ns", "cluster": "gateway", "metadata": {"WORKLOAD_NAME": "web"}}
+    g.vm.effective = g.vm.root
+    assert _prop(g, b"node", b"id") == (R.OK, b"sidecar~10.0.0.1~pod.ns")
+    assert _prop(g, b"node", b"cluster") == (R.OK, b"gateway")
+    assert _prop(g, b"node", b"metadata", b"WORKLOAD_NAME") == (R.OK, b"web")
+    assert _prop(g, b"node", b"metadata", b"MISSING") == (R.NOT_FOUND, None)
+
+
+def test_header_attributes_follow_map_reachability(g: Guest, ctx: HttpContext) -> None:
+    """As Envoy: once the request headers have moved on, request.path is NotFound."""
+    ctx.open_maps = 0
+    assert _prop(g, b"request", b"path") == (R.NOT_FOUND, None)
+    assert _prop(g, b"request", b"headers") == (R.NOT_FOUND, None)
+    assert _prop(g, b"request", b"protocol") == (R.OK, b"HTTP/1.1")
+    assert _prop(g, b"response", b"code") == (R.OK, _i64(503))
+    ctx.logging = True  # on_log sees everything again
+    assert _prop(g, b"request", b"path") == (R.OK, b"/p/q?x=1&y")

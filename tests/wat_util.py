@@ -89,6 +89,7 @@ HOST_IMPORTS: tuple[Import, ...] = (
     (ENV, "proxy_clear_route_cache", "", "i"),
     (ENV, "proxy_get_configuration", "ii", "i"),
     (ENV, "proxy_get_property", "iiii", "i"),
+    (ENV, "proxy_set_property", "iiii", "i"),
     (ENV, "proxy_http_call", "iiiiiiiiii", "i"),
     (WASI, "fd_write", "iiii", "i"),
     (WASI, "fd_read", "iiii", "i"),

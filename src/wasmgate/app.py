@@ -7,6 +7,7 @@ import logging
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from wasmgate.admin.server import AdminState, serve_admin
 from wasmgate.plugin.manager import Chain, PluginHandle, PluginManager, chain_order, load_handle
@@ -39,6 +40,7 @@ class RunOptions:
     limits: Limits = field(default_factory=Limits)
     plugin_limits: PluginLimits = field(default_factory=PluginLimits)
     clusters: dict[str, str] = field(default_factory=dict)  # name -> http://host:port, for proxy_http_call
+    node: dict[str, Any] = field(default_factory=dict)  # id, cluster, metadata: the `node` properties
     watch: bool = True  # re-apply plugin files and modules when they change
     drain_seconds: float = 10.0
 
@@ -120,7 +122,7 @@ async def start(opts: RunOptions) -> Running:
         callouts = Callouts({name: Cluster(name, url) for name, url in opts.clusters.items()})
     except ValueError as e:
         raise StartupError(str(e)) from None
-    manager = PluginManager(chain, callouts)
+    manager = PluginManager(chain, callouts, opts.node)
     app = ProxyApp(manager, cluster, opts.limits)
     admin = AdminState(app)
     try:

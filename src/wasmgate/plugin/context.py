@@ -31,7 +31,8 @@ class Stream:
 
     __slots__ = ("request_headers", "request_trailers", "response_headers", "response_trailers",
                  "request_body", "response_body", "local_reply", "reset", "on_continue", "on_end",
-                 "downstream_addr", "local_addr", "code_details")
+                 "downstream_addr", "local_addr", "code_details", "start_ns", "request_bytes",
+                 "response_bytes", "upstream_addr", "connection_id", "filter_state", "protocol")
 
     def __init__(self) -> None:
         self.request_headers: HeaderMap | None = None
@@ -50,6 +51,13 @@ class Stream:
         self.downstream_addr: tuple[str, int] = ("", 0)  # the client
         self.local_addr: tuple[str, int] = ("", 0)  # our listener
         self.code_details = ""  # why a local reply was sent (Envoy's response code details)
+        self.start_ns = 0  # wall clock when the request started
+        self.request_bytes = 0  # request body bytes received
+        self.response_bytes = 0  # response body bytes received from upstream
+        self.upstream_addr: tuple[str, int] = ("", 0)
+        self.connection_id = 0
+        self.filter_state: dict[bytes, bytes] = {}  # proxy_set_property values, by path
+        self.protocol = b"HTTP/1.1"
 
     def header_map(self, map_type: int) -> HeaderMap | None:
         if map_type == MapType.REQUEST_HEADERS:

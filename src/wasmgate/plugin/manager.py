@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import wasmtime
 
@@ -272,13 +273,15 @@ def load_handle(spec: PluginSpec) -> PluginHandle:
 class PluginManager:
     """Owns the chain; applies new resource sets with compile and canary off the loop."""
 
-    def __init__(self, chain: Chain | None = None, callouts: Callouts | None = None):
+    def __init__(self, chain: Chain | None = None, callouts: Callouts | None = None,
+                 node: dict[str, Any] | None = None):
         self.chain = chain or Chain([])
         self.callouts = callouts
+        self.node = node or {}
         for h in self.chain.plugins:
             h._spawn = self._spawn
             if h.vm is not None:
-                h.vm.callouts = callouts
+                self._attach(h.vm)
         self._lock = asyncio.Lock()
         self.swaps = 0
         self.resource_errors: dict[str, str] = {}  # resource file -> why it is not applied
@@ -307,7 +310,7 @@ class PluginManager:
                         handles.append(old)  # unchanged
                         continue
                     vm = await loop.run_in_executor(None, start_vm, spec, module, PluginStats())
-                    vm.callouts = self.callouts
+                    self._attach(vm)
                 except PluginError as e:
                     errors[spec.name] = str(e)
                     _log.error("%s; %s", e, "the previous version keeps serving" if old else "not loaded")
@@ -329,6 +332,11 @@ class PluginManager:
                     h.replaced()
             return errors
 
+    def _attach(self, vm: PluginVM) -> None:
+        """What a VM reaches through host calls beyond its own plugin."""
+        vm.callouts = self.callouts
+        vm.node = self.node
+
     def _spawn(self, handle: PluginHandle) -> None:
         asyncio.get_running_loop().create_task(self._reload(handle))
 
@@ -349,7 +357,7 @@ class PluginManager:
         if handle._spawn is None:  # left the chain meanwhile
             _teardown(vm)
             return
-        vm.callouts = self.callouts
+        self._attach(vm)
         handle.reloads += 1
         handle._install(vm)
         _log.info("plugin %s: new VM running", handle.name)

@@ -69,6 +69,7 @@ class PluginVM:
         self.contexts: dict[int, Context] = {}
         self.effective: Context | None = None
         self.callouts: Callouts | None = None  # clusters for proxy_http_call, set by the manager
+        self.node: dict[str, Any] = {}  # the proxy's node (id, cluster, metadata) for properties
         self.pending_calls: dict[int, Any] = {}  # token -> callout in flight
         self.call_response: CallResponse | None = None  # readable during on_http_call_response
         self._call_token = 0

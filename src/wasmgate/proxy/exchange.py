@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -44,6 +45,10 @@ class Exchange:
         stream.request_headers = req = http.request_map(method, target, raw_headers)
         stream.downstream_addr = conn.peer
         stream.local_addr = conn.local
+        stream.start_ns = time.time_ns()
+        stream.connection_id = conn.id
+        if http10:
+            stream.protocol = b"HTTP/1.0"
         # What Envoy's connection manager adds before the filters run (with
         # use_remote_address, hence X-Forwarded-For).
         xff = req.get(b"x-forwarded-for")
@@ -88,6 +93,7 @@ class Exchange:
         request = self.request
         if request is None or self._finished:
             return
+        self.stream.request_bytes += len(data)
         self._guard(lambda: request.data(data, False), True)
         if (request.over_limit or request.buffered > self.conn.app.limits.max_buffered_body) \
                 and not self._finished:
@@ -226,6 +232,7 @@ class Exchange:
             self._upstream_error(error)
             return
         self.upstream = conn
+        self.stream.upstream_addr = conn.peer
         conn.start(self, self.method == b"HEAD")
         pending, self._pending_upstream = self._pending_upstream or [], None
         conn.write(b"".join(pending))
@@ -259,6 +266,7 @@ class Exchange:
         response = self.response
         if response is None or self._finished:
             return
+        self.stream.response_bytes += len(data)
         self._guard(lambda: response.data(data, False), False)
         if (response.over_limit or response.buffered > self.conn.app.limits.max_buffered_body) \
                 and not self._finished:

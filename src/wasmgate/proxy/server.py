@@ -8,6 +8,7 @@ arrives while another is in flight waits, with its body held, until its turn.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -88,8 +89,11 @@ class _Pending:
 
 
 class HttpConnection(asyncio.Protocol):
+    _ids = itertools.count(1)
+
     def __init__(self, app: ProxyApp):
         self.app = app
+        self.id = next(self._ids)  # Envoy's connection.id
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
         self.peer: tuple[str, int] = ("", 0)

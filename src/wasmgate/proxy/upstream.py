@@ -75,6 +75,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, cluster: Cluster):
         self.cluster = cluster
         self.transport: asyncio.Transport | None = None
+        self.peer: tuple[str, int] = ("", 0)
         self.handler: ResponseHandler | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
@@ -127,6 +128,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0], peer[1]) if peer else ("", 0)
 
     def data_received(self, data: bytes) -> None:
         if self.handler is None:

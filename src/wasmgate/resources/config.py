@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -64,6 +65,7 @@ class ProxyConfig(BaseModel):
     admin: str = "127.0.0.1:9901"
     upstream: str | None = None
     clusters: dict[str, str] = {}  # name -> http://host:port that plugins may call (proxy_http_call)
+    node: dict[str, Any] = {}  # id, cluster, metadata: what plugins read as node.* properties
     plugins: list[Path] = []
     workers: int = 1
     log_level: str = "info"
