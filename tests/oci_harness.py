@@ -7,10 +7,14 @@
 - ``open``: no auth.
 
 scripts/test-deps.sh installs docker-registry (and crane, for the interop tests).
+
+Any test module gets the same registries, started once per test run, with a session fixture
+like ``def reg(tmp_path_factory): return shared_registry("basic", tmp_path_factory.getbasetemp())``.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import datetime as dt
@@ -218,6 +222,18 @@ def run_registry(workdir: Path, kind: str) -> Iterator[Registry]:
         if token and token.server:
             token.server.shutdown()
             token.server.server_close()
+
+
+_SHARED: dict[str, Registry] = {}
+_STACK = contextlib.ExitStack()
+atexit.register(_STACK.close)
+
+
+def shared_registry(kind: str, base: Path) -> Registry:
+    """The registry of this kind ("basic", "token", "open"), started on first use, stopped at exit."""
+    if kind not in _SHARED:
+        _SHARED[kind] = _STACK.enter_context(run_registry(base / f"registry-{kind}", kind))
+    return _SHARED[kind]
 
 
 def _wait_ready(host: str, proc: subprocess.Popen[bytes]) -> bool:

@@ -12,13 +12,12 @@ import os
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from oci_harness import PASSWORD, REFRESH_TOKEN, USER, Registry, crane_path, run_registry
+from oci_harness import PASSWORD, REFRESH_TOKEN, USER, Registry, crane_path, shared_registry
 from wasmgate.oci.auth import Credentials, Keychain
 from wasmgate.oci.errors import AuthError, FetchError
 from wasmgate.oci.fetch import ModuleCache, fetch_module
@@ -43,22 +42,19 @@ WASMGATE = [sys.executable, "-m", "wasmgate"]
 FORMATS = ("image", "oci-image", "artifact")
 
 
-@pytest.fixture(scope="module")
-def basic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with run_registry(tmp_path_factory.mktemp("reg-basic"), "basic") as reg:
-        yield reg
+@pytest.fixture(scope="session")
+def basic(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    return shared_registry("basic", tmp_path_factory.getbasetemp())
 
 
-@pytest.fixture(scope="module")
-def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with run_registry(tmp_path_factory.mktemp("reg-token"), "token") as reg:
-        yield reg
+@pytest.fixture(scope="session")
+def token(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    return shared_registry("token", tmp_path_factory.getbasetemp())
 
 
-@pytest.fixture(scope="module")
-def open_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    with run_registry(tmp_path_factory.mktemp("reg-open"), "open") as reg:
-        yield reg
+@pytest.fixture(scope="session")
+def open_registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    return shared_registry("open", tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
