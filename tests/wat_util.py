@@ -91,6 +91,7 @@ HOST_IMPORTS: tuple[Import, ...] = (
     (ENV, "proxy_get_property", "iiii", "i"),
     (ENV, "proxy_set_property", "iiii", "i"),
     (ENV, "proxy_http_call", "iiiiiiiiii", "i"),
+    (ENV, "proxy_call_foreign_function", "iiiiii", "i"),
     (WASI, "fd_write", "iiii", "i"),
     (WASI, "fd_read", "iiii", "i"),
     (WASI, "fd_fdstat_get", "ii", "i"),

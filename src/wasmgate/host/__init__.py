@@ -3,7 +3,9 @@
 Importing this package registers every function in ``registry.REGISTRY``.
 """
 
-from wasmgate.host import buffers, general, headers, http_call, properties, stream, wasi  # noqa: F401
+import wasmgate.host.metrics
+import wasmgate.host.shared  # noqa: F401
+from wasmgate.host import buffers, foreign, general, headers, http_call, properties, stream, wasi  # noqa: F401
 from wasmgate.host.registry import REGISTRY, bind
 
 __all__ = ["REGISTRY", "bind"]

@@ -21,6 +21,8 @@ def _buffer(vm: PluginVM, buffer_type: int) -> bytes | bytearray | None:
         return vm.spec.plugin_config if vm.configuring else None
     if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY:
         return vm.call_response.body if vm.call_response is not None else None
+    if buffer_type == BufferType.CALL_DATA:
+        return vm.call_data
     ctx = vm.effective
     stream = ctx.stream if ctx is not None else None
     return stream.body(buffer_type) if stream is not None else None

@@ -70,6 +70,8 @@ class PluginVM:
         self.effective: Context | None = None
         self.callouts: Callouts | None = None  # clusters for proxy_http_call, set by the manager
         self.node: dict[str, Any] = {}  # the proxy's node (id, cluster, metadata) for properties
+        self.declared_properties: set[bytes] = set()  # by the declare_property foreign function
+        self.call_data: bytes | None = None  # buffer type 8, during proxy_on_foreign_function
         self.pending_calls: dict[int, Any] = {}  # token -> callout in flight
         self.call_response: CallResponse | None = None  # readable during on_http_call_response
         self._call_token = 0
@@ -243,8 +245,13 @@ class PluginVM:
     def on_queue_ready(self, queue_id: int) -> bool:
         return self._root_callback(self._on_queue_ready, self.root, self.root.id, queue_id)
 
-    def on_foreign_function(self, function_id: int, size: int) -> bool:
-        return self._root_callback(self._on_foreign_function, self.root, self.root.id, function_id, size)
+    def on_foreign_function(self, function_id: int, data: bytes) -> bool:
+        """Host-initiated call into the plugin; ``data`` is readable as buffer type 8."""
+        self.call_data = data
+        try:
+            return self._root_callback(self._on_foreign_function, self.root, self.root.id, function_id, len(data))
+        finally:
+            self.call_data = None
 
     def on_grpc_receive_initial_metadata(self, ctx: Context | None, token: int, headers: int) -> bool:
         cid = (ctx or self.root).id

@@ -1,0 +1,121 @@
+"""proxy_call_foreign_function with Envoy's foreign functions, and proxy_on_foreign_function."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wasmgate.abi.constants import BufferType, WasmResult
+from wasmgate.plugin.context import HttpContext, Stream
+from wat_util import OOB, RP, RS, Guest
+
+R = WasmResult
+
+
+@pytest.fixture
+def g(tmp_path: Path) -> Iterator[Guest]:
+    guest = Guest.new(tmp_path)
+    yield guest
+    guest.vm.shutdown()
+
+
+@pytest.fixture
+def ctx(g: Guest) -> HttpContext:
+    return g.http(Stream())
+
+
+def ff(g: Guest, name: bytes, arg: bytes) -> tuple[int, bytes | None]:
+    np, ns = g.put_str(name)
+    ap, asz = g.put_str(arg) if arg else (0, 0)
+    g.poison(RP, RS)
+    status = g.call("proxy_call_foreign_function", np, ns, ap, asz, RP, RS)
+    return status, (g.out() if status == R.OK else None)
+
+
+def proto(*fields: tuple[int, bytes | int]) -> bytes:
+    out = b""
+    for num, value in fields:
+        if isinstance(value, int):
+            out += bytes([num << 3]) + bytes([value])
+        else:
+            out += bytes([num << 3 | 2, len(value)]) + value
+    return out
+
+
+def test_compress_round_trip(g: Guest) -> None:
+    data = b"hello hello hello hello " * 10
+    status, packed = ff(g, b"compress", data)
+    assert status == R.OK and packed is not None
+    assert zlib.decompress(packed) == data
+    assert ff(g, b"uncompress", packed) == (R.OK, data)
+
+
+def test_uncompress_garbage(g: Guest) -> None:
+    assert ff(g, b"uncompress", b"not zlib") == (R.SERIALIZATION_FAILURE, None)
+
+
+def test_unknown_function(g: Guest) -> None:
+    assert ff(g, b"no_such_function", b"") == (R.NOT_FOUND, None)
+
+
+def test_set_envoy_filter_state(g: Guest, ctx: HttpContext) -> None:
+    assert ff(g, b"set_envoy_filter_state", proto((1, b"my.state"), (2, b"value"), (3, 1))) == (R.OK, b"")
+    assert ctx.stream.filter_state[b"my.state"] == b"value"
+    assert ff(g, b"set_envoy_filter_state", b"\xff\xff") == (R.BAD_ARGUMENT, None)
+    g.vm.effective = g.vm.root
+    assert ff(g, b"set_envoy_filter_state", proto((1, b"x"), (2, b"y")))[0] == R.NOT_FOUND
+
+
+def test_declare_property_once(g: Guest) -> None:
+    arg = proto((1, b"my_prop"), (2, 1))
+    assert ff(g, b"declare_property", arg) == (R.OK, b"")
+    assert ff(g, b"declare_property", arg) == (R.BAD_ARGUMENT, None)
+    assert ff(g, b"declare_property", proto((2, 1))) == (R.BAD_ARGUMENT, None)
+
+
+def test_clear_route_cache(g: Guest) -> None:
+    assert ff(g, b"clear_route_cache", b"") == (R.OK, b"")
+
+
+def test_bad_pointers(g: Guest) -> None:
+    assert g.call("proxy_call_foreign_function", OOB, 8, 0, 0, RP, RS) == R.INVALID_MEMORY_ACCESS
+    np, ns = g.put_str(b"compress")
+    assert g.call("proxy_call_foreign_function", np, ns, OOB, 8, RP, RS) == R.INVALID_MEMORY_ACCESS
+    ap, asz = g.put_str(b"data")
+    assert g.call("proxy_call_foreign_function", np, ns, ap, asz, OOB, RS) == R.INVALID_MEMORY_ACCESS
+
+
+def test_call_data_buffer_only_during_on_foreign_function(g: Guest) -> None:
+    g.vm.effective = g.vm.root
+    g.poison(RP, RS)
+    assert g.call("proxy_get_buffer_bytes", BufferType.CALL_DATA, 0, 10, RP, RS) == R.NOT_FOUND
+    assert g.vm.on_foreign_function(7, b"payload") is False  # the test module has no such export
+    assert g.vm.call_data is None
+
+
+ON_FOREIGN = """
+(module
+  (import "env" "proxy_get_buffer_bytes" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 4096))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32)
+    (global.get $heap) (global.set $heap (i32.add (global.get $heap) (local.get 0))))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_foreign_function") (param $root i32) (param $id i32) (param $size i32)
+    (i32.store (i32.const 100) (local.get $id))
+    (i32.store (i32.const 104) (call $get (i32.const 8) (i32.const 0) (local.get $size) (i32.const 16)
+                                          (i32.const 20))))
+)
+"""
+
+
+def test_on_foreign_function_reads_call_data(tmp_path: Path) -> None:
+    g = Guest.new(tmp_path, ON_FOREIGN)
+    assert g.vm.on_foreign_function(7, b"payload") is True
+    assert g.u32(100) == 7
+    assert g.u32(104) == R.OK
+    assert g.mem(g.u32(16), g.u32(20)) == b"payload"
