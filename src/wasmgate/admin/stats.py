@@ -1,4 +1,9 @@
-"""Prometheus exposition of proxy and plugin figures, read at scrape time."""
+"""Prometheus exposition of proxy and plugin figures, read at scrape time.
+
+Metrics that plugins define (proxy_define_metric) follow wasmgate's own, named as
+Envoy names them (plugin/metrics.py): a plugin's counter ``my_requests`` is exported
+as ``my_requests``, with no prefix.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from wasmgate.plugin import metrics
 
 if TYPE_CHECKING:
     from wasmgate.plugin.manager import Chain
@@ -66,7 +73,10 @@ def _plugin_metrics(chain: Chain) -> Iterator[Metric]:
     yield from (calls, errors, seconds, failed, memory, up, reloads, recycles)
 
 
-def prometheus_text(app: ProxyApp) -> bytes:
+def prometheus_text(app: ProxyApp, plugin_metrics: metrics.Snapshot | None = None) -> bytes:
+    """The /stats body. ``plugin_metrics`` defaults to this process's; with several
+    worker processes, pass ``metrics.merge`` of every worker's snapshot."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(lambda: app))
-    return generate_latest(registry)
+    snap = plugin_metrics if plugin_metrics is not None else metrics.STORE.snapshot()
+    return generate_latest(registry) + metrics.prometheus_text(snap)

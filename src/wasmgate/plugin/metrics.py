@@ -84,7 +84,7 @@ def _bin_edge(value: int) -> int:
     mag = abs(value)
     if mag < 100:
         return value
-    unit = 10 ** (len(str(mag)) - 2)
+    unit: int = 10 ** (len(str(mag)) - 2)
     edge = mag - mag % unit
     return edge if value > 0 else -edge
 
