@@ -220,7 +220,9 @@ def test_anonymous_registry(open_registry: Registry, plugin: Path, tmp_path: Pat
 
 def test_insecure_flag_allows_plain_http(open_registry: Registry, plugin: Path, tmp_path: Path) -> None:
     with RegistryClient(Keychain.anonymous(), insecure=True) as client:
-        pulled = pull(client, parse_reference(open_registry.ref("anon/plugin:v1")))
+        ref = parse_reference(open_registry.ref("anon/insecure:v1"))
+        push(client, ref, plugin.read_bytes())
+        pulled = pull(client, ref)
     assert pulled.wasm == plugin.read_bytes()
     with pytest.raises(FetchError, match="not-there:1: cannot connect"):
         fetch_module("oci://not-there:1/a/b:v1", auth=Keychain.anonymous(), cache=ModuleCache(tmp_path), timeout=2)

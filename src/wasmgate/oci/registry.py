@@ -158,7 +158,7 @@ class RegistryClient:
             _log.debug("registry %s at %s, auth %s", registry, base, challenge[0] if challenge else "none")
             return h
         reason = f"{type(last).__name__}: {self._scrub(str(last))}" if last else "no scheme to try"
-        hint = "" if "http" in schemes else " (a plain-HTTP registry needs --insecure)"
+        hint = "" if self.insecure else " (--insecure allows plain HTTP and unverified TLS certificates)"
         raise RegistryError(f"registry {registry}: cannot connect ({reason}){hint}")
 
     def _send(self, method: str, url: str, registry: str, *, retry: bool = True, **kw: Any) -> httpx.Response:
