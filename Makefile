@@ -25,6 +25,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 test: lint
+	bash scripts/test-deps.sh
 	$(VENV)/bin/pytest -q
 
 clean:

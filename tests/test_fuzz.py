@@ -86,7 +86,7 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guest]:
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(index=st.integers(0, len(_imports) - 1), args=st.lists(_u32, min_size=8, max_size=8),
+@given(index=st.integers(0, len(_imports) - 1), args=st.lists(_u32, min_size=12, max_size=12),
        context=st.sampled_from(["root", "http", "logging"]))
 def test_host_functions_answer_any_arguments(guest: Guest, index: int, args: list[int], context: str,
                                              caplog: pytest.LogCaptureFixture) -> None:

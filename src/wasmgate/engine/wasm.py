@@ -48,6 +48,7 @@ _HOST_CB = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, c
 _NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 
 _WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+_U32 = struct.Struct("<I")
 _VAL_SIZE = ctypes.sizeof(ffi.wasmtime_val_raw_t)  # 16: one slot per argument/result
 _MAX_SLOTS = 16
 _WASM_PAGE = 65536
@@ -275,9 +276,14 @@ class Instance:
         self._mem_ref = ctypes.byref(self._memory)
         self._mem_base = 0
         self._mem_len = -1
+        self._view = memoryview(b"")
+        self._stale = True
         self._exports = exports
         buf = (ctypes.c_int64 * (2 * _MAX_SLOTS))()
         self._args64 = buf
+        self._nested = False
+        self._nested_args = (ctypes.c_int64 * (2 * _MAX_SLOTS))()
+        self._nested_trap = ctypes.c_void_p()
         self._args32 = ctypes.cast(buf, ctypes.POINTER(ctypes.c_int32))
         self._args_ref = ctypes.byref(buf)
         self._trap = ctypes.c_void_p()
@@ -307,6 +313,7 @@ class Instance:
         self._trap.value = None
         _set_deadline(self._ctx, self._deadline)
         err = _call_unchecked(self._ctx, fn.ref, self._args_ref, fn.slots, self._trap_ref)
+        self._stale = True
         if err or self._trap.value:
             raise self._trap_from(err, self._trap.value, fn.name)
         return self._args32[0] if fn.nresults else 0
@@ -316,15 +323,27 @@ class Instance:
         self._deadline = ctypes.c_uint64(deadline_ticks(seconds))
 
     def call_reentrant(self, fn: GuestFunc, *args: int) -> int:
-        """Like ``call`` but safe from inside a host function (own argument buffer)."""
-        buf = (ctypes.c_int64 * (2 * max(fn.nparams, fn.nresults, 1)))()
-        for i, a in enumerate(args):
-            buf[2 * i] = a
-        trap = ctypes.c_void_p()
-        err = _call_unchecked(self._ctx, fn.ref, ctypes.byref(buf), fn.slots, ctypes.byref(trap))
+        """Like ``call`` but from inside a host function: own buffers, and linear
+        memory may have grown afterwards."""
+        if self._nested:  # deeper nesting is rare: fresh buffers
+            return self._call_with(fn, args, (ctypes.c_int64 * (2 * _MAX_SLOTS))(), ctypes.c_void_p())
+        self._nested = True
+        try:
+            return self._call_with(fn, args, self._nested_args, self._nested_trap)
+        finally:
+            self._nested = False
+
+    def _call_with(self, fn: GuestFunc, args: tuple[int, ...], buf: Any, trap: ctypes.c_void_p) -> int:
+        for i in range(fn.nparams):
+            buf[2 * i] = args[i]
+        trap.value = None
+        try:
+            err = _call_unchecked(self._ctx, fn.ref, ctypes.byref(buf), fn.slots, ctypes.byref(trap))
+        finally:
+            self._stale = True
         if err or trap.value:
             raise self._trap_from(err, trap.value, fn.name)
-        return ctypes.c_int32.from_buffer(buf).value if fn.nresults else 0
+        return int(buf[0]) & 0xFFFFFFFF if fn.nresults else 0
 
     def _trap_from(self, err: int | None, trap: int | None, where: str) -> WasmTrap:
         host = self.host_error
@@ -340,11 +359,19 @@ class Instance:
 
     # ---- linear memory ---------------------------------------------------------------
 
-    def _refresh(self) -> None:
+    # Memory can grow (and in principle move) only while guest code runs, so the
+    # view is re-read lazily once per host callback and after a nested guest call.
+
+    def _refresh(self) -> memoryview:
+        self._stale = False
         size = _mem_size(self._ctx, self._mem_ref)
-        if size != self._mem_len:  # memory only moves when it grows
+        base = _mem_data(self._ctx, self._mem_ref) or 0
+        if size != self._mem_len or base != self._mem_base:
             self._mem_len = size
-            self._mem_base = _mem_data(self._ctx, self._mem_ref) or 0
+            self._mem_base = base
+            self._view = memoryview((ctypes.c_ubyte * size).from_address(base)).cast("B") if size else \
+                memoryview(b"")
+        return self._view
 
     def memory_size(self) -> int:
         self._refresh()
@@ -352,24 +379,30 @@ class Instance:
 
     def read(self, ptr: int, size: int) -> bytes | None:
         """Guest bytes, or None when [ptr, ptr+size) is outside linear memory."""
-        self._refresh()
+        view = self._refresh() if self._stale else self._view
         ptr &= 0xFFFFFFFF
         if size < 0:
             size &= 0xFFFFFFFF  # an i32 argument meant as u32
         if ptr + size > self._mem_len:  # also refuses sizes computed past 32 bits
             return None
-        return ctypes.string_at(self._mem_base + ptr, size) if size else b""
+        return view[ptr:ptr + size].tobytes()
 
     def write(self, ptr: int, data: bytes) -> bool:
-        self._refresh()
+        view = self._refresh() if self._stale else self._view
         ptr &= 0xFFFFFFFF
-        if ptr + len(data) > self._mem_len:
+        end = ptr + len(data)
+        if end > self._mem_len:
             return False
-        ctypes.memmove(self._mem_base + ptr, data, len(data))
+        view[ptr:end] = data
         return True
 
     def write_u32(self, ptr: int, value: int) -> bool:
-        return self.write(ptr, struct.pack("<I", value & 0xFFFFFFFF))
+        view = self._refresh() if self._stale else self._view
+        ptr &= 0xFFFFFFFF
+        if ptr + 4 > self._mem_len:
+            return False
+        _U32.pack_into(view, ptr, value & 0xFFFFFFFF)
+        return True
 
     def write_u64(self, ptr: int, value: int) -> bool:
         return self.write(ptr, struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF))
@@ -389,6 +422,7 @@ class Instance:
         i64_at = ctypes.c_int64.from_address
 
         def callback(_env: int, _caller: int, args: int, _n: int) -> int:
+            self._stale = True  # the guest ran since we last looked at memory
             try:
                 r = impl(*unpack(string_at(args, span))) if span else impl()
                 if has_result:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from wasmgate.abi.constants import LogLevel, WasmResult
 from wasmgate.host.registry import hostcall
-from wasmgate.log import wasm_level
+from wasmgate.log import PY_LEVEL, wasm_level, wasm_log
 from wasmgate.plugin.context import RootContext
 
 if TYPE_CHECKING:
@@ -21,14 +21,17 @@ MAX_LOG_LINE = 16 * 1024  # longer plugin log lines are cut, not written whole
 def proxy_log(vm: PluginVM, level: int, ptr: int, size: int) -> int:
     if not LogLevel.TRACE <= level <= LogLevel.CRITICAL:
         return R.BAD_ARGUMENT
+    if not wasm_log.isEnabledFor(PY_LEVEL[LogLevel(level)]):
+        # Below the wasm level: still check the pointers, skip the copy.
+        return R.OK if vm.instance.read(ptr, 0) is not None and (ptr & 0xFFFFFFFF) + (size & 0xFFFFFFFF) \
+            <= vm.instance.memory_size() else R.INVALID_MEMORY_ACCESS
     msg = vm.instance.read(ptr, size)
     if msg is None:
         return R.INVALID_MEMORY_ACCESS
-    if level >= wasm_level():
-        text = msg[:MAX_LOG_LINE].decode("utf-8", "replace")
-        if len(msg) > MAX_LOG_LINE:
-            text += f"... [{len(msg) - MAX_LOG_LINE} more bytes]"
-        vm.log(LogLevel(level), text)
+    text = msg[:MAX_LOG_LINE].decode("utf-8", "replace")
+    if len(msg) > MAX_LOG_LINE:
+        text += f"... [{len(msg) - MAX_LOG_LINE} more bytes]"
+    vm.log(LogLevel(level), text)
     return R.OK
 
 
