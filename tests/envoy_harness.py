@@ -116,8 +116,8 @@ def _wasm_filter(plugin: EnvoyPlugin) -> dict[str, Any]:
     }
 
 
-def _cluster(name: str, port: int) -> dict[str, Any]:
-    return {
+def _cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -126,15 +126,25 @@ def _cluster(name: str, port: int) -> dict[str, Any]:
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(port)}}]}],
         },
     }
+    if http2:  # gRPC upstreams (plugins' gRPC calls) need HTTP/2
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    return cluster
 
 
 def bootstrap_config(
     plugins: list[EnvoyPlugin], port: int, admin_port: int, upstream_port: int,
     clusters: dict[str, int] | None = None,
+    http2_clusters: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """The static bootstrap used by :class:`Envoy` (exposed for tests).
 
-    ``clusters`` adds named clusters (name -> port on 127.0.0.1) for plugins' HTTP calls.
+    ``clusters`` adds named clusters (name -> port on 127.0.0.1) for plugins' HTTP calls;
+    those named in ``http2_clusters`` speak HTTP/2 upstream (for plugins' gRPC calls).
     """
     http_filters = [_wasm_filter(p) for p in plugins]
     http_filters.append(
@@ -179,7 +189,7 @@ def bootstrap_config(
             ],
             "clusters": [
                 _cluster("upstream", upstream_port),
-                *(_cluster(n, p) for n, p in (clusters or {}).items()),
+                *(_cluster(n, p, n in http2_clusters) for n, p in (clusters or {}).items()),
             ],
         },
     }
@@ -203,8 +213,10 @@ class Envoy:
         envoy_log_level: str | None = None,
         start_timeout: float = 30.0,
         clusters: dict[str, int] | None = None,
+        http2_clusters: tuple[str, ...] = (),
     ) -> None:
         self.clusters = dict(clusters or {})
+        self.http2_clusters = tuple(http2_clusters)
         for level in (log_level, envoy_log_level):
             if level is not None and level not in _LOG_LEVELS:
                 raise ValueError(f"unknown envoy log level {level!r}")
@@ -277,7 +289,8 @@ class Envoy:
 
     def _launch(self) -> None:
         config = bootstrap_config(
-            self.plugins, self.port, self.admin_port, self.upstream_port, self.clusters
+            self.plugins, self.port, self.admin_port, self.upstream_port, self.clusters,
+            self.http2_clusters,
         )
         # JSON is valid YAML; avoids depending on a YAML library.
         self.config_path.write_text(json.dumps(config, indent=2))
