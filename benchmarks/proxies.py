@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import random
 import shutil
@@ -333,12 +334,10 @@ def start_wasmgate(procs: Processes, workdir: Path, upstream_port: int, *, plugi
 def envoy_plugin() -> EnvoyPlugin:
     """The allow-header plugin configured as Istio configures it from the same WasmPlugin."""
     (spec,) = load_plugin_specs([PLUGIN_YAML])
-    return EnvoyPlugin(spec.name, spec.module_path.resolve(), spec.plugin_config.decode(), root_id=spec.root_id)
+    return EnvoyPlugin(spec.name, PLUGIN_WASM.resolve(), spec.plugin_config.decode(), root_id=spec.root_id)
 
 
 def start_envoy(procs: Processes, workdir: Path, upstream_port: int, *, plugin: bool, workers: int) -> Server:
-    import json
-
     port, admin = free_port(), free_port()
     config = bootstrap_config([envoy_plugin()] if plugin else [], port, admin, upstream_port)
     name = f"envoy-c{workers}-{'plugin' if plugin else 'none'}"

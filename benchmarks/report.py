@@ -123,7 +123,10 @@ def machine_lines(nginx: str | None, wrk: str | None, envoy: str | None) -> list
         m = re.search(r"version: \S+/([\d.]+)/", _run([envoy, "--version"]))
         envoy_version = m.group(1) if m else "?"
     nginx_version = _run([nginx, "-v"]).rpartition("/")[2] if nginx else "not installed"
-    wrk_version = _run([wrk, "-v"]).split("\n")[0] if wrk else "not installed"
+    wrk_version = "wrk not installed"
+    if wrk:
+        m = re.search(r"wrk (?:\S+/)?([\d.]+)", _run([wrk, "-v"]))
+        wrk_version = f"wrk {m.group(1) if m else '?'}"
     return [
         f"machine:  {os.cpu_count()} CPUs (nproc {_run(['nproc'])}), {_cpu_model()}, {_mem_total()} RAM",
         f"system:   {_os_name()}, kernel {platform.release()}",
