@@ -105,7 +105,7 @@ def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
     ("url: file://x.wasm\n  failStrategy: MAYBE", "spec.failStrategy"),
     ("url: file://x.wasm\n  priorty: 3", "spec.priorty"),
     ("pluginName: x", "spec.url"),
-    ("url: oci://registry/x:1", "spec.url"),
+    ("url: ftp://registry/x.wasm", "spec.url"),
 ])
 def test_bad_field_names_file_and_field(tmp_path: Path, spec: str, field: str) -> None:
     bad = tmp_path / "bad.yaml"

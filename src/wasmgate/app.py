@@ -18,7 +18,7 @@ from wasmgate.proxy.demo import start_demo_upstream
 from wasmgate.proxy.server import Limits, ProxyApp, serve
 from wasmgate.proxy.upstream import Cluster
 from wasmgate.resources.config import parse_address
-from wasmgate.resources.wasmplugin import ConfigError, load_plugin_specs
+from wasmgate.resources.wasmplugin import ConfigError, Scope, load_plugin_specs
 from wasmgate.resources.watch import PluginWatcher
 
 _log = logging.getLogger("wasmgate")
@@ -41,13 +41,14 @@ class RunOptions:
     plugin_limits: PluginLimits = field(default_factory=PluginLimits)
     clusters: dict[str, str] = field(default_factory=dict)  # name -> http://host:port, for proxy_http_call
     node: dict[str, Any] = field(default_factory=dict)  # id, cluster, metadata: the `node` properties
+    labels: dict[str, str] = field(default_factory=dict)  # this proxy's labels, for WasmPlugin selectors
     watch: bool = True  # re-apply plugin files and modules when they change
     drain_seconds: float = 10.0
 
 
-def load_chain(paths: list[Path], defaults: PluginLimits | None = None) -> Chain:
+def load_chain(paths: list[Path], scope: Scope | None = None) -> Chain:
     try:
-        specs = chain_order(load_plugin_specs(paths, defaults))
+        specs = chain_order(load_plugin_specs(paths, scope))
     except ConfigError as e:
         raise StartupError(str(e)) from None
     plugins: list[PluginHandle] = []
@@ -110,7 +111,13 @@ class Running:
 
 async def start(opts: RunOptions) -> Running:
     plugin_paths = opts.plugins if opts.plugins is not None else default_plugins()
-    chain = load_chain(plugin_paths, opts.plugin_limits)
+    try:
+        lhost, lport = parse_address(opts.listen, "--listen")
+        ahost, aport = parse_address(opts.admin, "--admin")
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    scope = Scope(opts.plugin_limits, dict(opts.labels), lport)
+    chain = load_chain(plugin_paths, scope)
     servers: list[asyncio.Server] = []
     upstream = opts.upstream
     demo = None
@@ -126,8 +133,6 @@ async def start(opts: RunOptions) -> Running:
     app = ProxyApp(manager, cluster, opts.limits)
     admin = AdminState(app)
     try:
-        lhost, lport = parse_address(opts.listen, "--listen")
-        ahost, aport = parse_address(opts.admin, "--admin")
         proxy = await serve(app, lhost, lport)
         servers.append(proxy)
         servers.append(await serve_admin(admin, ahost, aport))
@@ -137,7 +142,7 @@ async def start(opts: RunOptions) -> Running:
         raise StartupError(f"cannot listen: {e}") from None
     if demo is not None:
         servers.append(demo)
-    watcher = PluginWatcher(plugin_paths, manager, opts.plugin_limits) if opts.watch else None
+    watcher = PluginWatcher(plugin_paths, manager, scope) if opts.watch else None
     if watcher is not None:
         watcher.start()
     running = Running(app, admin, servers, proxy, upstream, watcher)

@@ -28,10 +28,27 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--plugins", type=Path, nargs="+", metavar="FILE_OR_DIR",
                      help="WasmPlugin YAML files or directories (default: the allow-header example)")
     run.add_argument("--workers", type=int, default=None, help="worker processes (only 1 is supported yet)")
+    run.add_argument("--labels", action="append", default=[], metavar="K=V[,K=V]",
+                     help="this proxy's labels, matched by WasmPlugin spec.selector.matchLabels")
+    run.add_argument("--cluster", action="append", default=[], metavar="NAME=URL",
+                     help="an upstream cluster plugins may call with proxy_http_call (repeatable)")
+    run.add_argument("--no-watch", action="store_true", help="do not re-apply plugin files when they change")
     run.add_argument("--log-level", action="append", default=[], metavar="LEVEL|COMPONENT=LEVEL",
                      help="e.g. debug, or wasm=debug; repeatable")
     oci_commands.register(sub)
     return p
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    """``k=v,k2=v2`` (repeatable) as a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        for part in filter(None, item.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise StartupError(f"{flag}: expected KEY=VALUE, got {part!r}")
+            out[key.strip()] = value.strip()
+    return out
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -56,11 +73,20 @@ def _run(args: argparse.Namespace) -> int:
         opts.listen, opts.admin, opts.upstream = cfg.listen, cfg.admin, cfg.upstream
         opts.plugins = cfg.plugins if "plugins" in cfg.model_fields_set else None
         opts.limits = Limits(**cfg.limits.model_dump())
+        opts.plugin_limits = cfg.plugin_limits.to_limits()
+        opts.clusters = dict(cfg.clusters)
+        opts.node = dict(cfg.node)
+        opts.labels = dict(cfg.labels)
+        opts.watch = cfg.watch
     opts.listen = args.listen or opts.listen
     opts.admin = args.admin or opts.admin
     opts.upstream = args.upstream or opts.upstream
     if args.plugins is not None:
         opts.plugins = args.plugins
+    opts.labels.update(_pairs(args.labels, "--labels"))
+    opts.clusters.update(_pairs(args.cluster, "--cluster"))
+    if args.no_watch:
+        opts.watch = False
     try:
         import uvloop
         uvloop.run(run_forever(opts))

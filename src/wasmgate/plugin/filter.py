@@ -18,6 +18,7 @@ _log = logging.getLogger("wasmgate.wasm")
 # Envoy's reply when a Wasm filter fails a stream (failStream with fail_open=false).
 FAIL_STATUS = 503
 FAIL_DETAILS = "wasm_fail_stream"
+NO_MODULE_DETAILS = "wasm_module_unavailable"
 
 _REQ_HEADERS = 1 << MapType.REQUEST_HEADERS
 _REQ_TRAILERS = 1 << MapType.REQUEST_TRAILERS
@@ -65,7 +66,12 @@ class PluginFilter:
         if self.handle.spec.fail_strategy == FailStrategy.FAIL_OPEN:
             return Action.CONTINUE
         if self.stream.local_reply is None:
-            self.stream.local_reply = LocalReply(FAIL_STATUS, b"", [], FAIL_DETAILS)
+            if self.handle.module is None:
+                # No version at all (the module could not be fetched): Istio 1.25+ puts a
+                # deny-all RBAC filter in its place.
+                self.stream.local_reply = LocalReply(403, b"RBAC: access denied", [], NO_MODULE_DETAILS)
+            else:
+                self.stream.local_reply = LocalReply(FAIL_STATUS, b"", [], FAIL_DETAILS)
         _log.debug("plugin %s failed stream: %s", self.handle.name, why)
         return Action.PAUSE
 

@@ -23,6 +23,9 @@ from typing import Any
 import wasmtime
 
 from wasmgate.engine.wasm import WasmError, compile_module, new_engine
+from wasmgate.oci.auth import Keychain
+from wasmgate.oci.errors import OciError
+from wasmgate.oci.fetch import ModuleCache, fetch_module
 from wasmgate.plugin.context import Stream
 from wasmgate.plugin.filter import PluginFilter
 from wasmgate.plugin.spec import FailStrategy, PluginSpec
@@ -71,24 +74,52 @@ class Module:
     compiled: wasmtime.Module
 
 
-def compile_spec(spec: PluginSpec) -> Module:
-    """Read and compile a plugin's module (blocking; run it off the event loop)."""
-    where = spec.source or str(spec.module_path)
+class FetchFailed(PluginError):
+    """A remote module could not be fetched (the plugin may have no version at all)."""
+
+
+_module_cache: ModuleCache | None = None
+
+
+def module_cache() -> ModuleCache:
+    global _module_cache
+    if _module_cache is None:
+        _module_cache = ModuleCache()
+    return _module_cache
+
+
+def _read_module(spec: PluginSpec, where: str) -> tuple[Path, bytes]:
+    """The module's bytes: a local file, or fetched (oci://, http(s)://) into the cache."""
+    if spec.module_path is not None:
+        try:
+            return spec.module_path, spec.module_path.read_bytes()
+        except OSError as e:
+            raise PluginError(f"{where}: plugin {spec.name}: cannot read module {spec.module_path}: "
+                              f"{e.strerror or e}") from None
+    auth = Keychain.from_dockerconfigjson(spec.pull_secret, f"imagePullSecret of {spec.name}") \
+        if spec.pull_secret else None
     try:
-        wasm = spec.module_path.read_bytes()
-    except OSError as e:
-        raise PluginError(f"{where}: plugin {spec.name}: cannot read module {spec.module_path}: "
-                          f"{e.strerror or e}") from None
+        fetched = fetch_module(spec.url, sha256=spec.sha256, pull_policy=spec.pull_policy, auth=auth,
+                               cache=module_cache())
+        return fetched.path, fetched.path.read_bytes()
+    except (OciError, OSError) as e:
+        raise FetchFailed(f"{where}: plugin {spec.name}: {e}") from None
+
+
+def compile_spec(spec: PluginSpec) -> Module:
+    """Fetch if remote, read and compile a plugin's module (blocking: run it off the loop)."""
+    where = spec.source or spec.url or str(spec.module_path)
+    path, wasm = _read_module(spec, where)
     sha = hashlib.sha256(wasm).hexdigest()
     try:
-        return Module(spec.module_path, sha, compile_module(engine(), wasm, str(spec.module_path), cache_dir(), sha))
+        return Module(path, sha, compile_module(engine(), wasm, str(path), cache_dir(), sha))
     except WasmError as e:
         raise PluginError(f"{where}: plugin {spec.name}: {e}") from None
 
 
 def start_vm(spec: PluginSpec, module: Module, stats: PluginStats) -> PluginVM:
     """Instantiate and start (vm_start, configure): the canary check before a swap."""
-    where = spec.source or str(spec.module_path)
+    where = spec.source or spec.url or str(spec.module_path)
     try:
         vm = PluginVM(spec, engine(), module.compiled, stats)
     except WasmError as e:
@@ -149,6 +180,8 @@ class PluginHandle:
 
     @property
     def state(self) -> str:
+        if self.module is None:
+            return "unavailable"  # never fetched or compiled: no version at all
         if self.crash_looping:
             return "crash-looping"
         if self.reloading:
@@ -230,7 +263,9 @@ class PluginHandle:
             "root_id": self.spec.root_id,
             "vm_id": self.spec.vm_id,
             "source": self.spec.source,
-            "url": str(self.spec.module_path),
+            "url": self.spec.url or str(self.spec.module_path),
+            "module": str(self.module.path) if self.module else None,
+            "target_refs": list(self.spec.target_refs),
             "sha256": self.sha256,
             "abi_version": vm.abi.label if vm else None,
             "state": self.state,
@@ -263,8 +298,14 @@ class Chain:
 
 
 def load_handle(spec: PluginSpec) -> PluginHandle:
-    """Compile and start one plugin now (startup). Raises PluginError naming it."""
-    module = compile_spec(spec)
+    """Compile and start one plugin now (startup). Raises PluginError naming it,
+    except when a remote module cannot be fetched: that gives a handle with no version,
+    which serves its fail strategy until a later reload fetches it (as Istio does)."""
+    try:
+        module = compile_spec(spec)
+    except FetchFailed as e:
+        _log.error("%s; serving its fail strategy until it can be fetched", e)
+        return PluginHandle(spec, None, None, error=str(e))
     vm = start_vm(spec, module, PluginStats())
     _log.info("plugin %s loaded: abi %s, sha256 %s", spec.name, vm.abi.label, module.sha256[:12])
     return PluginHandle(spec, module, vm)
@@ -313,10 +354,13 @@ class PluginManager:
                     self._attach(vm)
                 except PluginError as e:
                     errors[spec.name] = str(e)
-                    _log.error("%s; %s", e, "the previous version keeps serving" if old else "not loaded")
-                    if old is not None:
+                    _log.error("%s; %s", e, "the previous version keeps serving" if old and old.module else
+                               "not loaded")
+                    if old is not None and (old.module is not None or old.spec == spec):
                         old.error = str(e)
                         handles.append(old)
+                    elif isinstance(e, FetchFailed):  # no version at all: its fail strategy answers
+                        handles.append(PluginHandle(spec, None, None, error=str(e)))
                     continue
                 h = PluginHandle(spec, module, vm)
                 h._spawn = self._spawn

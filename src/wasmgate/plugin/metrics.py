@@ -17,6 +17,7 @@ figures of several worker processes can be summed (``merge``) before rendering
 from __future__ import annotations
 
 import re
+import threading
 from enum import IntEnum
 from typing import TypedDict, TypeVar
 
@@ -108,30 +109,34 @@ class Snapshot(TypedDict):
 
 
 class MetricStore:
-    """The process's plugin metrics, shared by every VM."""
+    """The process's plugin metrics, shared by every VM.
+
+    ``lock`` guards definitions and updates (Envoy's stats are atomics): VMs start, and
+    may define and update metrics, in executor threads while the event loop serves.
+    """
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self._metrics: dict[tuple[MetricType, bytes], Metric] = {}
 
     def define(self, mtype: MetricType, name: bytes) -> Metric:
         key = (mtype, stat_name(name))
-        metric = self._metrics.get(key)
-        if metric is None:
-            metric = self._metrics[key] = Metric(mtype, key[1])
-        return metric
+        with self.lock:
+            metric = self._metrics.get(key)
+            if metric is None:
+                metric = self._metrics[key] = Metric(mtype, key[1])
+            return metric
 
     def snapshot(self) -> Snapshot:
         snap: Snapshot = {"counters": {}, "gauges": {}, "histograms": {}}
-        for m in self._metrics.values():
-            if m.histogram is not None:
-                h = m.histogram
-                snap["histograms"][m.name] = [h.count, h.sum, *h.buckets]
-            else:
-                snap["counters" if m.type == MetricType.COUNTER else "gauges"][m.name] = m.value
+        with self.lock:
+            for m in self._metrics.values():
+                if m.histogram is not None:
+                    h = m.histogram
+                    snap["histograms"][m.name] = [h.count, h.sum, *h.buckets]
+                else:
+                    snap["counters" if m.type == MetricType.COUNTER else "gauges"][m.name] = m.value
         return snap
-
-    def clear(self) -> None:
-        self._metrics.clear()
 
 
 STORE = MetricStore()
@@ -165,7 +170,8 @@ class VmMetrics:
             return R.NOT_FOUND
         if kind == MetricType.COUNTER and offset <= 0:
             return R.BAD_ARGUMENT  # counters only go up; Envoy refuses 0 too
-        metric.value = (metric.value + offset) & U64  # a gauge wraps below 0, as Envoy's u64
+        with self._store.lock:
+            metric.value = (metric.value + offset) & U64  # a gauge wraps below 0, as Envoy's u64
         return R.OK
 
     def record(self, mid: int, value: int) -> WasmResult:
@@ -173,12 +179,13 @@ class VmMetrics:
         if metric is None:
             return R.NOT_FOUND
         value &= U64
-        if metric.histogram is not None:
-            metric.histogram.record(value)
-        elif metric.type == MetricType.COUNTER:
-            metric.value = (metric.value + value) & U64  # recording a counter adds
-        else:
-            metric.value = value
+        with self._store.lock:
+            if metric.histogram is not None:
+                metric.histogram.record(value)
+            elif metric.type == MetricType.COUNTER:
+                metric.value = (metric.value + value) & U64  # recording a counter adds
+            else:
+                metric.value = value
         return R.OK
 
     def get(self, mid: int) -> tuple[WasmResult, int]:

@@ -16,14 +16,16 @@ src/shared_queue.cc):
   enqueue tells the owner, whose root context then gets proxy_on_queue_ready.
 
 Owners are opaque ints to the store. ``QueueListeners`` maps them to VMs in this
-process and delivers proxy_on_queue_ready on the event loop, after the call that
-enqueued has returned, as Envoy posts it to the owning thread's dispatcher.
+process and delivers proxy_on_queue_ready on the owner's event loop, after the call
+that enqueued has returned, as Envoy posts it to the owning thread's dispatcher. A
+cross-process store would route an owner to its worker and notify there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import weakref
 from abc import ABC, abstractmethod
 from collections import deque
@@ -76,9 +78,14 @@ class _Queue:
 
 
 class LocalStore(SharedStore):
-    """The store of one process, with proxy-wasm-cpp-host's semantics."""
+    """The store of one process, with proxy-wasm-cpp-host's semantics.
+
+    A lock makes each operation atomic, as cpp-host's mutex does: VMs start (and may call
+    these) in executor threads while the event loop serves requests.
+    """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._data: dict[tuple[bytes, bytes], tuple[bytes, int]] = {}
         self._cas = 1
         self._tokens: dict[tuple[bytes, bytes], int] = {}
@@ -91,66 +98,79 @@ class LocalStore(SharedStore):
         return cas
 
     def get(self, vm_id: bytes, key: bytes) -> tuple[bytes, int] | None:
-        return self._data.get((vm_id, key))
+        with self._lock:
+            return self._data.get((vm_id, key))
 
     def set(self, vm_id: bytes, key: bytes, value: bytes, cas: int) -> WasmResult:
-        entry = self._data.get((vm_id, key))
-        if entry is not None and cas != 0 and cas != entry[1]:
-            return R.CAS_MISMATCH
-        self._data[(vm_id, key)] = (value, self._next_cas())
-        return R.OK
+        with self._lock:
+            entry = self._data.get((vm_id, key))
+            if entry is not None and cas != 0 and cas != entry[1]:
+                return R.CAS_MISMATCH
+            self._data[(vm_id, key)] = (value, self._next_cas())
+            return R.OK
 
     def register_queue(self, vm_id: bytes, name: bytes, owner: int) -> int:
-        token = self._tokens.get((vm_id, name))
-        if token is None:
-            while True:  # tokens are never 0 and never reused while a queue holds them
-                token, self._next_token = self._next_token, (self._next_token + 1) & _U32
-                if token and token not in self._queues:
-                    break
-            self._tokens[(vm_id, name)] = token
-            self._queues[token] = _Queue(owner)
-        else:
-            self._queues[token].owner = owner
-        return token
+        with self._lock:
+            token = self._tokens.get((vm_id, name))
+            if token is None:
+                while True:  # tokens are never 0 and never reused while a queue holds them
+                    token, self._next_token = self._next_token, (self._next_token + 1) & _U32
+                    if token and token not in self._queues:
+                        break
+                self._tokens[(vm_id, name)] = token
+                self._queues[token] = _Queue(owner)
+            else:
+                self._queues[token].owner = owner
+            return token
 
     def resolve_queue(self, vm_id: bytes, name: bytes) -> int:
-        return self._tokens.get((vm_id, name), 0)
+        with self._lock:
+            return self._tokens.get((vm_id, name), 0)
 
     def enqueue(self, token: int, value: bytes) -> int | None:
-        q = self._queues.get(token)
-        if q is None:
-            return None
-        q.items.append(value)
-        return q.owner
+        with self._lock:
+            q = self._queues.get(token)
+            if q is None:
+                return None
+            q.items.append(value)
+            return q.owner
 
     def dequeue(self, token: int) -> tuple[WasmResult, bytes]:
-        q = self._queues.get(token)
-        if q is None:
-            return R.NOT_FOUND, b""
-        if not q.items:
-            return R.EMPTY, b""
-        return R.OK, q.items.popleft()
+        with self._lock:
+            q = self._queues.get(token)
+            if q is None:
+                return R.NOT_FOUND, b""
+            if not q.items:
+                return R.EMPTY, b""
+            return R.OK, q.items.popleft()
 
 
 class QueueListeners:
     """Queue owners of this process: an owner id per VM, and delivery of proxy_on_queue_ready.
 
-    A VM is held weakly: once it is gone (or failed, or shut down) its notifications are
-    dropped, as Envoy drops them when the owner's Wasm or context no longer exists.
+    Delivery runs on the event loop the owner serves on, after the call that enqueued has
+    returned. A VM takes deliveries once it is activated (``PluginVM.activate``, on that
+    loop): a VM still starting in an executor thread may enqueue (to itself too) from
+    on_vm_start or on_configure, and what it is told waits until it serves, so a VM is
+    never entered from two threads. VMs are held weakly; a VM that is gone, failed or
+    shut down is skipped, as Envoy skips an owner whose Wasm or context no longer exists.
     """
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()  # executor threads start VMs (and may enqueue) off the loop
         self._ids = itertools.count(1)
         self._owners: dict[int, weakref.ref[PluginVM]] = {}
         self._by_vm: weakref.WeakKeyDictionary[PluginVM, int] = weakref.WeakKeyDictionary()
-        self._pending: list[Callable[[], None]] = []
+        self._loops: weakref.WeakKeyDictionary[PluginVM, asyncio.AbstractEventLoop] = weakref.WeakKeyDictionary()
+        self._waiting: weakref.WeakKeyDictionary[PluginVM, list[int]] = weakref.WeakKeyDictionary()
 
     def owner_id(self, vm: PluginVM) -> int:
-        oid = self._by_vm.get(vm)
-        if oid is None:
-            oid = self._by_vm[vm] = next(self._ids)
-            self._owners[oid] = weakref.ref(vm, self._forget(oid))
-        return oid
+        with self._lock:
+            oid = self._by_vm.get(vm)
+            if oid is None:
+                oid = self._by_vm[vm] = next(self._ids)
+                self._owners[oid] = weakref.ref(vm, self._forget(oid))
+            return oid
 
     def _forget(self, oid: int) -> Callable[[weakref.ref[PluginVM]], None]:
         def forget(_ref: weakref.ref[PluginVM]) -> None:
@@ -158,28 +178,53 @@ class QueueListeners:
 
         return forget
 
+    def activate(self, vm: PluginVM) -> None:
+        """``vm`` serves on the running loop from now on: deliver what waited for it."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._loops[vm] = loop
+            waiting = self._waiting.pop(vm, [])
+        for token in waiting:
+            loop.call_soon(_deliver, weakref.ref(vm), token)
+
     def notify(self, owner: int, token: int) -> None:
-        """Deliver proxy_on_queue_ready(token) to the owner once the current call returns."""
-        ref = self._owners.get(owner)
-        if ref is None:
+        """Tell the owner's root context of a new item, once the current call returns."""
+        with self._lock:
+            ref = self._owners.get(owner)
+            vm = ref() if ref is not None else None
+            if ref is None or vm is None:
+                return
+            loop = self._loops.get(vm)
+            if loop is None:
+                self._waiting.setdefault(vm, []).append(token)
+                return
+        if loop.is_closed():
             return
-
-        def deliver() -> None:
-            vm = ref()
-            if vm is not None and vm.failed is None:
-                vm.on_queue_ready(token)
-
         try:
-            asyncio.get_running_loop().call_soon(deliver)
+            running = asyncio.get_running_loop()
         except RuntimeError:
-            self._pending.append(deliver)  # no event loop (a test driving VMs by hand)
+            running = None
+        if running is loop:
+            loop.call_soon(_deliver, ref, token)
+        else:
+            loop.call_soon_threadsafe(_deliver, ref, token)
 
     def run_pending(self) -> int:
-        """Deliver what was notified without a running event loop; returns how many."""
-        pending, self._pending = self._pending, []
-        for deliver in pending:
-            deliver()
-        return len(pending)
+        """Deliver, here and now, what waits for VMs never activated (tests driving VMs by
+        hand); returns how many."""
+        with self._lock:
+            waiting = [(weakref.ref(vm), tokens) for vm, tokens in self._waiting.items()]
+            self._waiting.clear()
+        for ref, tokens in waiting:
+            for token in tokens:
+                _deliver(ref, token)
+        return sum(len(tokens) for _, tokens in waiting)
+
+
+def _deliver(ref: weakref.ref[PluginVM], token: int) -> None:
+    vm = ref()
+    if vm is not None and vm.failed is None:
+        vm.on_queue_ready(token)
 
 
 STORE: SharedStore = LocalStore()

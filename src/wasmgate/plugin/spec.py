@@ -42,7 +42,7 @@ class Phase(StrEnum):
 @dataclass(frozen=True)
 class PluginSpec:
     name: str  # resource name, e.g. "allow-header"
-    module_path: Path
+    module_path: Path | None  # the local module; None until a remote url is fetched
     root_id: str = ""  # pluginName
     vm_id: str = ""
     plugin_config: bytes = b""
@@ -54,3 +54,12 @@ class PluginSpec:
     namespace: str = ""
     source: str = ""  # the file it was defined in, for error messages
     limits: PluginLimits = field(default_factory=PluginLimits)
+    url: str = ""  # as written in the resource (oci://, http(s)://, file://)
+    sha256: str = ""  # Istio's meaning: manifest digest for oci, module hash for http
+    pull_policy: str = ""  # imagePullPolicy
+    pull_secret: bytes = b""  # .dockerconfigjson of the imagePullSecret, if any
+    target_refs: tuple[str, ...] = ()  # reported only: a standalone proxy is its own target
+
+    @property
+    def remote(self) -> bool:
+        return self.module_path is None

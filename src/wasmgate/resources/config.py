@@ -66,6 +66,7 @@ class ProxyConfig(BaseModel):
     upstream: str | None = None
     clusters: dict[str, str] = {}  # name -> http://host:port that plugins may call (proxy_http_call)
     node: dict[str, Any] = {}  # id, cluster, metadata: what plugins read as node.* properties
+    labels: dict[str, str] = {}  # this proxy's labels, matched by WasmPlugin spec.selector
     plugins: list[Path] = []
     workers: int = 1
     log_level: str = "info"

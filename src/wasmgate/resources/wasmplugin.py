@@ -6,10 +6,13 @@ field, e.g. ``plugins.yaml: WasmPlugin allow-header: spec.phase: Input should be
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,19 +139,18 @@ def parse_wasmplugin(doc: dict[str, Any], path: Path) -> WasmPlugin:
     return wp
 
 
-def resolve_url(url: str, base: Path, where: str) -> Path:
-    """``file://`` URLs, relative ones against the YAML file's directory."""
+def resolve_url(url: str, base: Path, where: str) -> Path | None:
+    """A local path for ``file://`` URLs (relative ones against the YAML file's
+    directory); None for modules to fetch: ``oci://``, ``http(s)://``, or no scheme (OCI)."""
     if url.startswith("file://"):
-        raw = url[len("file://"):]
-    elif "://" in url:
-        scheme = url.split("://", 1)[0]
-        raise ConfigError(f"{where}: spec.url: scheme {scheme}:// is not supported yet "
-                          "(only file:// modules can be loaded)")
-    else:
-        raise ConfigError(f"{where}: spec.url: {url!r} has no scheme; pulling OCI images is not "
-                          "supported yet (use file://PATH)")
-    path = Path(raw)
-    return path if path.is_absolute() else (base / path)
+        path = Path(url[len("file://"):])
+        return path if path.is_absolute() else (base / path)
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "oci"
+    if scheme not in ("oci", "http", "https"):
+        raise ConfigError(f"{where}: spec.url: unsupported scheme {scheme}:// (use oci://, http(s):// or file://)")
+    if not url.split("://", 1)[-1].strip("/"):
+        raise ConfigError(f"{where}: spec.url: {url!r} names no module")
+    return None
 
 
 ANNOTATION_PREFIX = "wasmgate.io/"
@@ -187,7 +189,30 @@ def _limits(wp: WasmPlugin, defaults: PluginLimits, where: str) -> PluginLimits:
     return dataclasses.replace(defaults, **changes)
 
 
-def to_spec(wp: WasmPlugin, path: Path, defaults: PluginLimits | None = None) -> PluginSpec:
+@dataclass
+class Scope:
+    """What decides which resources apply here and how: Istio's selection, our defaults."""
+
+    defaults: PluginLimits = field(default_factory=PluginLimits)
+    labels: dict[str, str] = field(default_factory=dict)  # this proxy's labels, for spec.selector
+    port: int = 0  # the listener port, for spec.match[].ports (0: any)
+    secrets: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (namespace, name) -> dockerconfigjson
+
+
+def selected(wp: WasmPlugin, scope: Scope) -> bool:
+    """Istio's selection for a proxy with ``scope.labels`` serving inbound traffic on ``scope.port``."""
+    s = wp.spec
+    if s.selector and any(scope.labels.get(k) != v for k, v in s.selector.match_labels.items()):
+        return False
+    if s.match:
+        return any(m.mode in ("UNDEFINED", "SERVER", "CLIENT_AND_SERVER")
+                   and (not m.ports or not scope.port or any(p.number == scope.port for p in m.ports))
+                   for m in s.match)
+    return True
+
+
+def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpec:
+    scope = scope or Scope()
     where = f"{path}: WasmPlugin {wp.metadata.name}"
     s = wp.spec
     env: dict[str, str] = {}
@@ -195,6 +220,14 @@ def to_spec(wp: WasmPlugin, path: Path, defaults: PluginLimits | None = None) ->
         env[var.name] = var.value if var.value_from == "INLINE" else os.environ.get(var.name, "")
     # Istio hands pluginConfig to the plugin as JSON text.
     config = b"" if s.plugin_config is None else json.dumps(s.plugin_config, separators=(",", ":")).encode()
+    secret = b""
+    if s.image_pull_secret:
+        found = scope.secrets.get((wp.metadata.namespace, s.image_pull_secret))
+        if found is None:
+            raise ConfigError(f"{where}: spec.imagePullSecret: no kubernetes.io/dockerconfigjson Secret "
+                              f"{s.image_pull_secret!r} in namespace {wp.metadata.namespace!r}")
+        secret = found
+    refs = [*([s.target_ref] if s.target_ref else []), *s.target_refs]
     return PluginSpec(
         name=wp.metadata.name,
         namespace=wp.metadata.namespace,
@@ -206,7 +239,12 @@ def to_spec(wp: WasmPlugin, path: Path, defaults: PluginLimits | None = None) ->
         phase=s.phase,
         priority=s.priority,
         source=str(path),
-        limits=_limits(wp, defaults or PluginLimits(), where),
+        limits=_limits(wp, scope.defaults, where),
+        url=s.url,
+        sha256=s.sha256,
+        pull_policy="" if s.image_pull_policy == "UNSPECIFIED_POLICY" else s.image_pull_policy,
+        pull_secret=secret,
+        target_refs=tuple(f"{r.kind}/{r.namespace + '/' if r.namespace else ''}{r.name}" for r in refs),
     )
 
 
@@ -223,10 +261,40 @@ def resource_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def load_file(path: Path, defaults: PluginLimits) -> list[PluginSpec]:
-    """The WasmPlugins of one file; other kinds (Secrets ...) may share it and are skipped."""
-    return [to_spec(parse_wasmplugin(doc, path), path, defaults)
-            for doc in load_documents(path) if doc.get("kind") == "WasmPlugin"]
+def parse_secret(doc: dict[str, Any], path: Path) -> tuple[tuple[str, str], bytes] | None:
+    """A ``kubernetes.io/dockerconfigjson`` Secret as ((namespace, name), config JSON); other
+    Secret types are not ours to read."""
+    meta = doc.get("metadata")
+    if not isinstance(meta, dict):
+        meta = {}
+    name = str(meta.get("name", ""))
+    where = f"{path}: Secret {name or '?'}"
+    if doc.get("type") != "kubernetes.io/dockerconfigjson":
+        return None
+    if not name:
+        raise ConfigError(f"{where}: metadata.name: required")
+    key = (str(meta.get("namespace") or "default"), name)
+    string_data = doc.get("stringData") or {}
+    data = doc.get("data") or {}
+    if isinstance(string_data, dict) and ".dockerconfigjson" in string_data:
+        return key, str(string_data[".dockerconfigjson"]).encode()
+    if isinstance(data, dict) and ".dockerconfigjson" in data:
+        try:
+            return key, base64.b64decode(str(data[".dockerconfigjson"]), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{where}: data..dockerconfigjson: not valid base64") from None
+    raise ConfigError(f"{where}: data..dockerconfigjson: missing")
+
+
+def load_file(path: Path, scope: Scope, docs: list[dict[str, Any]] | None = None) -> list[PluginSpec]:
+    """The selected WasmPlugins of one file; other kinds may share it and are skipped."""
+    specs = []
+    for doc in load_documents(path) if docs is None else docs:
+        if doc.get("kind") == "WasmPlugin":
+            wp = parse_wasmplugin(doc, path)
+            if selected(wp, scope):
+                specs.append(to_spec(wp, path, scope))
+    return specs
 
 
 def _no_duplicates(specs: list[PluginSpec]) -> None:
@@ -239,28 +307,48 @@ def _no_duplicates(specs: list[PluginSpec]) -> None:
         seen[key] = spec.source
 
 
-def load_plugin_specs(paths: list[Path], defaults: PluginLimits | None = None) -> list[PluginSpec]:
-    """Every WasmPlugin in ``paths``; the first error raises (startup is all or nothing)."""
-    specs = [s for f in resource_files(paths) for s in load_file(f, defaults or PluginLimits())]
-    _no_duplicates(specs)
-    return specs
+def scan_plugin_specs(paths: list[Path], scope: Scope | None = None, *,
+                      strict: bool = False) -> tuple[list[PluginSpec], dict[str, str]]:
+    """Every selected WasmPlugin in ``paths``, with the Secrets beside them.
 
-
-def scan_plugin_specs(paths: list[Path], defaults: PluginLimits | None = None) -> tuple[list[PluginSpec],
-                                                                                      dict[str, str]]:
-    """Like load_plugin_specs, but a bad file is reported (by path) and skipped."""
-    specs: list[PluginSpec] = []
+    A file that fails is reported by path and skipped, or with ``strict`` raises
+    (startup is all or nothing).
+    """
+    scope = dataclasses.replace(scope or Scope(), secrets={})
     errors: dict[str, str] = {}
     try:
         files = resource_files(paths)
     except ConfigError as e:
+        if strict:
+            raise
         return [], {str(e).split(":", 1)[0]: str(e)}
-    for f in files:
+    parsed: dict[Path, list[dict[str, Any]]] = {}
+    for f in files:  # Secrets first: a WasmPlugin may name one from another file
         try:
-            got = load_file(f, defaults or PluginLimits())
+            parsed[f] = load_documents(f)
+            for doc in parsed[f]:
+                if doc.get("kind") == "Secret" and (secret := parse_secret(doc, f)) is not None:
+                    scope.secrets[secret[0]] = secret[1]
+        except ConfigError as e:
+            if strict:
+                raise
+            errors[str(f)] = str(e)
+    specs: list[PluginSpec] = []
+    for f, docs in parsed.items():
+        if str(f) in errors:
+            continue
+        try:
+            got = load_file(f, scope, docs)
             _no_duplicates(specs + got)
         except ConfigError as e:
+            if strict:
+                raise
             errors[str(f)] = str(e)
             continue
         specs += got
     return specs, errors
+
+
+def load_plugin_specs(paths: list[Path], scope: Scope | None = None) -> list[PluginSpec]:
+    """Every selected WasmPlugin in ``paths``; the first error raises."""
+    return scan_plugin_specs(paths, scope, strict=True)[0]

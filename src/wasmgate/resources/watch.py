@@ -14,19 +14,19 @@ from pathlib import Path
 import watchfiles
 
 from wasmgate.plugin.manager import PluginManager
-from wasmgate.plugin.spec import PluginLimits
-from wasmgate.resources.wasmplugin import scan_plugin_specs
+from wasmgate.resources.wasmplugin import Scope, scan_plugin_specs
 
 _log = logging.getLogger("wasmgate.config")
 
 
 class PluginWatcher:
-    def __init__(self, paths: list[Path], manager: PluginManager, defaults: PluginLimits):
+    def __init__(self, paths: list[Path], manager: PluginManager, scope: Scope):
         self.paths = [p.resolve() for p in paths]
         self.manager = manager
-        self.defaults = defaults
+        self.scope = scope
         self.errors: dict[str, str] = {}  # resource file -> why it was not applied
         self.applied = 0  # completed reloads, for tests and /plugins
+        self.retry_initial = 2.0  # seconds before fetching an unavailable module again
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -41,11 +41,11 @@ class PluginWatcher:
     def _roots(self) -> set[Path]:
         """Directories to watch: the resource dirs and the dirs of every module in use."""
         roots = {p if p.is_dir() else p.parent for p in self.paths}
-        roots |= {h.spec.module_path.resolve().parent for h in self.manager.chain.plugins}
+        roots |= {h.spec.module_path.resolve().parent for h in self.manager.chain.plugins if h.spec.module_path}
         return {r for r in roots if r.is_dir()}
 
     def _relevant(self, changed: set[Path]) -> bool:
-        modules = {h.spec.module_path.resolve() for h in self.manager.chain.plugins}
+        modules = {h.spec.module_path.resolve() for h in self.manager.chain.plugins if h.spec.module_path}
         for path in changed:
             if path in modules or path in self.paths:
                 return True
@@ -54,17 +54,32 @@ class PluginWatcher:
         return False
 
     async def _run(self) -> None:
+        retry = asyncio.get_running_loop().create_task(self._retry_unavailable())
+        try:
+            while not self._stop.is_set():
+                roots = self._roots()
+                async for changes in watchfiles.awatch(*roots, stop_event=self._stop, debounce=50, step=10,
+                                                       recursive=False):
+                    if self._relevant({Path(p).resolve() for _, p in changes}):
+                        await self.reload()
+                    if self._roots() != roots:
+                        break  # modules moved to other directories: watch those instead
+        finally:
+            retry.cancel()
+
+    async def _retry_unavailable(self) -> None:
+        """Plugins whose remote module could not be fetched are tried again, with backoff."""
+        delay = self.retry_initial
         while not self._stop.is_set():
-            roots = self._roots()
-            async for changes in watchfiles.awatch(*roots, stop_event=self._stop, debounce=50, step=10,
-                                                   recursive=False):
-                if self._relevant({Path(p).resolve() for _, p in changes}):
-                    await self.reload()
-                if self._roots() != roots:
-                    break  # modules moved to other directories: watch those instead
+            await asyncio.sleep(delay)
+            if any(h.module is None for h in self.manager.chain.plugins):
+                await self.reload()
+                delay = min(delay * 2, 60.0)
+            else:
+                delay = self.retry_initial
 
     async def reload(self) -> None:
-        specs, errors = scan_plugin_specs(self.paths, self.defaults)
+        specs, errors = scan_plugin_specs(self.paths, self.scope)
         for f, why in errors.items():
             if self.errors.get(f) != why:
                 _log.error("%s; its plugins keep their last good version", why)

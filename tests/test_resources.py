@@ -1,0 +1,102 @@
+"""WasmPlugin resources: Istio's selection, ordering, Secrets, and error reporting."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wasmgate.plugin.manager import chain_order
+from wasmgate.resources.wasmplugin import ConfigError, Scope, load_plugin_specs, scan_plugin_specs
+
+
+def plugin(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+            "metadata": {"name": name, "namespace": spec.pop("namespace", "default")},
+            "spec": {"url": "file:///x.wasm", **spec}}
+
+
+def write(path: Path, *docs: dict[str, Any]) -> Path:
+    path.write_text("\n---\n".join(json.dumps(d) for d in docs))
+    return path
+
+
+def names(specs: list[Any]) -> list[str]:
+    return [s.name for s in specs]
+
+
+def test_selector_match_labels(tmp_path: Path) -> None:
+    f = write(tmp_path / "p.yaml", plugin("any"), plugin("gw", selector={"matchLabels": {"app": "gateway"}}),
+              plugin("other", selector={"matchLabels": {"app": "web"}}))
+    assert names(load_plugin_specs([f], Scope(labels={"app": "gateway", "x": "y"}))) == ["any", "gw"]
+    assert names(load_plugin_specs([f], Scope())) == ["any"]
+
+
+def test_match_ports_and_mode(tmp_path: Path) -> None:
+    f = write(tmp_path / "p.yaml",
+              plugin("p8080", match=[{"ports": [{"number": 8080}]}]),
+              plugin("p9090", match=[{"ports": [{"number": 9090}]}]),
+              plugin("client", match=[{"mode": "CLIENT"}]),
+              plugin("server", match=[{"mode": "SERVER"}]))
+    assert names(load_plugin_specs([f], Scope(port=8080))) == ["p8080", "server"]
+
+
+def test_istio_ordering(tmp_path: Path) -> None:
+    f = write(tmp_path / "p.yaml",
+              plugin("z-unset-authn", phase="AUTHN"),
+              plugin("stats", phase="STATS", priority=100),
+              plugin("low-authn", phase="AUTHN", priority=-5),
+              plugin("high-authn", phase="AUTHN", priority=10),
+              plugin("authz", phase="AUTHZ"),
+              plugin("a-unspecified"),
+              plugin("a-unset-authn", phase="AUTHN"))
+    ordered = names(chain_order(load_plugin_specs([f])))
+    assert ordered == ["high-authn", "low-authn", "a-unset-authn", "z-unset-authn", "authz", "stats",
+                       "a-unspecified"]
+
+
+def test_image_pull_secret_from_another_file(tmp_path: Path) -> None:
+    config = json.dumps({"auths": {"r.example": {"auth": "dTpw"}}}).encode()
+    write(tmp_path / "a-secret.yaml", {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",
+                                       "metadata": {"name": "creds", "namespace": "team"},
+                                       "data": {".dockerconfigjson": base64.b64encode(config).decode()}})
+    write(tmp_path / "b-plugin.yaml", plugin("p", namespace="team", url="oci://r.example/p:v1",
+                                              imagePullSecret="creds"))
+    (spec,) = load_plugin_specs([tmp_path])
+    assert spec.pull_secret == config
+    assert spec.remote and spec.url == "oci://r.example/p:v1"
+
+
+def test_missing_secret_names_field(tmp_path: Path) -> None:
+    f = write(tmp_path / "p.yaml", plugin("p", url="oci://r/p:v1", imagePullSecret="nope"))
+    with pytest.raises(ConfigError, match=r"p\.yaml: WasmPlugin p: spec\.imagePullSecret: no .*'nope'"):
+        load_plugin_specs([f])
+
+
+def test_bad_file_is_skipped_others_keep_working(tmp_path: Path) -> None:
+    write(tmp_path / "good.yaml", plugin("good"))
+    (tmp_path / "bad.yaml").write_text("kind: WasmPlugin\nspec: {url: 5, phase: NOPE}\nmetadata: {name: b}\n"
+                                       "apiVersion: extensions.istio.io/v1alpha1\n")
+    specs, errors = scan_plugin_specs([tmp_path])
+    assert names(specs) == ["good"]
+    (where,) = errors
+    assert where.endswith("bad.yaml") and "spec.phase" in errors[where]
+
+
+@pytest.mark.parametrize(("url", "remote"), [("oci://r/p:v1", True), ("r.example/p:v1", True),
+                                              ("https://h/p.wasm", True), ("file://p.wasm", False)])
+def test_url_schemes(tmp_path: Path, url: str, remote: bool) -> None:
+    (spec,) = load_plugin_specs([write(tmp_path / "p.yaml", plugin("p", url=url))])
+    assert spec.remote is remote
+    if not remote:
+        assert spec.module_path == tmp_path / "p.wasm"
+
+
+def test_target_refs_reported(tmp_path: Path) -> None:
+    f = write(tmp_path / "p.yaml", plugin("p", targetRefs=[{"kind": "Gateway", "group": "gateway.networking.k8s.io",
+                                                            "name": "edge"}]))
+    (spec,) = load_plugin_specs([f])
+    assert spec.target_refs == ("Gateway/edge",)
