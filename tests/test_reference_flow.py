@@ -155,3 +155,23 @@ def test_unfetchable_module_follows_istio(upstream: Upstream, tmp_path: Path) ->
         assert "127.0.0.1:9" in plugins(proxy)[0]["last_error"]
     finally:
         proxy.stop()
+
+
+def test_modules_in_use_survive_cache_expiry(registry: Registry, upstream: Upstream, tmp_path: Path) -> None:
+    from wasmgate.plugin.manager import module_cache
+
+    wasm = tmp_path / "plugin.wasm"
+    wg("build", str(REPO / "examples" / "allow-header"), "-o", str(wasm))
+    push(registry, wasm, "pinned")
+    d = tmp_path / "plugins"
+    d.mkdir()
+    write_resources(d, registry, "pinned", {"header": "allow", "value": "true"})
+    proxy = ProxyThread([d], upstream.url)
+    try:
+        (info,) = plugins(proxy)
+        in_use = Path(info["module"])
+        assert module_cache().is_pinned(in_use)
+        removed = module_cache().purge(now=time.time() + 10 * 365 * 86400)  # everything has expired
+        assert in_use not in removed and in_use.exists()
+    finally:
+        proxy.stop()

@@ -102,6 +102,8 @@ class Running:
             await asyncio.sleep(0.02)
         for c in list(self.app.connections):
             c._close()
+        for h in self.app.chain.plugins:
+            h.replaced()  # root contexts get on_done/on_delete; fetched modules are unpinned
         for s in self.servers:
             s.close()
         self.app.cluster.close()

@@ -163,6 +163,8 @@ class PluginHandle:
         self.reloads = 0
         self.recycles = 0
         self._spawn: Callable[[PluginHandle], None] | None = None
+        if module is not None and spec.remote:
+            module_cache().pin(module.path)  # never expired from the cache while in use
         if vm is not None:
             self._install(vm)
 
@@ -250,6 +252,8 @@ class PluginHandle:
         """This handle left the chain: retire its VM once its streams are done."""
         cur, self.current = self.current, None
         self._spawn = None
+        if self.module is not None and self.spec.remote:
+            module_cache().unpin(self.module.path)
         if cur is not None:
             cur.retired = True
             if cur.active == 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import watchfiles
 
-from wasmgate.plugin.manager import PluginManager
+from wasmgate.plugin.manager import PluginManager, module_cache
 from wasmgate.resources.wasmplugin import Scope, scan_plugin_specs
 
 _log = logging.getLogger("wasmgate.config")
@@ -27,6 +27,7 @@ class PluginWatcher:
         self.errors: dict[str, str] = {}  # resource file -> why it was not applied
         self.applied = 0  # completed reloads, for tests and /plugins
         self.retry_initial = 2.0  # seconds before fetching an unavailable module again
+        self.purge_every = 3600.0  # seconds between module-cache expiry runs
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -54,7 +55,8 @@ class PluginWatcher:
         return False
 
     async def _run(self) -> None:
-        retry = asyncio.get_running_loop().create_task(self._retry_unavailable())
+        loop = asyncio.get_running_loop()
+        background = [loop.create_task(self._retry_unavailable()), loop.create_task(self._purge_cache())]
         try:
             while not self._stop.is_set():
                 roots = self._roots()
@@ -65,7 +67,16 @@ class PluginWatcher:
                     if self._roots() != roots:
                         break  # modules moved to other directories: watch those instead
         finally:
-            retry.cancel()
+            for task in background:
+                task.cancel()
+
+    async def _purge_cache(self) -> None:
+        """Expire fetched modules nobody uses (the ones in use are pinned)."""
+        while not self._stop.is_set():
+            await asyncio.sleep(self.purge_every)
+            removed = await asyncio.get_running_loop().run_in_executor(None, module_cache().purge)
+            if removed:
+                _log.info("module cache: removed %d expired module(s)", len(removed))
 
     async def _retry_unavailable(self) -> None:
         """Plugins whose remote module could not be fetched are tried again, with backoff."""
