@@ -11,7 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httptools
 
 from wasmgate import log
-from wasmgate.admin.stats import prometheus_text
+from wasmgate.admin import stats
 from wasmgate.proxy import http
 from wasmgate.proxy.server import ProxyApp
 
@@ -30,9 +30,27 @@ HELP = b"""wasmgate admin
 
 
 class AdminState:
-    def __init__(self, app: ProxyApp):
+    """What the admin API reports and changes. This process's own proxy; the supervisor
+    of several workers overrides these to gather from, and fan out to, its workers."""
+
+    def __init__(self, app: ProxyApp | None):
         self.app = app
         self.draining = False
+
+    def ready(self) -> bool:
+        return not self.draining
+
+    def stats(self) -> stats.Snapshot:
+        assert self.app is not None
+        return stats.snapshot(self.app)
+
+    def plugins(self) -> dict[str, object]:
+        assert self.app is not None
+        return {"plugins": [p.describe() for p in self.app.chain.plugins],
+                "resource_errors": self.app.plugins.resource_errors}
+
+    def set_levels(self, query: list[tuple[str, str]]) -> None:
+        set_levels(query)
 
 
 def handle(state: AdminState, method: bytes, target: bytes) -> Response:
@@ -41,17 +59,15 @@ def handle(state: AdminState, method: bytes, target: bytes) -> Response:
     query = parse_qsl(url.query, keep_blank_values=True)
     text = b"text/plain; charset=utf-8"
     if path == "/ready":
-        return (503, text, b"DRAINING\n") if state.draining else (200, text, b"LIVE\n")
+        return (200, text, b"LIVE\n") if state.ready() else (503, text, b"DRAINING\n")
     if path in ("/stats", "/stats/prometheus"):
-        return 200, b"text/plain; version=0.0.4; charset=utf-8", prometheus_text(state.app)
+        return 200, b"text/plain; version=0.0.4; charset=utf-8", stats.prometheus_text(state.stats())
     if path == "/plugins":
-        body = json.dumps({"plugins": [p.describe() for p in state.app.chain.plugins],
-                           "resource_errors": state.app.plugins.resource_errors}, indent=2).encode()
-        return 200, b"application/json", body + b"\n"
+        return 200, b"application/json", json.dumps(state.plugins(), indent=2).encode() + b"\n"
     if path == "/logging":
         if method == b"POST":
             try:
-                _set_levels(query)
+                state.set_levels(query)
             except ValueError as e:
                 return 400, text, f"{e}\n".encode()
         elif query:
@@ -63,7 +79,7 @@ def handle(state: AdminState, method: bytes, target: bytes) -> Response:
     return 404, text, b"unknown admin path; see /\n"
 
 
-def _set_levels(query: list[tuple[str, str]]) -> None:
+def set_levels(query: list[tuple[str, str]]) -> None:
     for key, value in query:
         if key == "level":
             for comp in log.COMPONENTS:
