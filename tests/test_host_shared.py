@@ -4,6 +4,7 @@ dequeue, proxy_on_queue_ready), with proxy-wasm-cpp-host's semantics as Envoy 1.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -274,6 +275,7 @@ def test_queue_ready_on_the_event_loop(g: Guest) -> None:
     _, t = register(g, b"q")
 
     async def run() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        g.vm.activate()  # serving on this loop
         assert enqueue(g, t, b"x") == R.OK
         assert enqueue(g, t, b"y") == R.OK
         before = queue_ready(g)
@@ -284,6 +286,40 @@ def test_queue_ready_on_the_event_loop(g: Guest) -> None:
     assert before == (0, 0, 0)
     assert after == (2, g.vm.root.id, t)  # once per enqueue, as Envoy posts one per enqueue
     assert shared.LISTENERS.run_pending() == 0
+
+
+def test_queue_ready_waits_for_a_starting_vm(g: Guest) -> None:
+    """A VM enqueueing while it starts (off the loop) hears of it once it serves."""
+    _, t = register(g, b"q")
+    assert enqueue(g, t, b"x") == R.OK  # as from on_configure, in an executor thread
+
+    async def run() -> tuple[int, int]:
+        await asyncio.sleep(0)
+        before = queue_ready(g)[0]
+        g.vm.activate()
+        await asyncio.sleep(0)
+        return before, queue_ready(g)[0]
+
+    assert asyncio.run(run()) == (0, 1)
+
+
+def test_queue_ready_from_another_thread(vms: Vms) -> None:
+    """An enqueue from an executor thread (a VM starting there) reaches the owner on its loop."""
+    owner, starting = vms("x"), vms("x")
+    _, t = register(owner, b"q")
+
+    async def run() -> tuple[int, int, int]:
+        owner.vm.activate()
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, enqueue, starting, t, b"x") == R.OK
+        for _ in range(100):
+            if queue_ready(owner)[0]:
+                break
+            await asyncio.sleep(0.01)
+        return queue_ready(owner)
+
+    assert asyncio.run(run()) == (1, owner.vm.root.id, t)
+    assert queue_ready(starting)[0] == 0
 
 
 def test_queue_ready_goes_to_the_registering_vm(vms: Vms) -> None:
@@ -325,3 +361,28 @@ def test_module_without_on_queue_ready(tmp_path: Path) -> None:
     assert enqueue(g, t, b"x") == R.OK
     assert shared.LISTENERS.run_pending() == 1
     assert g.vm.failed is None
+
+
+def test_cas_increments_from_many_threads_end_at_the_total() -> None:
+    """The store's operations are atomic: CAS increments retried on mismatch never lose one.
+
+    The key is set first: as in cpp-host, setting a missing key ignores the CAS, so two
+    first writers could both succeed (the ABI has no atomic create).
+    """
+    store = LocalStore()
+    assert store.set(b"", b"n", b"0", 0) == R.OK
+
+    def worker() -> None:
+        for _ in range(500):
+            while True:
+                entry = store.get(b"", b"n")
+                assert entry is not None
+                if store.set(b"", b"n", b"%d" % (int(entry[0]) + 1), entry[1]) == R.OK:
+                    break
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert store.get(b"", b"n") == (b"4000", 4001)

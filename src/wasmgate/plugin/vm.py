@@ -22,6 +22,7 @@ from wasmgate import host
 from wasmgate.abi.constants import ABI_MARKERS, AbiVersion, LogLevel, WasmResult
 from wasmgate.engine.wasm import GuestFunc, HostFunc, Instance, WasmError, WasmTrap, exports_of
 from wasmgate.log import PY_LEVEL, wasm_log
+from wasmgate.plugin import shared
 from wasmgate.plugin.context import Context, HttpContext, RootContext, Stream
 from wasmgate.plugin.spec import PluginSpec
 
@@ -152,8 +153,9 @@ class PluginVM:
         self.instance.set_deadline(self.spec.limits.callback_deadline)
 
     def activate(self) -> None:
-        """Start serving on the running event loop (arms the tick timer)."""
+        """Start serving on the running event loop (arms the tick timer, takes queue notifications)."""
         self._schedule_tick()
+        shared.LISTENERS.activate(self)
 
     def shutdown(self) -> None:
         """Retire the VM: stop its timer, then on_done/on_delete of the root context."""
