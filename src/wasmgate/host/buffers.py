@@ -23,6 +23,10 @@ def _buffer(vm: PluginVM, buffer_type: int) -> bytes | bytearray | None:
         return vm.call_response.body if vm.call_response is not None else None
     if buffer_type == BufferType.CALL_DATA:
         return vm.call_data
+    if buffer_type == BufferType.GRPC_RECEIVE_BUFFER:
+        # The message in proxy_on_grpc_receive; elsewhere Envoy offers an empty buffer.
+        receive = vm.grpc_receive
+        return receive.message if receive is not None and receive.message is not None else b""
     ctx = vm.effective
     stream = ctx.stream if ctx is not None else None
     return stream.body(buffer_type) if stream is not None else None

@@ -47,10 +47,11 @@ def proxy_get_current_time_nanoseconds(vm: PluginVM, ptr: int) -> int:
 
 @hostcall("iii")
 def proxy_get_status(vm: PluginVM, code_ptr: int, msg_ptr_ptr: int, msg_size_ptr: int) -> int:
-    # Status of the last gRPC callout; with none made it is OK with no message.
-    if not vm.instance.write_u32(code_ptr, 0):
+    # Envoy's root-context status: the code of the last gRPC close (0 before any), its
+    # message only during proxy_on_grpc_close.
+    if not vm.instance.write_u32(code_ptr, vm.status_code):
         return R.INVALID_MEMORY_ACCESS
-    return vm.copy_out(b"", msg_ptr_ptr, msg_size_ptr)
+    return vm.copy_out(vm.status_message, msg_ptr_ptr, msg_size_ptr)
 
 
 @hostcall("i")

@@ -17,10 +17,16 @@ R = WasmResult
 
 
 _MAX_MAP_TYPE = 7
+_GRPC_MAPS = (MapType.GRPC_RECEIVE_INITIAL_METADATA, MapType.GRPC_RECEIVE_TRAILING_METADATA)
 
 
 def _map(vm: PluginVM, map_type: int) -> HeaderMap | None:
     """The map if this context may touch it now (see HttpContext.header_map)."""
+    if map_type in (MapType.GRPC_RECEIVE_INITIAL_METADATA, MapType.GRPC_RECEIVE_TRAILING_METADATA):
+        receive = vm.grpc_receive  # only during the matching proxy_on_grpc_receive_*_metadata
+        if receive is None:
+            return None
+        return receive.initial if map_type == MapType.GRPC_RECEIVE_INITIAL_METADATA else receive.trailing
     if map_type in (MapType.HTTP_CALL_RESPONSE_HEADERS, MapType.HTTP_CALL_RESPONSE_TRAILERS):
         resp = vm.call_response
         if resp is None:
@@ -36,6 +42,8 @@ def _writable(vm: PluginVM, map_type: int) -> HeaderMap | None:
     ctx = vm.effective
     if isinstance(ctx, HttpContext) and ctx.logging:
         return None  # maps are read-only in on_log
+    if map_type in _GRPC_MAPS:
+        return None  # Envoy: gRPC metadata is read-only
     return _map(vm, map_type)
 
 
@@ -93,8 +101,8 @@ def proxy_set_header_map_pairs(vm: PluginVM, map_type: int, ptr: int, size: int)
 
 @hostcall("ii")
 def proxy_get_header_map_size(vm: PluginVM, map_type: int, rs: int) -> int:
-    if not 0 <= map_type <= _MAX_MAP_TYPE:
-        return R.BAD_ARGUMENT
+    if not 0 <= map_type <= _MAX_MAP_TYPE or map_type in _GRPC_MAPS:
+        return R.BAD_ARGUMENT  # Envoy sizes only maps a plugin could write
     hmap = _map(vm, map_type)
     if hmap is None:
         return _missing(vm)

@@ -28,6 +28,7 @@ from wasmgate.plugin.spec import PluginSpec
 
 if TYPE_CHECKING:
     from wasmgate.proxy.callout import Callouts, CallResponse
+    from wasmgate.proxy.grpc_callout import GrpcReceive
 
 _log = logging.getLogger("wasmgate.wasm")
 
@@ -75,7 +76,16 @@ class PluginVM:
         self.call_data: bytes | None = None  # buffer type 8, during proxy_on_foreign_function
         self.pending_calls: dict[int, Any] = {}  # token -> callout in flight
         self.call_response: CallResponse | None = None  # readable during on_http_call_response
+        self.grpc_receive: GrpcReceive | None = None  # map types 4/5, buffer 5 during proxy_on_grpc_*
+        # proxy_get_status, as Envoy's root context keeps it: the code of the last gRPC
+        # close stays; its message is there only during proxy_on_grpc_close.
+        self.status_code = 0
+        self.status_message = b""
+        # Callout tokens as Envoy numbers them: the low two bits tell the kind apart
+        # (0 HTTP call, 1 gRPC call, 2 gRPC stream), each kind counting up by 4.
         self._call_token = 0
+        self._grpc_call_token = 1
+        self._grpc_stream_token = 2
         self.configuring = False  # plugin configuration is readable only in on_configure
         self.starting = False  # VM configuration is readable only in on_vm_start
         self._next_id = 1
@@ -226,8 +236,17 @@ class PluginVM:
         return self._root_callback(self._on_http_call_response, ctx, cid, token, headers, body_size, trailers)
 
     def next_call_token(self) -> int:
-        self._call_token = self._call_token % 0x7FFFFFFF + 1
+        """The token of a new HTTP call: 4, 8, 12, ..."""
+        self._call_token = (self._call_token + 4) & 0xFFFFFFFF or 4
         return self._call_token
+
+    def next_grpc_token(self, stream: bool) -> int:
+        """The token of a new gRPC call (5, 9, 13, ...) or stream (6, 10, 14, ...)."""
+        if stream:
+            self._grpc_stream_token = (self._grpc_stream_token + 4) & 0xFFFFFFFF
+            return self._grpc_stream_token
+        self._grpc_call_token = (self._grpc_call_token + 4) & 0xFFFFFFFF
+        return self._grpc_call_token
 
     def deliver_http_call_response(self, ctx: Context, token: int, response: CallResponse) -> None:
         """Run proxy_on_http_call_response with the response readable meanwhile."""

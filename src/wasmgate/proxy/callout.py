@@ -20,6 +20,7 @@ from wasmgate.proxy.upstream import Cluster, UpstreamConnection
 if TYPE_CHECKING:
     from wasmgate.plugin.context import Context
     from wasmgate.plugin.vm import PluginVM
+    from wasmgate.proxy.grpc_callout import GrpcCallouts
 
 _log = logging.getLogger("wasmgate.upstream")
 
@@ -38,6 +39,16 @@ class Callouts:
 
     def __init__(self, clusters: dict[str, Cluster] | None = None):
         self.clusters = clusters or {}
+        self._grpc: GrpcCallouts | None = None
+
+    @property
+    def grpc(self) -> GrpcCallouts:
+        """gRPC callouts to the same clusters (grpcio is imported on first use)."""
+        if self._grpc is None:
+            from wasmgate.proxy.grpc_callout import GrpcCallouts
+
+            self._grpc = GrpcCallouts(self.clusters)
+        return self._grpc
 
     def start(self, vm: PluginVM, ctx: Context, cluster: str, headers: HeaderMap, body: bytes,
               trailers: HeaderMap, timeout: float) -> int:
@@ -51,6 +62,8 @@ class Callouts:
     def close(self) -> None:
         for c in self.clusters.values():
             c.close()
+        if self._grpc is not None:
+            self._grpc.close()
 
 
 class _Call:
