@@ -43,6 +43,7 @@ class RunOptions:
     node: dict[str, Any] = field(default_factory=dict)  # id, cluster, metadata: the `node` properties
     labels: dict[str, str] = field(default_factory=dict)  # this proxy's labels, for WasmPlugin selectors
     watch: bool = True  # re-apply plugin files and modules when they change
+    reuse_port: bool = False  # SO_REUSEPORT: set for each of several worker processes
     drain_seconds: float = 10.0
 
 
@@ -87,7 +88,7 @@ class Running:
 
     @property
     def admin_port(self) -> int:
-        return int(self.servers[1].sockets[0].getsockname()[1])
+        return int(self.servers[1].sockets[0].getsockname()[1])  # when it serves the admin API
 
     async def stop(self, drain_seconds: float = 10.0) -> None:
         """Stop accepting, let in-flight requests finish, then close everything."""
@@ -115,7 +116,7 @@ async def start(opts: RunOptions) -> Running:
     plugin_paths = opts.plugins if opts.plugins is not None else default_plugins()
     try:
         lhost, lport = parse_address(opts.listen, "--listen")
-        ahost, aport = parse_address(opts.admin, "--admin")
+        ahost, aport = parse_address(opts.admin, "--admin") if opts.admin else ("", 0)
     except ValueError as e:
         raise StartupError(str(e)) from None
     scope = Scope(opts.plugin_limits, dict(opts.labels), lport)
@@ -135,9 +136,10 @@ async def start(opts: RunOptions) -> Running:
     app = ProxyApp(manager, cluster, opts.limits)
     admin = AdminState(app)
     try:
-        proxy = await serve(app, lhost, lport)
+        proxy = await serve(app, lhost, lport, reuse_port=opts.reuse_port)
         servers.append(proxy)
-        servers.append(await serve_admin(admin, ahost, aport))
+        if opts.admin:
+            servers.append(await serve_admin(admin, ahost, aport))
     except (OSError, ValueError) as e:
         for s in servers:
             s.close()
@@ -148,9 +150,9 @@ async def start(opts: RunOptions) -> Running:
     if watcher is not None:
         watcher.start()
     running = Running(app, admin, servers, proxy, upstream, watcher)
-    _log.info("listening on %s:%d, admin on %s:%d, upstream %s%s, plugins: %s",
-              lhost, running.port, ahost, running.admin_port, upstream, " (demo)" if demo else "",
-              ", ".join(p.name for p in chain.plugins) or "none")
+    _log.info("listening on %s:%d, admin on %s, upstream %s%s, plugins: %s",
+              lhost, running.port, f"{ahost}:{running.admin_port}" if opts.admin else "the supervisor", upstream,
+              " (demo)" if demo else "", ", ".join(p.name for p in chain.plugins) or "none")
     return running
 
 

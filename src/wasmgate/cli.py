@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from wasmgate.oci import commands as oci_commands
 from wasmgate.proxy.server import Limits
 from wasmgate.resources.config import load_config
 from wasmgate.resources.wasmplugin import ConfigError
+from wasmgate.supervisor import Supervisor, default_workers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream", help="upstream URL, e.g. http://127.0.0.1:8000 (default: demo upstream)")
     run.add_argument("--plugins", type=Path, nargs="+", metavar="FILE_OR_DIR",
                      help="WasmPlugin YAML files or directories (default: the allow-header example)")
-    run.add_argument("--workers", type=int, default=None, help="worker processes (only 1 is supported yet)")
+    run.add_argument("--workers", type=int, default=None,
+                     help="worker processes sharing the listener (default: the number of cores)")
     run.add_argument("--labels", action="append", default=[], metavar="K=V[,K=V]",
                      help="this proxy's labels, matched by WasmPlugin spec.selector.matchLabels")
     run.add_argument("--cluster", action="append", default=[], metavar="NAME=URL",
@@ -65,9 +66,9 @@ def _run(args: argparse.Namespace) -> int:
         log.setup(level, components)
     except ValueError as e:
         raise StartupError(f"--log-level: {e}") from None
-    workers = args.workers or (cfg.workers if cfg else 1)
-    if workers != 1:
-        raise StartupError("--workers: only 1 worker is supported in this version")
+    workers = args.workers or (cfg.workers if cfg and "workers" in cfg.model_fields_set else default_workers())
+    if workers < 1:
+        raise StartupError("--workers: must be at least 1")
     opts = RunOptions()
     if cfg:
         opts.listen, opts.admin, opts.upstream = cfg.listen, cfg.admin, cfg.upstream
@@ -87,15 +88,20 @@ def _run(args: argparse.Namespace) -> int:
     opts.clusters.update(_pairs(args.cluster, "--cluster"))
     if args.no_watch:
         opts.watch = False
-    try:
-        import uvloop
+    import uvloop
+
+    if workers == 1:
         uvloop.run(run_forever(opts))
-    except ImportError:
-        asyncio.run(run_forever(opts))
+    else:
+        uvloop.run(Supervisor(opts, workers, {"": level, **components}).run())
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["_worker"]:
+        from wasmgate.worker import main as worker_main  # started by the supervisor
+
+        return worker_main()
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":

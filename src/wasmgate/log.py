@@ -50,9 +50,11 @@ def levels() -> dict[str, str]:
     return out
 
 
-def setup(level: str = "info", component_levels: dict[str, str] | None = None) -> None:
+def setup(level: str = "info", component_levels: dict[str, str] | None = None, prefix: str = "") -> None:
+    """Log to stderr; ``prefix`` (a worker's name) starts every line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(levelname)s][%(name)s] %(message)s"))
+    tag = f"[{prefix}]" if prefix else ""
+    handler.setFormatter(logging.Formatter(f"[%(asctime)s]{tag}[%(levelname)s][%(name)s] %(message)s"))
     root = logging.getLogger("wasmgate")
     root.handlers[:] = [handler]
     root.propagate = False

@@ -68,7 +68,7 @@ class ProxyConfig(BaseModel):
     node: dict[str, Any] = {}  # id, cluster, metadata: what plugins read as node.* properties
     labels: dict[str, str] = {}  # this proxy's labels, matched by WasmPlugin spec.selector
     plugins: list[Path] = []
-    workers: int = 1
+    workers: int = 1  # used when given; else the number of cores
     log_level: str = "info"
     component_log_levels: dict[str, str] = {}
     limits: LimitsConfig = LimitsConfig()
