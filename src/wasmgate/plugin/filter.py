@@ -44,6 +44,13 @@ class PluginFilter:
         self.request = _Side(self, True)
         self.response = _Side(self, False)
 
+    def wants(self, request: bool) -> bool:
+        """Whether this plugin needs to see that direction of the stream."""
+        plugin = self.plugin
+        if plugin is None or plugin.vm.failed is not None:
+            return True  # its fail strategy must be applied
+        return plugin.vm.has_request_callbacks if request else plugin.vm.has_response_callbacks
+
     def context(self) -> HttpContext | None:
         """The stream context, created on first use; None once the plugin is skipped."""
         if self.ctx is not None or self.skip:

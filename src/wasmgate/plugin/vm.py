@@ -117,6 +117,10 @@ class PluginVM:
         self._on_log = f("proxy_on_log")
         self._on_delete = f("proxy_on_delete")
         self._on_tick = f("proxy_on_tick")
+        self.has_request_callbacks = any((self._on_request_headers, self._on_request_body,
+                                          self._on_request_trailers))
+        self.has_response_callbacks = any((self._on_response_headers, self._on_response_body,
+                                           self._on_response_trailers))
         self._on_http_call_response = f("proxy_on_http_call_response")
         self._on_queue_ready = f("proxy_on_queue_ready")
         self._on_foreign_function = f("proxy_on_foreign_function")

@@ -12,7 +12,7 @@ without further callbacks.
 from __future__ import annotations
 
 import logging
-import os
+import random
 import time
 from collections.abc import Callable
 from functools import partial
@@ -58,6 +58,7 @@ class Exchange:
         if req.get(b"x-request-id") is None:
             req.add(b"x-request-id", _request_id())
         self.filters: list[PluginFilter] = []
+        self._req_filters: list[PluginFilter] = []
         self.request: Direction | None = None
         self.response: Direction | None = None
         self.upstream: UpstreamConnection | None = None
@@ -77,7 +78,10 @@ class Exchange:
         stream = self.stream
         app = self.conn.app
         self.filters = app.chain.filters(stream)
-        self.request = Direction([f.request for f in self.filters], _UpstreamSink(self),
+        # A plugin with no callbacks for a direction is left out of it (a healthy VM only:
+        # a failed one must still be met, to apply its fail strategy).
+        self._req_filters = [f for f in self.filters if f.wants(request=True)]
+        self.request = Direction([f.request for f in self._req_filters], _UpstreamSink(self),
                                  self._request_header_count, self._request_trailer_count, self._check)
         self.response = self._response_direction(self.filters)
         stream.on_continue = self._on_continue
@@ -86,7 +90,7 @@ class Exchange:
         self._guard(lambda: request.headers(not self.has_body), True)
 
     def _response_direction(self, filters: list[PluginFilter]) -> Direction:
-        return Direction([f.response for f in reversed(filters)], _DownstreamSink(self),
+        return Direction([f.response for f in reversed(filters) if f.wants(request=False)], _DownstreamSink(self),
                          self._response_header_count, self._response_trailer_count, self._check)
 
     def request_body(self, data: bytes) -> None:
@@ -162,7 +166,9 @@ class Exchange:
             return
         request_side = not self._response_started and self.stream.response_headers is None
         if request_side and self.request is not None:
-            self.request.current = index  # the sender, for the local reply's path
+            sender = self.filters[index]
+            if sender in self._req_filters:
+                self.request.current = self._req_filters.index(sender)  # for the local reply's path
         self._halted(request_side)
 
     def _guard(self, step: Callable[[], object], request_side: bool) -> None:
@@ -195,7 +201,8 @@ class Exchange:
             return
         if request_side and self.request is not None:
             # The sender and the plugins before it see the reply's response callbacks.
-            sender = self.request.current
+            sender = self.filters.index(self._req_filters[self.request.current]) \
+                if 0 <= self.request.current < len(self._req_filters) else len(self.filters) - 1
             self.response = self._response_direction(self.filters[: sender + 1])
             self._local_reply_through_filters(reply)
         else:
@@ -422,12 +429,13 @@ def _local_reply_headers(reply: LocalReply) -> HeaderMap:
 
 
 def _request_id() -> bytes:
-    """A random UUID4, like the x-request-id Envoy adds."""
-    b = bytearray(os.urandom(16))
-    b[6] = (b[6] & 0x0F) | 0x40
-    b[8] = (b[8] & 0x3F) | 0x80
-    h = b.hex().encode()
+    """A random UUID4, like the x-request-id Envoy adds (not for secrets: no syscall)."""
+    h = b"%032x" % (random.getrandbits(128) & _UUID4_MASK | _UUID4_BITS)
     return h[:8] + b"-" + h[8:12] + b"-" + h[12:16] + b"-" + h[16:20] + b"-" + h[20:]
+
+
+_UUID4_MASK = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+_UUID4_BITS = (0x4 << 76) | (0x2 << 62)
 
 
 class _UpstreamSink:

@@ -112,6 +112,7 @@ class HttpConnection(asyncio.Protocol):
         self._receiving: _Pending | Exchange | None = None  # where body events go
         self._read_paused_by: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._out: list[bytes] = []  # written this loop turn, not yet sent
         self._reading_head = False  # between a request's first byte and its last header
         self.draining = False
 
@@ -243,8 +244,19 @@ class HttpConnection(asyncio.Protocol):
     # ---- used by Exchange ------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closing:
-            self.transport.write(data)
+        """Queue ``data``; everything written in one loop turn goes out in one send()."""
+        if self.transport is None or self.closing:
+            return
+        out = self._out
+        out.append(data)
+        if len(out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        out = self._out
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def pause_reading(self, paused: bool, reason: str = "upstream") -> None:
         if self.transport is None or self.closing:
@@ -346,6 +358,7 @@ class HttpConnection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
+        self._flush()
         self.closing = True
         if self.transport is not None:
             self.transport.close()
