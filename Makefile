@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup plugins run test lint check clean
+.PHONY: setup plugins run test lint check clean bench
 
 setup: $(VENV)/.installed plugins
 
@@ -21,12 +21,15 @@ run: setup
 	$(VENV)/bin/wasmgate run
 
 lint: setup
-	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff check src tests scripts benchmarks
 	$(VENV)/bin/mypy
 
 test: lint
 	bash scripts/test-deps.sh
 	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(PY) benchmarks/run.py --install-deps $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) examples/allow-header/plugin.wasm tests/plugins/build
