@@ -10,15 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from servers import ALLOW_HEADER_YAML, ProxyThread, Upstream, start_upstream
+from servers import ALLOW_HEADER_YAML, ProxyThread, Upstream
 from test_e2e import request
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
 
 
 @pytest.fixture

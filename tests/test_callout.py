@@ -14,13 +14,6 @@ from test_e2e import request
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
-
-
-@pytest.fixture(scope="module")
 def auth() -> Iterator[Upstream]:
     up = start_upstream()
     yield up

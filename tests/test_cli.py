@@ -14,17 +14,10 @@ from pathlib import Path
 import pytest
 
 from envoy_harness import free_port
-from servers import ALLOW_HEADER_WASM, Upstream, start_upstream, wasmplugin_yaml
+from servers import ALLOW_HEADER_WASM, Upstream, wasmplugin_yaml
 from test_e2e import request
 
 WASMGATE = [sys.executable, "-m", "wasmgate"]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
 
 
 def run_fails(*args: str) -> str:

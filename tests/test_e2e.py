@@ -18,16 +18,8 @@ from servers import (
     PLUGIN_BUILD,
     ProxyThread,
     Upstream,
-    start_upstream,
     wasmplugin_yaml,
 )
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
 
 
 @pytest.fixture(scope="module")

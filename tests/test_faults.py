@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from servers import ProxyThread, Upstream, start_upstream, wasmplugin_yaml
+from servers import ProxyThread, Upstream, wasmplugin_yaml
 from test_e2e import request
 from wasmgate.engine.wasm import wat_to_wasm
 
@@ -32,13 +31,6 @@ CRASHER = """
     (i32.const 0))
 )
 """
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
 
 
 def crasher(tmp_path: Path, mode: int) -> Path:

@@ -10,18 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from servers import ALLOW_HEADER_YAML, ProxyThread, Upstream, start_upstream
+from servers import ALLOW_HEADER_YAML, ProxyThread, Upstream
 from test_e2e import request
 from wasmgate.headers import HeaderMap
 from wasmgate.plugin.context import Stream
 from wat_util import ENV, HOST_IMPORTS, Guest
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from servers import ALLOW_HEADER_YAML, ProxyThread, Upstream, start_upstream
+from servers import ALLOW_HEADER_YAML, ProxyThread, Upstream
 from test_cli import WASMGATE, running
 from test_e2e import request
 from wasmgate.proxy.server import Limits
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
 
 
 @pytest.fixture(scope="module")

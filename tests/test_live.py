@@ -7,23 +7,14 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from servers import PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
+from servers import PLUGIN_BUILD, ProxyThread, Upstream, wasmplugin_yaml
 from test_e2e import request
 
 TAG = PLUGIN_BUILD / "tag.wasm"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
 
 
 def plugins(p: ProxyThread) -> dict[str, Any]:

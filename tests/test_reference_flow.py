@@ -12,14 +12,14 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from oci_harness import PASSWORD, USER, Registry, shared_registry
-from servers import REPO, ProxyThread, Upstream, start_upstream
+from servers import REPO, ProxyThread, Upstream
 from test_e2e import request
 
 WASMGATE = [sys.executable, "-m", "wasmgate"]
@@ -28,13 +28,6 @@ WASMGATE = [sys.executable, "-m", "wasmgate"]
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
     return shared_registry("basic", tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
 
 
 def wg(*args: str, stdin: str | None = None) -> str:

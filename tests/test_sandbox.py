@@ -6,22 +6,14 @@ import http.client
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import hostile
-from servers import ProxyThread, Upstream, start_upstream
+from servers import ProxyThread, Upstream
 from test_e2e import request
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[Upstream]:
-    up = start_upstream()
-    yield up
-    up.server.shutdown()
 
 
 def resource(directory: Path, name: str, wasm: Path, strategy: str, **annotations: str) -> Path:
