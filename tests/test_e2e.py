@@ -350,3 +350,16 @@ def test_half_closed_client_still_gets_its_response(allow_proxy: ProxyThread) ->
             out += chunk
     assert out.startswith(b"HTTP/1.1 200 ")
     assert b'"path": "/half"' in out
+
+
+def test_expect_100_continue_answered_by_the_proxy(allow_proxy: ProxyThread, upstream: Upstream) -> None:
+    with socket.create_connection(("127.0.0.1", allow_proxy.port), timeout=5) as s:
+        s.sendall(b"POST /upload HTTP/1.1\r\nhost: x\r\nallow: true\r\ncontent-length: 5\r\n"
+                  b"expect: 100-continue\r\n\r\n")
+        interim = s.recv(65536)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"  # before any body was sent
+        s.sendall(b"hello")
+        final = s.recv(65536)
+    assert final.startswith(b"HTTP/1.1 200 ")
+    assert upstream.seen[-1].body == b"hello"
+    assert upstream.seen[-1].header("expect") is None

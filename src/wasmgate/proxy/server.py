@@ -206,11 +206,19 @@ class HttpConnection(asyncio.Protocol):
         p = self._parser
         self._in_body = True
         self.app.stats.requests += 1
-        has_body = False
+        has_body = expect_continue = False
         for k, v in self._headers:
             lk = k.lower()
             if lk == b"transfer-encoding" or (lk == b"content-length" and v.strip() != b"0"):
                 has_body = True
+            elif lk == b"expect" and v.strip().lower() == b"100-continue":
+                expect_continue = True
+        if expect_continue:
+            # As Envoy does by default: answer 100 ourselves and drop Expect, so the
+            # client sends its body while plugins and the upstream see a plain request.
+            self._headers = [(k, v) for k, v in self._headers if k.lower() != b"expect"]
+            if has_body and p.get_http_version() == "1.1" and self._active is None:
+                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         ex = Exchange(self, p.get_method(), self._url, self._headers, has_body=has_body,
                       keep_alive=p.should_keep_alive(), http10=p.get_http_version() == "1.0")
         if self._active is None:
