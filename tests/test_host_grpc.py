@@ -285,6 +285,8 @@ def test_maps_and_buffer_outside_callbacks(g: Guest) -> None:
     assert g.u32(RP) == 0
     assert g.call("proxy_get_buffer_bytes", 5, 0, 10, RP, RS) == R.OK
     assert g.u32(RS) == 0
+    p, n = g.put_str(b"x")
+    assert g.call("proxy_set_buffer_bytes", 5, 0, 0, p, n) == R.BAD_ARGUMENT  # Envoy: not settable
     assert g.call("proxy_get_status", R2, RP, RS) == R.OK
     assert (g.u32(R2), g.out()) == (0, b"")
 

@@ -123,6 +123,10 @@ func onRequestHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
 			"close4=" + itoa(uint32(abi.GrpcClose(4))),
 			"cancel3=" + itoa(uint32(abi.GrpcCancel(3))),
 			"send7=" + itoa(uint32(abi.GrpcSend(7, nil, true))),
+			"buffer5=" + bufferStatus(abi.GrpcReceiveBuffer),
+			"map4=" + headerStatus(abi.GrpcReceiveInitialMetadata),
+			"map5=" + headerStatus(abi.GrpcReceiveTrailingMetadata),
+			"pairs4=" + pairs(abi.GrpcReceiveInitialMetadata),
 		})
 	case "close-call", "cancel-call":
 		// A call dropped while in flight: no callback may follow.
@@ -172,6 +176,18 @@ func onRequestHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
 		return abi.Pause
 	}
 	return abi.Continue
+}
+
+// bufferStatus is the status and size of reading a whole buffer.
+func bufferStatus(b abi.BufferType) string {
+	data, st := abi.GetBuffer(b, 0, 1024)
+	return itoa(uint32(st)) + "/" + itoa(uint32(len(data)))
+}
+
+// headerStatus is the status of reading x-init (and what was read) from a map.
+func headerStatus(m abi.MapType) string {
+	v, st := abi.GetHeader(m, "x-init")
+	return itoa(uint32(st)) + "/" + v
 }
 
 func pairs(m abi.MapType) string {
