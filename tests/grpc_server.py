@@ -9,7 +9,7 @@ Service ``test.Echo``:
 * ``Bidi`` (bidi streaming): ``x-init: 1`` first, echoes every message as
   ``echo:<message>``, ends with ``x-trail: 2`` and OK when the client half-closes
 * ``BidiFail`` (bidi streaming): echoes the first message, then aborts with
-  RESOURCE_EXHAUSTED "enough"
+  RESOURCE_EXHAUSTED "enough" ("100% enough" if the message was ``%``)
 
 Every call is recorded in ``GrpcServer.seen`` (method, invocation metadata, messages).
 """
@@ -92,4 +92,4 @@ class GrpcServer:
         for m in requests:
             call.messages.append(m)
             yield b"echo:" + m
-            ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "enough")
+            ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "enough" if m != b"%" else "100% enough")

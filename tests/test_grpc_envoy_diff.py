@@ -48,6 +48,7 @@ CASES: list[dict[str, str]] = [
     {"x-grpc-stream": "a", "x-grpc-method": "Nope"},
     {"x-grpc-stream": "a", "x-grpc-method": "Nope", "x-grpc-dump": "1"},
     {"x-grpc-stream": "a,b", "x-grpc-method": "BidiFail", "x-grpc-dump": "1"},
+    {"x-grpc-stream": "%", "x-grpc-method": "BidiFail", "x-grpc-dump": "1"},
     {"x-grpc-stream": "a", "x-grpc-cluster": "dead"},
     {"x-grpc-stream": "a", "x-grpc-cluster": "nope", "x-grpc-proto": "1"},
     {"x-grpc-op": "call-only"},

@@ -103,7 +103,8 @@ def _status_message(code: int, details: str) -> str:
         if "Connection refused" in details:
             why += "|delayed_connect_error:_Connection_refused"
         return f"{_CONNECT_FAILURE}{{upstream_reset_before_response_started{{{why}}}}}"
-    return f"{details}{{{VIA_UPSTREAM}}}" if details else VIA_UPSTREAM
+    raw = _percent_encode(details).decode()  # Envoy does not decode grpc-message
+    return f"{raw}{{{VIA_UPSTREAM}}}" if raw else VIA_UPSTREAM
 
 
 async def _send(call: Any, message: bytes) -> None:
@@ -127,6 +128,12 @@ async def _send(call: Any, message: bytes) -> None:
         await raw.send_serialized_message(message)
     except Exception as e:  # cygrpc.InternalError: the stream is over; the reader reports how
         _log.debug("grpc stream write after its end: %r", e)
+
+
+def _percent_encode(message: str) -> bytes:
+    """grpc-message as on the wire: grpcio hands it over decoded, Envoy passes it on raw."""
+    return "".join(chr(b) if 0x20 <= b <= 0x7E and b != 0x25 else f"%{b:02X}"
+                   for b in message.encode()).encode()
 
 
 def _code(status: grpc.StatusCode | None) -> int:
@@ -422,7 +429,7 @@ class StreamCall(_Callout):
         if message.startswith(_CONNECT_FAILURE):  # Envoy's local reply: a trailers-only response
             trailers_only = True
             grpc_message = _CONNECT_FAILURE
-        status = [(b"grpc-status", str(code).encode()), (b"grpc-message", grpc_message.encode())]
+        status = [(b"grpc-status", str(code).encode()), (b"grpc-message", _percent_encode(grpc_message))]
         tmap = HeaderMap((head if trailers_only else []) + status + _pairs(trailing))
         _deliver(vm, GrpcReceive(trailing=tmap), vm.on_grpc_receive_trailing_metadata, token, len(tmap))
         if not self._alive():
