@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -199,3 +200,46 @@ def wasmplugin_yaml(directory: Path, name: str, wasm: Path, *, config: Any = Non
 
 def iter_lines(text: str, needle: str) -> Iterator[str]:
     return (ln for ln in text.splitlines() if needle in ln)
+
+
+class EchoUpgrade:
+    """An upstream that accepts any Upgrade with 101 and then echoes bytes, prefixed "echo:"."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            head, _, rest = head.partition(b"\r\n\r\n")
+            self.requests.append(head)
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nconnection: Upgrade\r\nupgrade: echo\r\n"
+                         b"x-upstream: yes\r\n\r\n")
+            if rest:
+                conn.sendall(b"echo:" + rest)
+            while data := conn.recv(65536):
+                conn.sendall(b"echo:" + data)
+
+    def close(self) -> None:
+        self.sock.close()

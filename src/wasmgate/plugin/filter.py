@@ -51,6 +51,11 @@ class PluginFilter:
             return True  # its fail strategy must be applied
         return plugin.vm.has_request_callbacks if request else plugin.vm.has_response_callbacks
 
+    def wants_body(self) -> bool:
+        """Whether this plugin reads bodies (then a connection upgrade is not tunneled)."""
+        plugin = self.plugin
+        return plugin is not None and plugin.vm.has_body_callbacks
+
     def context(self) -> HttpContext | None:
         """The stream context, created on first use; None once the plugin is skipped."""
         if self.ctx is not None or self.skip:

@@ -124,6 +124,9 @@ class _Call:
     def upstream_pause(self, paused: bool) -> None:
         pass  # the whole request is written at once
 
+    def upstream_tunnel(self, data: bytes) -> None:
+        pass  # callouts never upgrade
+
     def _timeout(self) -> None:
         self._timer = None
         self._finish(False, "timeout")

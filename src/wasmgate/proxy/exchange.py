@@ -35,7 +35,7 @@ UPSTREAM_FAILURE_BODY = b"upstream connect error or disconnect/reset before head
 
 class Exchange:
     def __init__(self, conn: HttpConnection, method: bytes, target: bytes, raw_headers: list[Pair],
-                 *, has_body: bool, keep_alive: bool, http10: bool):
+                 *, has_body: bool, keep_alive: bool, http10: bool, upgrade: bytes | None = None):
         self.conn = conn
         self.method = method
         self.has_body = has_body
@@ -70,6 +70,10 @@ class Exchange:
         self._response_keep_alive = keep_alive
         self._finished = False
         self._in_chain = 0  # inside a chain step: its own check sees local replies
+        self.upgrade = upgrade  # the client asked to switch protocols (Upgrade: ...)
+        self.upgrade_ok = False  # ... and no plugin needs the body, so we tunnel
+        self.tunneling = False  # after 101: raw bytes both ways
+        self._upstream_upgrade = b""
         self.status = 0
 
     # ---- request side: fed by HttpConnection -----------------------------------------
@@ -78,6 +82,9 @@ class Exchange:
         stream = self.stream
         app = self.conn.app
         self.filters = app.chain.filters(stream)
+        # An upgraded connection carries no HTTP body a plugin could see: only tunnel
+        # when no plugin in the chain has body callbacks.
+        self.upgrade_ok = self.upgrade is not None and not any(f.wants_body() for f in self.filters)
         # A plugin with no callbacks for a direction is left out of it (a healthy VM only:
         # a failed one must still be met, to apply its fail strategy).
         self._req_filters = [f for f in self.filters if f.wants(request=True)]
@@ -214,7 +221,8 @@ class Exchange:
         req = self.stream.request_headers
         assert req is not None
         self._upstream_chunked = not eos and req.get(b"content-length") is None
-        self._pending_upstream = [http.request_head(req, self._upstream_chunked)]
+        self._pending_upstream = [http.request_head(req, self._upstream_chunked,
+                                                    self.upgrade if self.upgrade_ok else None)]
         self._upstream_done = eos
         self.conn.app.cluster.acquire(self._connected)
 
@@ -263,7 +271,16 @@ class Exchange:
             conn.close()
 
     # ResponseHandler
+    def upstream_tunnel(self, data: bytes) -> None:
+        if self.tunneling:
+            self.conn.write(data)
+
+    def tunnel_from_client(self, data: bytes) -> None:
+        self.send_upstream(data)  # raw, in order; held until the upstream is connected
+
     def upstream_head(self, status: int, headers: list[Pair], no_body: bool) -> None:
+        if status == 101:
+            self._upstream_upgrade = next((v for k, v in headers if k.lower() == b"upgrade"), b"")
         self.stream.response_headers = http.response_map(status, headers)
         if self.response is not None:
             response = self.response
@@ -281,6 +298,11 @@ class Exchange:
             self._halt_with(LocalReply(500, b"Internal Server Error", [], "response_payload_too_large"), False)
 
     def upstream_end(self, trailers: list[Pair]) -> None:
+        if self.tunneling:  # the upstream closed the tunnel
+            self.upstream = None
+            self.keep_alive = False
+            self.complete()
+            return
         conn, self.upstream = self.upstream, None
         if conn is not None:
             if self._upstream_done:
@@ -340,6 +362,14 @@ class Exchange:
         headers = self.stream.response_headers
         assert headers is not None
         self._response_started = True
+        if headers.get(b":status") == b"101":
+            if not self.upgrade_ok:
+                self.abort("101 Switching Protocols for a request that did not upgrade")
+                return
+            self.status = 101
+            self.tunneling = True
+            self.conn.write(http.switching_protocols_head(headers, self._upstream_upgrade or self.upgrade or b""))
+            return
         try:
             self.status = int(headers.get(b":status") or b"0")
         except ValueError:

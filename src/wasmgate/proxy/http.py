@@ -52,14 +52,23 @@ def _regular(headers: HeaderMap) -> list[bytes]:
     return [k + b": " + v for k, v in headers.pairs if not k.startswith(b":") and k not in HOP_BY_HOP]
 
 
-def request_head(headers: HeaderMap, chunked: bool) -> bytes:
-    """Upstream request line and headers. ``chunked`` replaces any Content-Length."""
+def request_head(headers: HeaderMap, chunked: bool, upgrade: bytes | None = None) -> bytes:
+    """Upstream request line and headers. ``chunked`` replaces any Content-Length;
+    ``upgrade`` asks the upstream to switch protocols (WebSocket and the like)."""
     method = headers.get(b":method") or b"GET"
     path = headers.get(b":path") or b"/"
     lines = [method + b" " + path + b" HTTP/1.1", b"host: " + (headers.get(b":authority") or b"")]
     lines += (ln for ln in _regular(headers) if not (chunked and ln[:15].lower() == b"content-length:"))
     if chunked:
         lines.append(b"transfer-encoding: chunked")
+    if upgrade is not None:
+        lines += [b"connection: upgrade", b"upgrade: " + upgrade]
+    return CRLF.join(lines) + CRLF + CRLF
+
+
+def switching_protocols_head(headers: HeaderMap, upgrade: bytes) -> bytes:
+    """A 101 response head: the upstream's headers plus the hop-by-hop pair it needs."""
+    lines = [b"HTTP/1.1 101 Switching Protocols", *_regular(headers), b"connection: upgrade", b"upgrade: " + upgrade]
     return CRLF.join(lines) + CRLF + CRLF
 
 

@@ -113,6 +113,7 @@ class HttpConnection(asyncio.Protocol):
         self._read_paused_by: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []  # written this loop turn, not yet sent
+        self._tunnel: Exchange | None = None  # an upgraded (e.g. WebSocket) exchange
         self._reading_head = False  # between a request's first byte and its last header
         self.draining = False
 
@@ -132,10 +133,20 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self._tunnel is not None:
+            self._tunnel.tunnel_from_client(data)
+            return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # the request went through as-is; what follows belongs to the upgrade
+        except httptools.HttpParserUpgrade as e:
+            rest = data[int(e.args[0]):] if e.args else b""
+            active = self._active
+            if active is not None and active.upgrade_ok:
+                self._tunnel = active  # from here on, bytes for the upgraded protocol
+                if rest:
+                    active.tunnel_from_client(rest)
+            else:
+                self.draining = True  # upgrade refused: answer the request, then close
         except httptools.HttpParserError as e:
             if self._too_large:
                 self._reject(431, b"Request Header Fields Too Large")
@@ -219,7 +230,10 @@ class HttpConnection(asyncio.Protocol):
             self._headers = [(k, v) for k, v in self._headers if k.lower() != b"expect"]
             if has_body and p.get_http_version() == "1.1" and self._active is None:
                 self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        ex = Exchange(self, p.get_method(), self._url, self._headers, has_body=has_body,
+        upgrade = None
+        if p.should_upgrade():
+            upgrade = next((v for k, v in self._headers if k.lower() == b"upgrade"), None)
+        ex = Exchange(self, p.get_method(), self._url, self._headers, has_body=has_body, upgrade=upgrade,
                       keep_alive=p.should_keep_alive(), http10=p.get_http_version() == "1.0")
         if self._active is None:
             self._start(ex)

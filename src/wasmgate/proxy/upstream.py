@@ -19,6 +19,7 @@ class ResponseHandler(Protocol):
     def upstream_end(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
     def upstream_failed(self, reason: str) -> None: ...
     def upstream_pause(self, paused: bool) -> None: ...
+    def upstream_tunnel(self, data: bytes) -> None: ...
 
 
 class Cluster:
@@ -87,6 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
         self._reusable = True
         self._closed = False
+        self.tunnel = False  # after a 101: raw bytes both ways
 
     # ---- used by the exchange --------------------------------------------------------
 
@@ -135,8 +137,19 @@ class UpstreamConnection(asyncio.Protocol):
         if self.handler is None:
             self.close()  # bytes nobody asked for: the connection is out of sync
             return
+        if self.tunnel:
+            self.handler.upstream_tunnel(data)
+            return
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            # 101 Switching Protocols: from here on the bytes are the new protocol's.
+            self.tunnel = True
+            self._reusable = False
+            rest = data[int(e.args[0]):] if e.args else b""
+            if rest and self.handler is not None:
+                self.handler.upstream_tunnel(rest)
+            return
         except httptools.HttpParserError as e:
             handler, self.handler = self.handler, None
             self.close()
@@ -149,6 +162,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self.tunnel and self.handler is not None:
+            tunneled, self.handler = self.handler, None
+            tunneled.upstream_end([])  # the tunnel's upstream side closed
+            return
         if self._close_delimited and self.handler is not None:
             self._finish()  # the body ran to EOF, which is how this response ends
             return
@@ -200,6 +217,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.handler.upstream_body(body)
 
     def on_message_complete(self) -> None:
+        if self._parser.get_status_code() == 101:
+            return  # not the end: the connection becomes a tunnel
         if self._interim:
             self._interim = False
         elif not self._head_done:
