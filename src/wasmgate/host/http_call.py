@@ -30,8 +30,7 @@ def proxy_http_call(vm: PluginVM, up: int, ups: int, hp: int, hs: int, bp: int, 
         return R.BAD_ARGUMENT
     callouts = vm.callouts
     name = cluster.decode("utf-8", "replace")
-    ctx = vm.effective
-    if callouts is None or ctx is None:
+    if callouts is None or vm.effective is None:
         return R.INTERNAL_FAILURE
     if name not in callouts.clusters:
         return R.BAD_ARGUMENT  # Envoy: no such cluster
@@ -40,6 +39,8 @@ def proxy_http_call(vm: PluginVM, up: int, ups: int, hp: int, hs: int, bp: int, 
         return R.BAD_ARGUMENT
     if not inst.write_u32(ret_token, 0):
         return R.INVALID_MEMORY_ACCESS
-    token = callouts.start(vm, ctx, name, headers, body, trailers, (timeout_ms & 0xFFFFFFFF) / 1000)
+    # As in Envoy, the call belongs to the root context, whichever context made it: the
+    # answer comes to the root context and outlives the stream that asked.
+    token = callouts.start(vm, vm.root, name, headers, body, trailers, (timeout_ms & 0xFFFFFFFF) / 1000)
     inst.write_u32(ret_token, token)
     return R.OK

@@ -264,8 +264,8 @@ class PluginVM:
         finally:
             self.call_response = None
 
-    def _cancel_calls(self, ctx: Context | None = None) -> None:
-        for call in [c for c in self.pending_calls.values() if ctx is None or c.ctx is ctx]:
+    def _cancel_calls(self) -> None:
+        for call in list(self.pending_calls.values()):
             call.cancel()
 
     def on_queue_ready(self, queue_id: int) -> bool:
@@ -305,8 +305,6 @@ class PluginVM:
         if not ctx.alive:
             return
         ctx.alive = False
-        if self.pending_calls:
-            self._cancel_calls(ctx)  # Envoy cancels a context's calls when it goes away
         try:
             if self.failed is None:
                 for fn in (self._on_done, self._on_delete):
