@@ -221,7 +221,7 @@ def snap(counters: dict[bytes, int] | None = None, gauges: dict[bytes, int] | No
         (b"wasmcustom.x:y", b"x_y{} 1"),
         (b"wasmcustom.n!\"#$%&'()*+/;<=>?@[\\]^`{|}~z", b"n" + b"_" * 27 + b"z{} 1"),
         (b"wasmcustom.h\xc3\xa9z", b"h_z{} 1"),  # a UTF-8 character is one character
-        (b"wasmcustom.h\x80z", b"h\x80z{} 1"),  # bytes that are not UTF-8 pass through
+        (b"wasmcustom.h\x80z", b"h_z{} 1"),  # bytes that are not UTF-8 too (Envoy passes them through)
         (b"wasmcustom.foo_rq_200", b'foo_rq{envoy_response_code="200"} 1'),
         (b"wasmcustom.foo_rq_2xx", b'foo_rq_xx{envoy_response_code_class="2"} 1'),
         (b"wasmcustom", b"envoy_wasmcustom{} 1"),  # the empty name: an ordinary Envoy stat

@@ -221,7 +221,7 @@ _TAG_EXTRACTORS = (
     (b"envoy_response_code", re.compile(rb"_rq(_([0-9]{3}))$")),
     (b"envoy_response_code_class", re.compile(rb"_rq_(([0-9]))xx$")),
 )
-_NOT_NAME_CHAR = re.compile(r"[^a-zA-Z0-9_\udc80-\udcff]")
+_NOT_NAME_CHAR = re.compile(r"[^a-zA-Z0-9_]")
 
 
 def _extract_tags(name: bytes) -> tuple[bytes, Tags]:
@@ -237,7 +237,8 @@ def _extract_tags(name: bytes) -> tuple[bytes, Tags]:
 def _sanitize(name: bytes) -> bytes:
     """Envoy's Prometheus name rule: each character outside [a-zA-Z0-9_] becomes '_'.
 
-    Envoy matches characters of UTF-8; bytes that are not valid UTF-8 pass unchanged.
+    Characters are UTF-8's. Envoy lets bytes that are not valid UTF-8 through, which
+    makes /stats unreadable to Prometheus; here each such byte becomes '_' too.
     """
     text = name.decode("utf-8", "surrogateescape")
     return _NOT_NAME_CHAR.sub("_", text).encode("utf-8", "surrogateescape")
