@@ -68,7 +68,9 @@ class WasmPluginSpec(_Model):
     image_pull_policy: Literal["UNSPECIFIED_POLICY", "IfNotPresent", "Always"] = Field(
         "UNSPECIFIED_POLICY", alias="imagePullPolicy")
     image_pull_secret: str = Field("", alias="imagePullSecret")
-    plugin_config: dict[str, Any] | None = Field(None, alias="pluginConfig")
+    # Istio's is an object (sent as JSON); a string is a wasmgate extension, sent byte
+    # for byte, for plugins that take raw text (Envoy allows a StringValue).
+    plugin_config: dict[str, Any] | str | None = Field(None, alias="pluginConfig")
     plugin_name: str = Field("", alias="pluginName")
     phase: Phase = Phase.UNSPECIFIED_PHASE
     priority: int | None = None
@@ -218,8 +220,13 @@ def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpe
     env: dict[str, str] = {}
     for var in (s.vm_config.env if s.vm_config else []):
         env[var.name] = var.value if var.value_from == "INLINE" else os.environ.get(var.name, "")
-    # Istio hands pluginConfig to the plugin as JSON text.
-    config = b"" if s.plugin_config is None else json.dumps(s.plugin_config, separators=(",", ":")).encode()
+    # Istio hands pluginConfig to the plugin as compact JSON text.
+    if s.plugin_config is None:
+        config = b""
+    elif isinstance(s.plugin_config, str):
+        config = s.plugin_config.encode()
+    else:
+        config = json.dumps(s.plugin_config, separators=(",", ":")).encode()
     secret = b""
     if s.image_pull_secret:
         found = scope.secrets.get((wp.metadata.namespace, s.image_pull_secret))
