@@ -23,8 +23,8 @@ def proxy_log(vm: PluginVM, level: int, ptr: int, size: int) -> int:
         return R.BAD_ARGUMENT
     if not wasm_log.isEnabledFor(PY_LEVEL[LogLevel(level)]):
         # Below the wasm level: still check the pointers, skip the copy.
-        return R.OK if vm.instance.read(ptr, 0) is not None and (ptr & 0xFFFFFFFF) + (size & 0xFFFFFFFF) \
-            <= vm.instance.memory_size() else R.INVALID_MEMORY_ACCESS
+        in_bounds = (ptr & 0xFFFFFFFF) + (size & 0xFFFFFFFF) <= vm.instance.memory_size()
+        return R.OK if in_bounds else R.INVALID_MEMORY_ACCESS
     msg = vm.instance.read(ptr, size)
     if msg is None:
         return R.INVALID_MEMORY_ACCESS

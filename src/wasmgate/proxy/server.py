@@ -85,7 +85,7 @@ class _Pending:
 
     def __init__(self, exchange: Exchange):
         self.exchange = exchange
-        self.events: list[tuple[str, object]] = []
+        self.events: list[bytes | list[Pair]] = []  # body chunks, then the trailers at the end
 
 
 class HttpConnection(asyncio.Protocol):
@@ -249,7 +249,7 @@ class HttpConnection(asyncio.Protocol):
         if isinstance(target, Exchange):
             target.request_body(body)
         elif target is not None:
-            target.events.append(("body", body))
+            target.events.append(body)
 
     def on_message_complete(self) -> None:
         if self._timer is not None and self._receiving is self._active:
@@ -261,7 +261,7 @@ class HttpConnection(asyncio.Protocol):
                 self._active_complete = True
             target.request_end(trailers)
         elif target is not None:
-            target.events.append(("end", trailers))
+            target.events.append(trailers)
 
     # ---- used by Exchange ------------------------------------------------------------
 
@@ -319,13 +319,13 @@ class HttpConnection(asyncio.Protocol):
         self._start(ex)
         if self._receiving is pending:
             self._receiving = ex
-        for kind, payload in pending.events:
-            if kind == "body":
-                ex.request_body(payload)  # type: ignore[arg-type]
+        for event in pending.events:
+            if isinstance(event, bytes):
+                ex.request_body(event)
             else:
                 if ex is self._active:
                     self._active_complete = True
-                ex.request_end(payload)  # type: ignore[arg-type]
+                ex.request_end(event)
         if not self._queue:
             self.pause_reading(False, "pipeline")
 
