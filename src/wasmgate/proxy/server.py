@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,21 +59,28 @@ class ProxyStats:
 
 
 class ProxyApp:
-    """What every connection shares: the plugin chain, the upstream, limits, stats."""
+    """What every connection shares: the plugin chain, the upstream, limits, stats,
+    and the listener's TLS context (None: plain HTTP)."""
 
-    def __init__(self, plugins: PluginManager, cluster: Cluster, limits: Limits | None = None):
+    def __init__(self, plugins: PluginManager, cluster: Cluster, limits: Limits | None = None,
+                 tls: ssl.SSLContext | None = None):
         self.plugins = plugins
         self.cluster = cluster
         self.limits = limits or Limits()
+        self.tls = tls
+        self.scheme = b"https" if tls is not None else b"http"  # :scheme and x-forwarded-proto
         self.stats = ProxyStats()
         self.connections: set[HttpConnection] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None  # looked up once (a getpid() a lookup)
 
     @property
     def chain(self) -> Chain:
         return self.plugins.chain  # read per request: a swap takes effect for the next one
 
     def defer(self, fn: Callable[[], None]) -> None:
-        asyncio.get_running_loop().call_soon(fn)
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+        self.loop.call_soon(fn)
 
     def protocol(self) -> HttpConnection:
         return HttpConnection(self)
@@ -113,6 +121,7 @@ class HttpConnection(asyncio.Protocol):
         self._read_paused_by: set[str] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._out: list[bytes] = []  # written this loop turn, not yet sent
+        self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() syscall
         self._tunnel: Exchange | None = None  # an upgraded (e.g. WebSocket) exchange
         self._reading_head = False  # between a request's first byte and its last header
         self.draining = False
@@ -272,7 +281,7 @@ class HttpConnection(asyncio.Protocol):
         out = self._out
         out.append(data)
         if len(out) == 1:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         out = self._out
@@ -309,7 +318,7 @@ class HttpConnection(asyncio.Protocol):
             self._arm(self.app.limits.idle_timeout, self._close)
         else:
             # Not from inside this exchange's callbacks: start the next one afresh.
-            asyncio.get_running_loop().call_soon(self._next)
+            self._loop.call_soon(self._next)
 
     def _next(self) -> None:
         if self.closing or self._active is not None or not self._queue:
@@ -356,7 +365,7 @@ class HttpConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         if seconds > 0 and fn is not None and not self.closing:
-            self._timer = asyncio.get_running_loop().call_later(seconds, fn)
+            self._timer = self._loop.call_later(seconds, fn)
 
     def _header_timeout(self) -> None:
         self._timer = None
@@ -388,4 +397,8 @@ class HttpConnection(asyncio.Protocol):
 
 async def serve(app: ProxyApp, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(app.protocol, host, port, reuse_port=reuse_port, backlog=1024)
+    if app.tls is None:
+        return await loop.create_server(app.protocol, host, port, reuse_port=reuse_port, backlog=1024)
+    # The handshake is bounded like reading a request's headers (slowloris).
+    return await loop.create_server(app.protocol, host, port, reuse_port=reuse_port, backlog=1024, ssl=app.tls,
+                                    ssl_handshake_timeout=app.limits.header_timeout or None)
