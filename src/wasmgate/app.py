@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from wasmgate.plugin.vm import PluginError
 from wasmgate.proxy.callout import Callouts
 from wasmgate.proxy.demo import start_demo_upstream
 from wasmgate.proxy.server import Limits, ProxyApp, serve
+from wasmgate.proxy.tls import TlsError, client_context, server_context
 from wasmgate.proxy.upstream import Cluster
 from wasmgate.resources.config import parse_address
 from wasmgate.resources.wasmplugin import ConfigError, Scope, load_plugin_specs
@@ -45,6 +47,31 @@ class RunOptions:
     watch: bool = True  # re-apply plugin files and modules when they change
     reuse_port: bool = False  # SO_REUSEPORT: set for each of several worker processes
     drain_seconds: float = 10.0
+    # Downstream TLS (all plain, JSON-serializable: workers get these as JSON).
+    tls_cert: str | None = None  # with tls_key: serve HTTPS
+    tls_key: str | None = None
+    tls_sni: list[dict[str, Any]] = field(default_factory=list)  # {server_names: [...], cert, key}
+    # TLS to https:// upstreams and clusters.
+    upstream_ca: str | None = None  # None: the system CA store
+    upstream_insecure_skip_verify: bool = False
+
+
+def tls_contexts(opts: RunOptions) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """The listener's context (None: plain HTTP) and the upstream client context
+    (None: no https:// upstream or cluster). Raises StartupError naming the file and field."""
+    try:
+        server = None
+        if opts.tls_cert or opts.tls_key or opts.tls_sni:
+            if not (opts.tls_cert and opts.tls_key):
+                raise TlsError("tls: cert and key are both required (--tls-cert, --tls-key)")
+            server = server_context(opts.tls_cert, opts.tls_key, opts.tls_sni)
+        urls = [opts.upstream or "", *opts.clusters.values()]
+        client = None
+        if any(u.lower().startswith("https://") for u in urls):
+            client = client_context(opts.upstream_ca, opts.upstream_insecure_skip_verify)
+    except TlsError as e:
+        raise StartupError(str(e)) from None
+    return server, client
 
 
 def load_chain(paths: list[Path], scope: Scope | None = None) -> Chain:
@@ -120,6 +147,7 @@ async def start(opts: RunOptions) -> Running:
     except ValueError as e:
         raise StartupError(str(e)) from None
     scope = Scope(opts.plugin_limits, dict(opts.labels), lport)
+    server_tls, client_tls = tls_contexts(opts)
     chain = load_chain(plugin_paths, scope)
     servers: list[asyncio.Server] = []
     upstream = opts.upstream
@@ -128,12 +156,12 @@ async def start(opts: RunOptions) -> Running:
         demo = await start_demo_upstream()
         upstream = f"http://127.0.0.1:{demo.sockets[0].getsockname()[1]}"
     try:
-        cluster = Cluster("upstream", upstream)
-        callouts = Callouts({name: Cluster(name, url) for name, url in opts.clusters.items()})
+        cluster = Cluster("upstream", upstream, tls=client_tls)
+        callouts = Callouts({name: Cluster(name, url, tls=client_tls) for name, url in opts.clusters.items()})
     except ValueError as e:
         raise StartupError(str(e)) from None
     manager = PluginManager(chain, callouts, opts.node)
-    app = ProxyApp(manager, cluster, opts.limits)
+    app = ProxyApp(manager, cluster, opts.limits, server_tls)
     admin = AdminState(app)
     try:
         proxy = await serve(app, lhost, lport, reuse_port=opts.reuse_port)
@@ -150,8 +178,9 @@ async def start(opts: RunOptions) -> Running:
     if watcher is not None:
         watcher.start()
     running = Running(app, admin, servers, proxy, upstream, watcher)
-    _log.info("listening on %s:%d, admin on %s, upstream %s%s, plugins: %s",
-              lhost, running.port, f"{ahost}:{running.admin_port}" if opts.admin else "the supervisor", upstream,
+    _log.info("listening on %s%s:%d, admin on %s, upstream %s%s, plugins: %s",
+              "https://" if server_tls else "", lhost, running.port,
+              f"{ahost}:{running.admin_port}" if opts.admin else "the supervisor", upstream,
               " (demo)" if demo else "", ", ".join(p.name for p in chain.plugins) or "none")
     return running
 

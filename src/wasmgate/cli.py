@@ -8,6 +8,7 @@ from pathlib import Path
 
 from wasmgate import log
 from wasmgate.app import RunOptions, StartupError, run_forever
+from wasmgate.devtools import commands as dev_commands
 from wasmgate.oci import commands as oci_commands
 from wasmgate.proxy.server import Limits
 from wasmgate.resources.config import load_config
@@ -33,10 +34,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="this proxy's labels, matched by WasmPlugin spec.selector.matchLabels")
     run.add_argument("--cluster", action="append", default=[], metavar="NAME=URL",
                      help="an upstream cluster plugins may call with proxy_http_call (repeatable)")
+    run.add_argument("--tls-cert", metavar="PATH", help="serve HTTPS with this certificate chain (PEM)")
+    run.add_argument("--tls-key", metavar="PATH", help="the private key for --tls-cert (PEM)")
     run.add_argument("--no-watch", action="store_true", help="do not re-apply plugin files when they change")
     run.add_argument("--log-level", action="append", default=[], metavar="LEVEL|COMPONENT=LEVEL",
                      help="e.g. debug, or wasm=debug; repeatable")
     oci_commands.register(sub)
+    dev_commands.register(sub)
     return p
 
 
@@ -79,6 +83,12 @@ def _run(args: argparse.Namespace) -> int:
         opts.node = dict(cfg.node)
         opts.labels = dict(cfg.labels)
         opts.watch = cfg.watch
+        if cfg.tls is not None:
+            opts.tls_cert, opts.tls_key = str(cfg.tls.cert), str(cfg.tls.key)
+            opts.tls_sni = [{"server_names": e.server_names, "cert": str(e.cert), "key": str(e.key)}
+                            for e in cfg.tls.sni]
+        opts.upstream_ca = str(cfg.upstream_tls.ca) if cfg.upstream_tls.ca is not None else None
+        opts.upstream_insecure_skip_verify = cfg.upstream_tls.insecure_skip_verify
     opts.listen = args.listen or opts.listen
     opts.admin = args.admin or opts.admin
     opts.upstream = args.upstream or opts.upstream
@@ -86,6 +96,8 @@ def _run(args: argparse.Namespace) -> int:
         opts.plugins = args.plugins
     opts.labels.update(_pairs(args.labels, "--labels"))
     opts.clusters.update(_pairs(args.cluster, "--cluster"))
+    opts.tls_cert = args.tls_cert or opts.tls_cert
+    opts.tls_key = args.tls_key or opts.tls_key
     if args.no_watch:
         opts.watch = False
     import uvloop
@@ -108,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.command in oci_commands.COMMANDS:
             return oci_commands.run(args)
+        if args.command in dev_commands.COMMANDS:
+            return dev_commands.run(args)
     except (StartupError, ConfigError) as e:
         print(f"wasmgate: error: {e}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from typing import Any
 
 from wasmgate.admin import stats
 from wasmgate.admin.server import AdminState, serve_admin, set_levels
-from wasmgate.app import RunOptions, StartupError, default_plugins, load_chain
+from wasmgate.app import RunOptions, StartupError, default_plugins, load_chain, tls_contexts
 from wasmgate.plugin.shared import LocalStore
 from wasmgate.proxy.demo import start_demo_upstream
 from wasmgate.resources.config import parse_address
@@ -202,6 +202,7 @@ class Supervisor:
             raise StartupError(str(e)) from None
         # Check the plugins once here, so a bad file or module stops startup with its
         # error instead of sending every worker into a restart loop.
+        tls_contexts(self.opts)
         assert self.opts.plugins is not None
         chain = await loop.run_in_executor(None, load_chain, self.opts.plugins,
                                            Scope(self.opts.plugin_limits, dict(self.opts.labels), lport))

@@ -42,7 +42,8 @@ class Exchange:
         self.keep_alive = keep_alive
         self.http10 = http10
         self.stream = stream = Stream()
-        stream.request_headers = req = http.request_map(method, target, raw_headers)
+        scheme = conn.app.scheme
+        stream.request_headers = req = http.request_map(method, target, raw_headers, scheme)
         stream.downstream_addr = conn.peer
         stream.local_addr = conn.local
         stream.start_ns = time.time_ns()
@@ -54,7 +55,7 @@ class Exchange:
         xff = req.get(b"x-forwarded-for")
         req.replace(b"x-forwarded-for", (xff + b", " if xff else b"") + conn.peer_ip.encode())
         if req.get(b"x-forwarded-proto") is None:
-            req.add(b"x-forwarded-proto", b"http")
+            req.add(b"x-forwarded-proto", scheme)
         if req.get(b"x-request-id") is None:
             req.add(b"x-request-id", _request_id())
         self.filters: list[PluginFilter] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Protocol, cast
 from urllib.parse import urlsplit
@@ -23,16 +24,24 @@ class ResponseHandler(Protocol):
 
 
 class Cluster:
-    """A named upstream: ``http://host:port``."""
+    """A named upstream: ``http://host:port`` or ``https://host:port``.
 
-    def __init__(self, name: str, url: str, *, connect_timeout: float = 5.0, max_idle: int = 64):
+    For https, ``tls`` is the client context (default: verify against the system CA
+    store); the certificate must match the URL's host.
+    """
+
+    def __init__(self, name: str, url: str, *, connect_timeout: float = 5.0, max_idle: int = 64,
+                 tls: ssl.SSLContext | None = None):
         parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"upstream {name}: unsupported URL {url!r} (expected http://host:port)")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream {name}: unsupported URL {url!r} (expected http(s)://host:port)")
         self.name = name
         self.url = url
         self.host = parts.hostname
-        self.port = parts.port or 80
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.tls = tls or ssl.create_default_context()
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self._idle: list[UpstreamConnection] = []
@@ -50,10 +59,14 @@ class Cluster:
         loop = asyncio.get_running_loop()
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port),
+                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, ssl=self.tls,
+                                       server_hostname=self.host if self.tls is not None else None),
                 self.connect_timeout)
         except (TimeoutError, OSError) as e:
-            why = "connection timeout" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
+            if isinstance(e, ssl.SSLError):
+                why = f"TLS error: {e.reason or e}"
+            else:
+                why = "connection timeout" if isinstance(e, asyncio.TimeoutError) else (e.strerror or str(e))
             ready(None, f"connection failure: {why}")
             return
         ready(proto, "")

@@ -12,6 +12,9 @@ Example::
     limits: {max_header_bytes: 61440, max_headers: 100, max_buffered_body: 1048576}
     plugin_limits: {max_memory_bytes: 268435456, callback_deadline_ms: 500, memory_recycle_bytes: 0}
     watch: true                  # re-apply plugin files and modules when they change
+    tls: {cert: server.pem, key: server.key,          # serve HTTPS; paths relative to this file
+          sni: [{server_names: [a.example, "*.b.example"], cert: a.pem, key: a.key}]}
+    upstream_tls: {ca: ca.pem, insecure_skip_verify: false}   # for https:// upstreams and clusters
 """
 
 from __future__ import annotations
@@ -59,6 +62,30 @@ class PluginLimitsConfig(BaseModel):
                             self.max_random_bytes, self.memory_recycle_bytes, self.reload_backoff_ms / 1000)
 
 
+class SniConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    server_names: list[str]
+    cert: Path
+    key: Path
+
+
+class TlsConfig(BaseModel):
+    """Downstream TLS: the default certificate, and others chosen by SNI server name."""
+
+    model_config = ConfigDict(extra="forbid")
+    cert: Path
+    key: Path
+    sni: list[SniConfig] = []
+
+
+class UpstreamTlsConfig(BaseModel):
+    """How https:// upstreams and clusters are verified."""
+
+    model_config = ConfigDict(extra="forbid")
+    ca: Path | None = None  # None: the system CA store
+    insecure_skip_verify: bool = False
+
+
 class ProxyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     listen: str = "127.0.0.1:8080"
@@ -74,6 +101,8 @@ class ProxyConfig(BaseModel):
     limits: LimitsConfig = LimitsConfig()
     plugin_limits: PluginLimitsConfig = PluginLimitsConfig()
     watch: bool = True
+    tls: TlsConfig | None = None
+    upstream_tls: UpstreamTlsConfig = UpstreamTlsConfig()
 
     @field_validator("listen", "admin")
     @classmethod
@@ -103,5 +132,14 @@ def load_config(path: Path) -> ProxyConfig:
         cfg = ProxyConfig.model_validate(docs[0])
     except ValidationError as e:
         raise ConfigError(f"{path}: {_explain(e)}") from None
-    cfg.plugins = [p if p.is_absolute() else path.parent / p for p in cfg.plugins]
+    def rel(p: Path) -> Path:
+        return p if p.is_absolute() else path.parent / p
+
+    cfg.plugins = [rel(p) for p in cfg.plugins]
+    if cfg.tls is not None:
+        cfg.tls.cert, cfg.tls.key = rel(cfg.tls.cert), rel(cfg.tls.key)
+        for entry in cfg.tls.sni:
+            entry.cert, entry.key = rel(entry.cert), rel(entry.key)
+    if cfg.upstream_tls.ca is not None:
+        cfg.upstream_tls.ca = rel(cfg.upstream_tls.ca)
     return cfg
