@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -48,6 +49,7 @@ class Seen:
 class Upstream:
     server: ThreadingHTTPServer
     seen: list[Seen] = field(default_factory=list)
+    scheme: str = "http"
 
     @property
     def port(self) -> int:
@@ -55,7 +57,7 @@ class Upstream:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -133,10 +135,13 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_HEAD = do_DELETE = _handle
 
 
-def start_upstream() -> Upstream:
+def start_upstream(tls: ssl.SSLContext | None = None) -> Upstream:
+    """The recording upstream; with ``tls`` (a server context) it speaks HTTPS."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
-    up = Upstream(server)
+    if tls is not None:  # a failed handshake is an OSError the server drops
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    up = Upstream(server, scheme="https" if tls is not None else "http")
     server.upstream = up  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return up
