@@ -1,0 +1,1 @@
+"""Plugin developer tools: ``wasmgate new``, ``wasmgate test``, ``wasmgate bench`` and a pytest plugin."""
