@@ -134,3 +134,14 @@ def test_help_lists_run_options() -> None:
                          env={**os.environ, "COLUMNS": "200"}).stdout
     for flag in ("--listen", "--admin", "--upstream", "--plugins", "--workers", "--log-level"):
         assert flag in out
+
+
+def test_wasm_debug_logging_from_startup(upstream: Upstream) -> None:
+    with running("--plugins", str(ALLOW_HEADER_WASM.parent / "wasmplugin.yaml"), "--upstream", upstream.url,
+                 "--workers", "1", "--log-level", "wasm=debug") as (port, proc):
+        assert request(port)[0] == 403
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert proc.stderr is not None
+        rest = proc.stderr.read()
+    assert "[DEBUG][wasmgate.wasm] wasm log allow-header allow-header: allow-header: denied request" in rest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -73,3 +74,16 @@ def test_proc_exit_fails_vm(upstream: Upstream, tmp_path: Path) -> None:
     assert status == 503
     assert info["state"] == "failed" and "proc_exit(3)" in str(info["last_error"])
     assert after[0] == 503
+
+
+def test_trap_report_names_wasm_functions(upstream: Upstream, tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    proxy = ProxyThread([wasmplugin_yaml(tmp_path, "crasher", crasher(tmp_path, 1))], upstream.url)
+    try:
+        with caplog.at_level(logging.ERROR, logger="wasmgate.wasm"):
+            assert request(proxy.port)[0] == 503
+    finally:
+        proxy.stop()
+    (report,) = [r.getMessage() for r in caplog.records if "failed:" in r.getMessage()]
+    assert "plugin crasher failed: proxy_on_request_headers: wasm trap: wasm `unreachable`" in report
+    assert "wasm backtrace:" in report and "explode" in report  # the function's name from the name section
