@@ -112,3 +112,53 @@ def test_against_envoy_agrees(spec: Path | str, request: pytest.FixtureRequest) 
     r = wasmgate("test", str(path), "--against", "envoy", cwd=path.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "0 differ" in r.stdout
+
+
+CALLOUT_SPEC = ROOT / "tests" / "plugins" / "callout" / "spec.yaml"
+
+
+def test_callouts_answered_from_spec(tmp_path: Path) -> None:
+    r = wasmgate("test", str(CALLOUT_SPEC), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "4 cases: 4 passed, 0 failed" in r.stdout
+
+
+def test_callout_mismatch_is_reported(tmp_path: Path) -> None:
+    spec = CALLOUT_SPEC.read_text().replace("plugin: ../build/callout.wasm",
+                                            f"plugin: {CALLOUT_SPEC.parent.parent / 'build' / 'callout.wasm'}")
+    spec = spec.replace("path: /auth/alice", "path: /auth/bob").replace("callouts: []", "callouts:\n"
+                        "        - {cluster: auth, respond: {status: 200}}")
+    (tmp_path / "spec.yaml").write_text(spec)
+    r = wasmgate("test", "spec.yaml", cwd=tmp_path)
+    assert r.returncode == 1
+    assert "callout 1 path: expected '/auth/bob', got '/auth/alice'" in r.stdout
+    assert "callout 1: expected a call to 'auth', the plugin made none" in r.stdout
+    (tmp_path / "bad.yaml").write_text("plugin: x.wasm\ncases:\n  - name: a\n    expect:\n"
+                                       "      callouts: [{cluster: auth}]\n")
+    r = wasmgate("test", "bad.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "exactly one of `respond`" in r.stderr + r.stdout
+
+
+def test_fixture_callouts(wasm_plugin: Callable[..., WasmPlugin]) -> None:
+    p = wasm_plugin(ROOT / "tests" / "plugins" / "build" / "callout.wasm")
+    out = p.run(headers={"x-user": "carol"}, callouts=[{"cluster": "auth", "respond": {"body": "ok"}}])
+    assert out.reached_upstream and out.header("x-auth", upstream=True) == "ok"
+    (call,) = out.callouts
+    assert (call.cluster, call.method, call.path, call.timeout) == ("auth", "GET", "/auth/carol", 2.0)
+    out = p.run(headers={"x-user": "dave"}, callouts=[{"cluster": "auth", "fail": "timeout"}])
+    assert (out.status, out.body) == (503, b"callout failed\n")
+    out = p.run(headers={"x-user": "erin"})  # no such cluster: proxy_http_call fails, as in Envoy
+    assert out.status == 500 and out.callouts == []
+    p.expect(out, {"callouts": [], "logs": ["http_call failed status=2"]})
+
+
+def test_callouts_against_envoy() -> None:
+    """Answered calls agree; a failed call differs: Envoy's async client turns a reset (or a
+    timeout) into a 503 (504) response, wasmgate reports a failure with no headers."""
+    pytest.importorskip("envoy")
+    r = wasmgate("test", str(CALLOUT_SPEC), "--against", "envoy", cwd=CALLOUT_SPEC.parent)
+    assert "SAME allowed, the auth answer becomes a request header" in r.stdout, r.stdout + r.stderr
+    assert "SAME denied, another status answers 403" in r.stdout
+    assert "SAME no x-user means no callout" in r.stdout
+    assert "DIFF the call fails, 503" in r.stdout and "envoy b'denied: 503\\n'" in r.stdout
+    assert "4 cases: 3 agree with envoy, 1 differ" in r.stdout

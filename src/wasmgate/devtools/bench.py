@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from wasmgate.devtools.driver import PluginDriver, Request, Response
+from wasmgate.devtools.driver import PluginDriver, Reply, Request, Response
 from wasmgate.devtools.spec import Spec
 
 PAGE = 65536
@@ -66,11 +66,12 @@ def bench(wasm: Path, *, spec: Spec | None = None, requests: int = 50000, config
           warmup: int | None = None) -> BenchResult:
     if requests < 1:
         raise ValueError("requests: at least 1")
-    pairs: list[tuple[Request, Response]] = [(Request(), Response())]
+    pairs: list[tuple[Request, Response, list[Reply]]] = [(Request(), Response(), [])]
     name = wasm.stem
     root_id = ""
     if spec is not None:
-        pairs = [(c.request.build(), c.response.build()) for c in spec.cases] or pairs
+        cases = [(c.request.build(), c.response.build(), c.expect.replies()) for c in spec.cases]
+        pairs = cases or pairs
         config = spec.config if config is None else config
         name, root_id = spec.name, spec.root_id
     warm = warmup if warmup is not None else min(requests // 2, max(200, requests // 10))
@@ -84,8 +85,8 @@ def bench(wasm: Path, *, spec: Spec | None = None, requests: int = 50000, config
     t0 = time.perf_counter()
     with driver:
         for i in range(requests):
-            req, resp = pairs[i % len(pairs)]
-            out = driver.run(req, resp, seconds if i >= warm else None)
+            req, resp, replies = pairs[i % len(pairs)]
+            out = driver.run(req, resp, seconds if i >= warm else None, replies)
             if out.failed:
                 failed = out.failed
                 break

@@ -6,6 +6,11 @@ configure) into a ``PluginHandle``; ``run`` sends one request through a request
 or the plugin's local reply) through the response ``Direction``, then ``on_log``,
 ``on_done`` and ``on_delete``. Nothing about filter iteration is re-implemented here:
 only the two ends of the chain (what the upstream and the client receive) are recorded.
+
+HTTP callouts (proxy_http_call) never leave the process: ``_CannedCallouts`` takes the
+place of the proxy's ``Callouts``, records each call, and answers it from the run's
+``Reply`` list, in order, once the callback that made it has returned (Envoy never
+delivers inside the call), through ``PluginVM.deliver_http_call_response``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +30,16 @@ from wasmgate.headers import HeaderMap
 from wasmgate.host import metrics as host_metrics
 from wasmgate.log import wasm_log
 from wasmgate.plugin.chain import Direction, FilterCallbacks, Halted
-from wasmgate.plugin.context import LocalReply, Stream
+from wasmgate.plugin.context import Context, LocalReply, Stream
 from wasmgate.plugin.filter import PluginFilter
 from wasmgate.plugin.manager import PluginHandle, compile_spec, engine
 from wasmgate.plugin.metrics import MetricStore, VmMetrics
 from wasmgate.plugin.spec import FailStrategy, PluginLimits, PluginSpec
 from wasmgate.plugin.vm import PluginError, PluginStats, PluginVM
 from wasmgate.proxy import http
+from wasmgate.proxy.callout import Callouts, CallResponse
 from wasmgate.proxy.exchange import _local_reply_headers
+from wasmgate.proxy.upstream import Cluster
 
 ACTION_NAMES = {int(Action.CONTINUE): "continue", int(Action.PAUSE): "pause",
                 int(Action.STOP_AND_WATERMARK): "stop_and_watermark", int(Action.STOP_NO_BUFFER): "stop_no_buffer"}
@@ -64,6 +71,89 @@ def _pairs(headers: HeaderMap | None) -> Pairs:
 
 
 @dataclass
+class Reply:
+    """A canned answer to one HTTP callout to ``cluster``; ``fail`` ("reset", "timeout"): no answer,
+    the plugin sees a failed call (no headers, body or trailers), as Envoy reports one."""
+
+    cluster: str
+    status: int = 200
+    headers: Pairs = field(default_factory=list)
+    body: bytes = b""
+    trailers: Pairs = field(default_factory=list)
+    fail: str | None = None
+
+    def response(self) -> CallResponse:
+        if self.fail is not None:
+            return CallResponse()
+        return CallResponse(http.response_map(self.status, [(k.encode("latin-1"), v.encode("latin-1"))
+                                                            for k, v in self.headers]),
+                            self.body, HeaderMap((k.encode("latin-1"), v.encode("latin-1"))
+                                                 for k, v in self.trailers))
+
+
+@dataclass
+class Callout:
+    """One HTTP callout the plugin made, and how it was answered."""
+
+    cluster: str
+    headers: Pairs  # including :method, :path, :authority
+    body: bytes
+    trailers: Pairs
+    timeout: float  # seconds
+    reply: Reply | None = None  # None: more calls than canned replies (answered as a failure)
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
+
+    @property
+    def method(self) -> str:
+        return self.header(":method") or ""
+
+    @property
+    def path(self) -> str:
+        return self.header(":path") or ""
+
+
+class _Pending:
+    def __init__(self, token: int, ctx: Context, reply: Reply | None):
+        self.token, self.ctx, self.reply = token, ctx, reply
+        self.cancelled = False
+
+    def cancel(self) -> None:  # the calling context went away (PluginVM._cancel_calls)
+        self.cancelled = True
+
+
+class _CannedCallouts(Callouts):
+    """``Callouts`` that answer from canned replies instead of sending anything."""
+
+    def __init__(self, replies: Iterable[Reply]):
+        self.replies = list(replies)
+        # The host checks a called cluster exists; these never connect anywhere.
+        super().__init__({r.cluster: Cluster(r.cluster, "http://127.0.0.1:9") for r in self.replies})
+        self.calls: list[Callout] = []
+        self.queue: list[_Pending] = []
+
+    def start(self, vm: PluginVM, ctx: Context, cluster: str, headers: HeaderMap, body: bytes,
+              trailers: HeaderMap, timeout: float) -> int:
+        token = vm.next_call_token()
+        reply = self.replies[len(self.calls)] if len(self.calls) < len(self.replies) else None
+        self.calls.append(Callout(cluster, _pairs(headers), body, _pairs(trailers), timeout, reply))
+        pending = _Pending(token, ctx, reply)
+        vm.pending_calls[token] = pending
+        self.queue.append(pending)
+        return token
+
+    def deliver(self, vm: PluginVM) -> None:
+        """Answer every call made so far (and those the answers make)."""
+        while self.queue:
+            p = self.queue.pop(0)
+            vm.pending_calls.pop(p.token, None)
+            if not p.cancelled:
+                vm.deliver_http_call_response(p.ctx, p.token, p.reply.response() if p.reply else CallResponse())
+
+
+@dataclass
 class Outcome:
     """What one request did, as a test can see it."""
 
@@ -81,6 +171,7 @@ class Outcome:
     logs: list[str] = field(default_factory=list)  # "level message" per plugin log line
     metrics: dict[str, int] = field(default_factory=dict)  # counters and gauges by name
     failed: str | None = None  # the VM trapped
+    callouts: list[Callout] = field(default_factory=list)  # HTTP callouts, in order
 
     def action(self, phase: str) -> str | None:
         calls = self.actions.get(phase)
@@ -238,18 +329,26 @@ class PluginDriver:
         self.close()
 
     def run(self, request: Request | None = None, response: Response | None = None,
-            seconds: dict[str, list[float]] | None = None) -> Outcome:
-        """One request through the plugin; ``response`` is what the upstream answers."""
+            seconds: dict[str, list[float]] | None = None, replies: Iterable[Reply] = ()) -> Outcome:
+        """One request through the plugin; ``response`` is what the upstream answers, ``replies``
+        what its HTTP callouts get, in order (clusters not named there do not exist)."""
         request = request or Request()
         response = response or Response()
-        with _capture(self.log_level) as cap:
-            out = self._run(request, response, seconds)
+        canned = _CannedCallouts(replies)
+        old, self.vm.callouts = self.vm.callouts, canned
+        try:
+            with _capture(self.log_level) as cap:
+                out = self._run(request, response, seconds, canned)
+        finally:
+            self.vm.callouts = old
+        out.callouts = canned.calls
         out.logs = cap.lines
         out.metrics = self.metrics()
         out.failed = self.vm.failed
         return out
 
-    def _run(self, request: Request, response: Response, seconds: dict[str, list[float]] | None) -> Outcome:
+    def _run(self, request: Request, response: Response, seconds: dict[str, list[float]] | None,
+             canned: _CannedCallouts) -> Outcome:
         out = Outcome()
         stream = Stream()
         raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers]
@@ -284,10 +383,14 @@ class PluginDriver:
             d = req_dir if stream_type == 0 else resp_dir
             d.continue_from(0)
 
+        def settle() -> None:  # after each step: answer the callouts it made
+            canned.deliver(self.vm)
+            check()
+
         stream.on_continue = on_continue
         stream.on_end = lambda ctx: None
         with contextlib.suppress(Halted):  # a local reply or reset: handled below
-            _feed(req_dir, request.body)
+            _feed(req_dir, request.body, settle)
         out.reached_upstream = up.headers_seen is not None
         out.upstream_headers = _pairs(up.headers_seen)
         out.upstream_body = bytes(up.body)
@@ -297,12 +400,12 @@ class PluginDriver:
         elif stream.local_reply is not None:
             out.local_reply = reply = stream.local_reply
             # Envoy: the local reply goes back through the sender's response callbacks.
-            self._reply_through(stream, resp_dir, reply, down)
+            self._reply_through(stream, resp_dir, reply, down, settle)
         elif up.complete:
             stream.response_headers = http.response_map(
                 response.status, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers])
             try:
-                _feed(resp_dir, response.body)
+                _feed(resp_dir, response.body, settle)
             except Halted:
                 if stream.reset:
                     out.reset = True
@@ -321,23 +424,28 @@ class PluginDriver:
         return out
 
     @staticmethod
-    def _reply_through(stream: Stream, resp_dir: Direction, reply: LocalReply, down: _Sink) -> None:
+    def _reply_through(stream: Stream, resp_dir: Direction, reply: LocalReply, down: _Sink,
+                       settle: Callable[[], None]) -> None:
         stream.response_headers = _local_reply_headers(reply)
         stream.code_details = reply.details
         stream.local_reply = None
         try:
             resp_dir.headers(not reply.body)
+            settle()
             if reply.body:
                 resp_dir.data(reply.body, True)
+                settle()
         except Halted:
             _write(stream, down, stream.local_reply or reply)
 
 
-def _feed(d: Direction, body: Iterable[bytes]) -> None:
+def _feed(d: Direction, body: Iterable[bytes], settle: Callable[[], None]) -> None:
     chunks = list(body)
     d.headers(not chunks)
+    settle()
     for i, chunk in enumerate(chunks):
         d.data(chunk, i == len(chunks) - 1)
+        settle()
 
 
 def _write(stream: Stream, down: _Sink, reply: LocalReply) -> None:
@@ -354,4 +462,4 @@ def load(wasm: str | Path, config: object = None, **kw: Any) -> PluginDriver:
     return PluginDriver(wasm, config, **kw)
 
 
-__all__ = ["Outcome", "PluginDriver", "PluginError", "Request", "Response", "load"]
+__all__ = ["Callout", "Outcome", "PluginDriver", "PluginError", "Reply", "Request", "Response", "load"]

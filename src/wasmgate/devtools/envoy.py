@@ -5,6 +5,11 @@ on 127.0.0.1 that answers each case's ``response`` and records what it received.
 case the client's status and body, the reached-upstream flag, and the headers that matter
 (those the case's expectations name, and those the plugin added or changed in wasmgate) are
 compared with the in-process run.
+
+Each cluster the spec's callouts name is a cluster of that Envoy too: a server on 127.0.0.1
+that answers the case's canned replies in order (``fail: reset`` closes the connection
+unanswered; ``fail: timeout`` answers only after the call's timeout, as recorded in-process)
+and records what it was sent, so the calls' method and path are compared as well.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TextIO
 
-from wasmgate.devtools.driver import Outcome, config_bytes
+from wasmgate.devtools.driver import Outcome, Reply, config_bytes
 from wasmgate.devtools.runner import CaseResult
 from wasmgate.devtools.spec import Case, HeaderExpect, ResponseSpec, Spec
 
@@ -91,6 +96,54 @@ class _Upstream:
         self.server.server_close()
 
 
+class _ClusterServer:
+    """One callout cluster: answers canned replies in order and records (method, path, headers, body)."""
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[Reply, float]] = []  # (reply, the call's timeout)
+        self.got: list[tuple[str, str, list[tuple[str, str]], bytes]] = []
+        self.stopping = threading.Event()
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n) if n else b""
+                srv.got.append((self.command, self.path, [(k.lower(), v) for k, v in self.headers.items()], body))
+                if not srv.replies:
+                    self.close_connection = True
+                    return
+                reply, timeout = srv.replies.pop(0)
+                if reply.fail is not None:
+                    if reply.fail == "timeout":
+                        srv.stopping.wait(timeout + 1.0)
+                    self.close_connection = True
+                    return
+                self.send_response(reply.status)
+                for k, v in reply.headers:
+                    self.send_header(k, v)
+                self.send_header("content-length", str(len(reply.body)))
+                self.end_headers()
+                self.wfile.write(reply.body)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -102,7 +155,14 @@ def _addr(port: int) -> dict[str, Any]:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def _bootstrap(spec: Spec, config: bytes, port: int, admin: int, upstream: int) -> dict[str, Any]:
+def _cluster(name: str, port: int) -> dict[str, Any]:
+    return {"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": _addr(port)}}]}]}}
+
+
+def _bootstrap(spec: Spec, config: bytes, port: int, admin: int, upstream: int,
+               clusters: dict[str, int]) -> dict[str, Any]:
     wasm = {"name": "envoy.filters.http.wasm", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         "config": {"name": spec.name, "root_id": spec.root_id,
@@ -121,16 +181,14 @@ def _bootstrap(spec: Spec, config: bytes, port: int, admin: int, upstream: int) 
     return {"admin": {"address": _addr(admin)}, "static_resources": {
         "listeners": [{"name": "l", "address": _addr(port), "filter_chains": [{"filters": [
             {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}]}],
-        "clusters": [{"name": "upstream", "type": "STATIC", "connect_timeout": "1s",
-                      "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [
-                          {"endpoint": {"address": _addr(upstream)}}]}]}}]}}
+        "clusters": [_cluster("upstream", upstream), *(_cluster(n, p) for n, p in clusters.items())]}}
 
 
 class _Envoy:
-    def __init__(self, spec: Spec, config: bytes, upstream: int, workdir: Path):
+    def __init__(self, spec: Spec, config: bytes, upstream: int, workdir: Path, clusters: dict[str, int]):
         self.port, self.admin = _free_port(), _free_port()
         cfg = workdir / "envoy.json"
-        cfg.write_text(json.dumps(_bootstrap(spec, config, self.port, self.admin, upstream)))
+        cfg.write_text(json.dumps(_bootstrap(spec, config, self.port, self.admin, upstream, clusters)))
         self.log = workdir / "envoy.log"
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
@@ -214,35 +272,59 @@ def _diff_case(case: Case, out: Outcome, status: int, headers: list[tuple[str, s
     return d
 
 
+def _diff_callouts(out: Outcome, got: list[tuple[str, str, list[tuple[str, str]], bytes]]) -> list[str]:
+    d: list[str] = []
+    ours = [(c.cluster, c.method, c.path) for c in out.callouts if c.reply is not None]
+    if len(ours) != len(got):
+        d.append(f"callouts: wasmgate made {len(ours)}, envoy {len(got)}")
+    for i, ((cluster, method, path), (e_method, e_path, _, _)) in enumerate(zip(ours, got, strict=False), 1):
+        if (method, path) != (e_method, e_path):
+            d.append(f"callout {i} to {cluster}: wasmgate {method} {path}, envoy {e_method} {e_path}")
+    return d
+
+
 def compare(spec: Spec, results: list[CaseResult]) -> dict[str, list[str]]:
     """Differences by case name (empty list: the same)."""
     diffs: dict[str, list[str]] = {}
     groups: dict[bytes, list[CaseResult]] = {}
     for r in results:
         groups.setdefault(config_bytes(spec.case_config(r.case)), []).append(r)
+    names = sorted({c.cluster for r in results for c in r.case.expect.callouts or ()} - {"upstream"})
+    servers = {n: _ClusterServer() for n in names}
     up = _Upstream()
     try:
         with tempfile.TemporaryDirectory(prefix="wasmgate-envoy-") as tmp:
             for i, (config, group) in enumerate(groups.items()):
                 work = Path(tmp) / str(i)
                 work.mkdir()
-                env = _Envoy(spec, config, up.port, work)
+                env = _Envoy(spec, config, up.port, work, {n: s.port for n, s in servers.items()})
                 try:
                     for r in group:
                         if r.outcome is None:
                             diffs[r.case.name] = ["not run in wasmgate: the plugin did not start"]
                             continue
                         up.response, up.got = r.case.response, None
+                        calls = r.outcome.callouts
+                        by_server: dict[str, list[tuple[Reply, float]]] = {n: [] for n in servers}
+                        for c in calls:
+                            if c.reply is not None and c.cluster in by_server:
+                                by_server[c.cluster].append((c.reply, c.timeout))
+                        for n, srv in servers.items():
+                            srv.replies, srv.got = by_server[n], []
                         try:
                             status, headers, body = _send(env.port, r.case)
                         except OSError as e:
                             diffs[r.case.name] = [f"envoy: request failed: {e}"]
                             continue
-                        diffs[r.case.name] = _diff_case(r.case, r.outcome, status, headers, body, up.got)
+                        got = [g for srv in servers.values() for g in srv.got]
+                        diffs[r.case.name] = (_diff_case(r.case, r.outcome, status, headers, body, up.got)
+                                              + _diff_callouts(r.outcome, got))
                 finally:
                     env.stop()
     finally:
         up.close()
+        for srv in servers.values():
+            srv.close()
     return diffs
 
 

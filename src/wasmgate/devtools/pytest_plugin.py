@@ -9,19 +9,21 @@ def test_denies(wasm_plugin):
 ```
 
 ``expect`` takes the ``expect:`` mapping of a spec case and fails with the same lines
-``wasmgate test`` prints. Plugins are closed when the test ends.
+``wasmgate test`` prints. Plugins are closed when the test ends. HTTP callouts are answered
+in-process from ``callouts=``, a list in the spec's ``expect.callouts`` form (each with
+``respond`` or ``fail``); ``out.callouts`` records what the plugin sent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from wasmgate.devtools.driver import Outcome, PluginDriver, Request, Response
-from wasmgate.devtools.spec import Expect, _chunks, _headers, check
+from wasmgate.devtools.spec import CalloutExpect, Expect, _chunks, _headers, check
 
 
 class WasmPlugin:
@@ -31,9 +33,12 @@ class WasmPlugin:
         self.driver = driver
 
     def run(self, method: str = "GET", path: str = "/", headers: Any = None, body: Any = None, *,
-            status: int = 200, response_headers: Any = None, response_body: Any = None) -> Outcome:
+            status: int = 200, response_headers: Any = None, response_body: Any = None,
+            callouts: Sequence[Mapping[str, Any]] = ()) -> Outcome:
+        replies = [CalloutExpect.model_validate(dict(c)).reply() for c in callouts]
         return self.driver.run(Request(method, path, "example.com", _headers(headers), _chunks(body)),
-                               Response(status, _headers(response_headers), _chunks(response_body)))
+                               Response(status, _headers(response_headers), _chunks(response_body)),
+                               replies=replies)
 
     def expect(self, out: Outcome, expect: Mapping[str, Any]) -> None:
         fails = check(Expect.model_validate(dict(expect)), out)

@@ -38,7 +38,7 @@ def run_case(spec: Spec, case: Case) -> CaseResult:
         res.seconds = time.perf_counter() - t0
         return res
     with driver:
-        out = driver.run(case.request.build(), case.response.build())
+        out = driver.run(case.request.build(), case.response.build(), replies=case.expect.replies())
     out.logs[:0] = driver.start_logs  # on_configure's lines count too
     res.outcome = out
     res.failures = check(case.expect, out)

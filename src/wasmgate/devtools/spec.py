@@ -17,6 +17,13 @@ cases:
       response: {status: 200, headers: {...}, body: ..., body_regex: ...}
       logs: ["regex", ...]        # each must match some plugin log line ("level message")
       metrics: {demo_requests: 1}
+      callouts:                   # the HTTP callouts the plugin makes, in order, and their answers
+        - cluster: auth
+          method: GET
+          path: /auth/alice
+          headers: {present: [...], equal: {...}}
+          body: ...                # or body_regex
+          respond: {status: 200, headers: {...}, body: "ok"}   # or `fail: reset` / `fail: timeout`
 ```
 """
 
@@ -24,12 +31,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from wasmgate.devtools.driver import PHASES, Outcome, Request, Response
+from wasmgate.devtools.driver import PHASES, Outcome, Reply, Request, Response
 
 
 class SpecError(Exception):
@@ -116,6 +123,39 @@ class UpstreamExpect(_Model):
     body_regex: str | None = None
 
 
+class CalloutReply(_Model):
+    status: int = 200
+    headers: list[tuple[str, str]] = Field(default_factory=list)
+    body: str = ""
+    trailers: list[tuple[str, str]] = Field(default_factory=list)
+
+    _h = field_validator("headers", "trailers", mode="before")(lambda v: _headers(v))
+
+
+class CalloutExpect(_Model):
+    cluster: str
+    method: str | None = None
+    path: str | None = None
+    headers: HeaderExpect | None = None
+    body: str | None = None
+    body_regex: str | None = None
+    respond: CalloutReply | None = None
+    fail: Literal["reset", "timeout"] | None = None
+
+    @model_validator(mode="after")
+    def _answer(self) -> CalloutExpect:
+        if (self.respond is None) == (self.fail is None):
+            raise ValueError("a callout needs exactly one of `respond` (the canned answer) or `fail` "
+                             "(reset or timeout)")
+        return self
+
+    def reply(self) -> Reply:
+        if self.respond is None:
+            return Reply(self.cluster, fail=self.fail)
+        r = self.respond
+        return Reply(self.cluster, r.status, list(r.headers), r.body.encode(), list(r.trailers))
+
+
 class Expect(_Model):
     actions: dict[str, str | list[str]] = Field(default_factory=dict)
     immediate_response: ReplyExpect | bool | None = None
@@ -123,6 +163,10 @@ class Expect(_Model):
     response: ReplyExpect | None = None
     logs: list[str] = Field(default_factory=list)
     metrics: dict[str, int] = Field(default_factory=dict)
+    callouts: list[CalloutExpect] | None = None  # None: not checked (and no cluster exists)
+
+    def replies(self) -> list[Reply]:
+        return [c.reply() for c in self.callouts or ()]
 
     @field_validator("actions")
     @classmethod
@@ -269,6 +313,32 @@ def check(expect: Expect, out: Outcome) -> list[str]:
         got_v = out.metrics.get(name)
         if got_v != value:
             fails.append(f"metric {name}: expected {value}, got {'<undefined>' if got_v is None else got_v}")
+    if expect.callouts is not None:
+        fails += _check_callouts(expect.callouts, out)
     if fails and fails[0].startswith("note:") and len(fails) == 1:
         return []
+    return fails
+
+
+def _check_callouts(expected: list[CalloutExpect], out: Outcome) -> list[str]:
+    fails: list[str] = []
+    got = out.callouts
+    for i, exp in enumerate(expected):
+        where = f"callout {i + 1}"
+        if i >= len(got):
+            fails.append(f"{where}: expected a call to {exp.cluster!r}, the plugin made none")
+            continue
+        call = got[i]
+        if call.cluster != exp.cluster:
+            fails.append(f"{where} cluster: expected {exp.cluster!r}, got {call.cluster!r}")
+        if exp.method is not None and call.method != exp.method:
+            fails.append(f"{where} method: expected {exp.method!r}, got {call.method!r}")
+        if exp.path is not None and call.path != exp.path:
+            fails.append(f"{where} path: expected {exp.path!r}, got {call.path!r}")
+        if exp.headers is not None:
+            fails += _check_headers(where, exp.headers, call.headers)
+        fails += _check_body(where, call.body, exp.body, exp.body_regex)
+    for i, call in enumerate(got[len(expected):], len(expected) + 1):
+        fails.append(f"callout {i}: unexpected call to {call.cluster!r} {call.method} {call.path} "
+                     "(answered as a failure)")
     return fails
