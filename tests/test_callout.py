@@ -44,8 +44,9 @@ def test_callout_denies(proxy: ProxyThread) -> None:
 
 
 def test_callout_timeout_reports_failure(proxy: ProxyThread) -> None:
+    """As Envoy's async client: a timed-out call comes back as a 504 response."""
     status, _, body = request(proxy.port, headers={"x-user": "slow"})  # the plugin's timeout is 2 s
-    assert (status, body) == (503, b"callout failed\n")
+    assert (status, body) == (403, b"denied: 504\n")
 
 
 def test_concurrent_callouts(proxy: ProxyThread, upstream: Upstream) -> None:
@@ -79,7 +80,7 @@ def test_unreachable_cluster(upstream: Upstream, tmp_path: Path) -> None:
             status, _, body = request(p.port, headers={"x-user": "bob"})
         finally:
             p.stop()
-    assert (status, body) == (503, b"callout failed\n")
+    assert (status, body) == (403, b"denied: 503\n")  # a connect error is a 503 response, as in Envoy
 
 
 def test_unknown_cluster_is_bad_argument(upstream: Upstream, tmp_path: Path) -> None:

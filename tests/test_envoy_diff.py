@@ -147,6 +147,7 @@ def test_http_callout_same_as_envoy(tmp_path: Path) -> None:
     try:
         assert pair.compare(headers={"x-user": "alice"}).upstream_headers["x-auth"] == "ok:alice"
         assert pair.compare(headers={"x-user": "mallory"}).status == 403
+        assert pair.compare(headers={"x-user": "slow"}).body == b"denied: 504\n"  # the plugin's 2 s timeout
         assert pair.compare().status == 200
         assert pair.compare("POST", "/p", {"x-user": "bob"}, b"request body").upstream_body == b"request body"
     finally:

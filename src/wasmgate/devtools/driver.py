@@ -37,7 +37,7 @@ from wasmgate.plugin.metrics import MetricStore, VmMetrics
 from wasmgate.plugin.spec import FailStrategy, PluginLimits, PluginSpec
 from wasmgate.plugin.vm import PluginError, PluginStats, PluginVM
 from wasmgate.proxy import http
-from wasmgate.proxy.callout import Callouts, CallResponse
+from wasmgate.proxy.callout import Callouts, CallResponse, failure_response
 from wasmgate.proxy.exchange import _local_reply_headers
 from wasmgate.proxy.upstream import Cluster
 
@@ -72,8 +72,8 @@ def _pairs(headers: HeaderMap | None) -> Pairs:
 
 @dataclass
 class Reply:
-    """A canned answer to one HTTP callout to ``cluster``; ``fail`` ("reset", "timeout"): no answer,
-    the plugin sees a failed call (no headers, body or trailers), as Envoy reports one."""
+    """A canned answer to one HTTP callout to ``cluster``; ``fail`` ("reset", "timeout"): the call
+    fails, and the plugin gets what Envoy's async client makes of that: 503 (504 for a timeout)."""
 
     cluster: str
     status: int = 200
@@ -84,7 +84,7 @@ class Reply:
 
     def response(self) -> CallResponse:
         if self.fail is not None:
-            return CallResponse()
+            return failure_response("timeout" if self.fail == "timeout" else "connection termination")
         return CallResponse(http.response_map(self.status, [(k.encode("latin-1"), v.encode("latin-1"))
                                                             for k, v in self.headers]),
                             self.body, HeaderMap((k.encode("latin-1"), v.encode("latin-1"))
@@ -150,7 +150,8 @@ class _CannedCallouts(Callouts):
             p = self.queue.pop(0)
             vm.pending_calls.pop(p.token, None)
             if not p.cancelled:
-                vm.deliver_http_call_response(p.ctx, p.token, p.reply.response() if p.reply else CallResponse())
+                vm.deliver_http_call_response(p.ctx, p.token, p.reply.response() if p.reply
+                                              else failure_response("connection termination"))
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """HTTP callouts from plugins (proxy_http_call) to named upstream clusters.
 
-The response is handed to the calling context's ``proxy_on_http_call_response``;
-while that callback runs, its headers, body and trailers are readable through map
-types 6/7 and buffer type 4. A failure (connect error, reset, timeout) is reported
-as Envoy does: the callback with no headers, body or trailers.
+The response is handed to the root context's ``proxy_on_http_call_response``; while
+that callback runs, its headers, body and trailers are readable through map types 6/7
+and buffer type 4. A failure comes back as Envoy's async client reports it: a 503
+local reply for a connect error or reset, a 504 for a timeout.
 """
 
 from __future__ import annotations
@@ -32,6 +32,17 @@ class CallResponse:
     headers: HeaderMap = field(default_factory=HeaderMap)
     body: bytes = b""
     trailers: HeaderMap = field(default_factory=HeaderMap)
+
+
+UPSTREAM_FAILURE = b"upstream connect error or disconnect/reset before headers. reset reason: "
+
+
+def failure_response(reason: str) -> CallResponse:
+    """The local reply Envoy's async client hands a plugin whose call failed."""
+    status, body = (b"504", b"upstream request timeout") if reason == "timeout" else \
+        (b"503", UPSTREAM_FAILURE + reason.encode())
+    return CallResponse(HeaderMap([(b":status", status), (b"content-length", str(len(body)).encode()),
+                                   (b"content-type", b"text/plain")]), body)
 
 
 class Callouts:
@@ -154,5 +165,5 @@ class _Call:
         if not ok:
             _log.debug("plugin %s: http call %d to %s failed: %s", self.vm.name, self.token, self.cluster.name,
                        reason)
-            self.response = CallResponse()
+            self.response = failure_response(reason)
         self.vm.deliver_http_call_response(self.ctx, self.token, self.response)

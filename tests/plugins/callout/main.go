@@ -3,7 +3,8 @@
 // A request with header `x-user` is paused while the plugin asks the cluster
 // "auth" for GET /auth/<user>. On the answer it switches to the request's
 // context: 200 adds request header `x-auth: <body>` and resumes the request;
-// another status answers 403 "denied: <status>"; a failed call answers 503.
+// another status answers 403 "denied: <status>" (a failed call arrives as Envoy's
+// 503 or 504 response, so it is denied too); a call with no response answers 503.
 package main
 
 import (
