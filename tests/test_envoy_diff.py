@@ -178,3 +178,30 @@ def test_properties_same_as_envoy(tmp_path: Path) -> None:
         pair.compare("POST", "/", {}, b"body")
     finally:
         pair.stop()
+
+
+def test_callback_sequence_and_plugin_logs_same_as_envoy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The plugin's own log lines (every callback with its arguments) match Envoy's, in order."""
+    import logging
+    import re
+    import time
+
+    pair = Pair([Plugin("lifecycle", PLUGIN_BUILD / "lifecycle.wasm")], tmp_path)
+    try:
+        with caplog.at_level(logging.INFO, logger="wasmgate.wasm"):
+            pair.compare("POST", "/p", {}, b"some body")
+            pair.compare("GET", "/g")
+            time.sleep(0.5)  # Envoy writes its log asynchronously
+        envoy_log = pair.envoy.log_text()
+    finally:
+        pair.stop()
+
+    def stream_lines(messages: list[str]) -> list[str]:
+        # stream contexts only (2, 3): root callbacks run once per VM copy in Envoy
+        return [m for m in messages if re.search(r"lifecycle: \w+ ctx=[23]\b", m)]
+
+    ours = stream_lines([r.getMessage().split(": ", 1)[-1] for r in caplog.records
+                         if r.name == "wasmgate.wasm" and "lifecycle: " in r.getMessage()])
+    theirs = stream_lines([line.split(": ", 1)[-1] for line in envoy_log.splitlines() if "lifecycle: " in line])
+    assert len(ours) > 10
+    assert ours == theirs

@@ -50,10 +50,8 @@ class Exchange:
         stream.connection_id = conn.id
         if http10:
             stream.protocol = b"HTTP/1.0"
-        # What Envoy's connection manager adds before the filters run (with
-        # use_remote_address, hence X-Forwarded-For).
-        xff = req.get(b"x-forwarded-for")
-        req.replace(b"x-forwarded-for", (xff + b", " if xff else b"") + conn.peer_ip.encode())
+        # What Envoy's connection manager adds before the filters run. X-Forwarded-For
+        # is added on the way upstream only, so plugins see Envoy's default header set.
         if req.get(b"x-forwarded-proto") is None:
             req.add(b"x-forwarded-proto", scheme)
         if req.get(b"x-request-id") is None:
@@ -75,6 +73,7 @@ class Exchange:
         self.upgrade_ok = False  # ... and no plugin needs the body, so we tunnel
         self.tunneling = False  # after 101: raw bytes both ways
         self._upstream_upgrade = b""
+        self._upstream_sent_at = 0.0
         self.status = 0
 
     # ---- request side: fed by HttpConnection -----------------------------------------
@@ -221,9 +220,11 @@ class Exchange:
     def connect_upstream(self, eos: bool) -> None:
         req = self.stream.request_headers
         assert req is not None
+        self._upstream_sent_at = time.monotonic()
         self._upstream_chunked = not eos and req.get(b"content-length") is None
         self._pending_upstream = [http.request_head(req, self._upstream_chunked,
-                                                    self.upgrade if self.upgrade_ok else None)]
+                                                    self.upgrade if self.upgrade_ok else None,
+                                                    self.conn.peer_ip.encode())]
         self._upstream_done = eos
         self.conn.app.cluster.acquire(self._connected)
 
@@ -282,7 +283,10 @@ class Exchange:
     def upstream_head(self, status: int, headers: list[Pair], no_body: bool) -> None:
         if status == 101:
             self._upstream_upgrade = next((v for k, v in headers if k.lower() == b"upgrade"), b"")
-        self.stream.response_headers = http.response_map(status, headers)
+        resp = self.stream.response_headers = http.response_map(status, headers)
+        # Envoy's router adds this before the response filters run; plugins count on it.
+        resp.add(b"x-envoy-upstream-service-time",
+                 b"%d" % int((time.monotonic() - self._upstream_sent_at) * 1000))
         if self.response is not None:
             response = self.response
             self._guard(lambda: response.headers(no_body), False)

@@ -52,13 +52,19 @@ def _regular(headers: HeaderMap) -> list[bytes]:
     return [k + b": " + v for k, v in headers.pairs if not k.startswith(b":") and k not in HOP_BY_HOP]
 
 
-def request_head(headers: HeaderMap, chunked: bool, upgrade: bytes | None = None) -> bytes:
+def request_head(headers: HeaderMap, chunked: bool, upgrade: bytes | None = None,
+                 client_ip: bytes = b"") -> bytes:
     """Upstream request line and headers. ``chunked`` replaces any Content-Length;
-    ``upgrade`` asks the upstream to switch protocols (WebSocket and the like)."""
+    ``upgrade`` asks the upstream to switch protocols (WebSocket and the like);
+    ``client_ip`` is appended to X-Forwarded-For."""
     method = headers.get(b":method") or b"GET"
     path = headers.get(b":path") or b"/"
     lines = [method + b" " + path + b" HTTP/1.1", b"host: " + (headers.get(b":authority") or b"")]
-    lines += (ln for ln in _regular(headers) if not (chunked and ln[:15].lower() == b"content-length:"))
+    lines += (ln for ln in _regular(headers) if not (chunked and ln[:15].lower() == b"content-length:")
+              and not (client_ip and ln[:16].lower() == b"x-forwarded-for:"))
+    if client_ip:
+        xff = headers.get(b"x-forwarded-for")
+        lines.append(b"x-forwarded-for: " + (xff + b", " if xff else b"") + client_ip)
     if chunked:
         lines.append(b"transfer-encoding: chunked")
     if upgrade is not None:

@@ -165,6 +165,7 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client half-closed: answer what it sent, then close."""
+        self._flush()  # a response finished this loop turn is still only queued
         if self._active is None and not self._queue:
             return False  # nothing to answer: let the transport close
         self.draining = True
