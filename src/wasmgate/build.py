@@ -39,10 +39,6 @@ class Toolchain:
     exe: str
     version: tuple[int, ...]
 
-    @property
-    def version_text(self) -> str:
-        return ".".join(map(str, self.version))
-
 
 def _version(text: str) -> tuple[int, ...]:
     m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)

@@ -291,9 +291,6 @@ class Instance:
 
     # ---- exports -------------------------------------------------------------------
 
-    def export_names(self) -> list[str]:
-        return list(self._exports.keys()) if hasattr(self._exports, "keys") else []
-
     def func(self, name: str) -> GuestFunc | None:
         try:
             f = self._exports[name]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wasmgate.abi.constants import WasmResult
 from wasmgate.abi.pairs import Pairs, PairsError, decode_pairs
@@ -225,28 +225,30 @@ def proxy_grpc_send(vm: PluginVM, token: int, ptr: int, size: int, end_stream: i
     return R.OK
 
 
-@hostcall("i")
-def proxy_grpc_cancel(vm: PluginVM, token: int) -> int:
+def _callout(vm: PluginVM, token: int) -> tuple[int, Any]:
+    """(status, the call or stream of ``token``): BAD_ARGUMENT for a token that is not a
+    gRPC one, NOT_FOUND for an unknown or finished one."""
     token &= 0xFFFFFFFF
     if token & 3 not in (_CALL, _STREAM):
-        return R.BAD_ARGUMENT
+        return R.BAD_ARGUMENT, None
     callout = vm.pending_calls.get(token)
-    if callout is None:
-        return R.NOT_FOUND
-    callout.cancel()
-    return R.OK
+    return (R.OK, callout) if callout is not None else (R.NOT_FOUND, None)
+
+
+@hostcall("i")
+def proxy_grpc_cancel(vm: PluginVM, token: int) -> int:
+    status, callout = _callout(vm, token)
+    if callout is not None:
+        callout.cancel()
+    return status
 
 
 @hostcall("i")
 def proxy_grpc_close(vm: PluginVM, token: int) -> int:
-    token &= 0xFFFFFFFF
-    if token & 3 not in (_CALL, _STREAM):
-        return R.BAD_ARGUMENT
-    callout = vm.pending_calls.get(token)
-    if callout is None:
-        return R.NOT_FOUND
-    if token & 3 == _CALL:
-        callout.cancel()
-    else:
-        callout.close_local()
-    return R.OK
+    status, callout = _callout(vm, token)
+    if callout is not None:
+        if token & 3 == _CALL:
+            callout.cancel()
+        else:
+            callout.close_local()
+    return status

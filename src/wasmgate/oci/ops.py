@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +79,3 @@ def push(client: RegistryClient, ref: Reference, wasm: bytes, fmt: str = "image"
     client.put_manifest(ref, pkg.manifest, pkg.media_type)
     return pkg
 
-
-def manifest_text(m: Manifest) -> str:
-    return json.dumps(json.loads(m.raw), indent=2)

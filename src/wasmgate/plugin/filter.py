@@ -87,6 +87,11 @@ class PluginFilter:
         _log.debug("plugin %s failed stream: %s", self.handle.name, why)
         return Action.PAUSE
 
+    def without_context(self) -> int:
+        """The action when the plugin has no context: its fail strategy has been applied, so
+        go on unless that strategy answered the stream."""
+        return Action.CONTINUE if self.skip and self.stream.local_reply is None else Action.PAUSE
+
     def log(self) -> None:
         ctx = self.context() if not self.skip else self.ctx
         if ctx is not None:
@@ -118,7 +123,7 @@ class _Side:
         f = self.f
         ctx = f.context()
         if ctx is None:
-            return Action.CONTINUE if f.skip and f.stream.local_reply is None else Action.PAUSE
+            return f.without_context()
         ctx.open_maps |= self.headers_bit
         try:
             if self.is_request:
@@ -135,7 +140,7 @@ class _Side:
         f = self.f
         ctx = f.context()
         if ctx is None:
-            return Action.CONTINUE if f.skip and f.stream.local_reply is None else Action.PAUSE
+            return f.without_context()
         stream = f.stream
         if eos:
             ctx.open_maps |= self.trailers_bit  # the last data callback may add trailers
@@ -157,7 +162,7 @@ class _Side:
         f = self.f
         ctx = f.context()
         if ctx is None:
-            return Action.CONTINUE if f.skip and f.stream.local_reply is None else Action.PAUSE
+            return f.without_context()
         ctx.open_maps |= self.trailers_bit
         try:
             if self.is_request:

@@ -66,7 +66,8 @@ class Exchange:
         self._upstream_done = False  # request fully sent upstream
         self._response_started = False  # response head written downstream
         self._downstream_chunked = False
-        self._response_keep_alive = keep_alive
+        self._body_ok = True  # the response may have a body (not HEAD, 1xx, 204, 304)
+        self._response_eos_sent = False
         self._finished = False
         self._in_chain = 0  # inside a chain step: its own check sees local replies
         self.upgrade = upgrade  # the client asked to switch protocols (Upgrade: ...)
@@ -335,8 +336,6 @@ class Exchange:
 
     # ---- response side ---------------------------------------------------------------
 
-    _response_eos_sent = False
-
     def _local_reply_through_filters(self, reply: LocalReply) -> None:
         stream = self.stream
         stream.response_headers = _local_reply_headers(reply)
@@ -381,7 +380,7 @@ class Exchange:
             self.status = 0
         if self.conn.closing or self.conn.draining:
             self.keep_alive = False
-        body_ok = http.body_allowed(self.status, self.method)
+        body_ok = self._body_ok = http.body_allowed(self.status, self.method)
         framed = headers.get(b"content-length") is not None
         if eos and body_ok and not framed:
             headers.add(b"content-length", b"0")
@@ -397,7 +396,7 @@ class Exchange:
                 self.complete()
 
     def write_body(self, data: bytes, eos: bool) -> None:
-        if not http.body_allowed(self.status, self.method):
+        if not self._body_ok:
             if eos:
                 self._response_eos_sent = True
                 self.complete()
@@ -410,7 +409,7 @@ class Exchange:
             self.complete()
 
     def write_trailers(self) -> None:
-        if self._downstream_chunked and http.body_allowed(self.status, self.method):
+        if self._downstream_chunked:
             self.conn.write(http.last_chunk(self.stream.response_trailers))
         self._response_eos_sent = True
         self.complete()
