@@ -9,6 +9,7 @@ from pathlib import Path
 from wasmgate import log
 from wasmgate.app import RunOptions, StartupError, run_forever
 from wasmgate.devtools import commands as dev_commands
+from wasmgate.export import commands as export_commands
 from wasmgate.oci import commands as oci_commands
 from wasmgate.proxy.server import Limits
 from wasmgate.resources.config import load_config
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="e.g. debug, or wasm=debug; repeatable")
     oci_commands.register(sub)
     dev_commands.register(sub)
+    export_commands.register(sub)
     return p
 
 
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             return oci_commands.run(args)
         if args.command in dev_commands.COMMANDS:
             return dev_commands.run(args)
+        if args.command in export_commands.COMMANDS:
+            return export_commands.run(args)
     except (StartupError, ConfigError) as e:
         print(f"wasmgate: error: {e}", file=sys.stderr)
         return 2

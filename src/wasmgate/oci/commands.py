@@ -29,6 +29,19 @@ from wasmgate.oci.registry import ProgressFn, RegistryClient
 COMMANDS = ("build", "push", "pull", "inspect")
 
 
+def creds_opts(p: argparse.ArgumentParser) -> None:
+    """Registry access options; ``client_for`` reads them (also used by ``wasmgate export``)."""
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain HTTP and unverified TLS (loopback registries may use HTTP without it)")
+    p.add_argument("--docker-config", type=Path, metavar="PATH",
+                   help="Docker config.json (or its directory); default $DOCKER_CONFIG or ~/.docker")
+    p.add_argument("--pull-secret", type=Path, metavar="SECRET.yaml",
+                   help="a Kubernetes kubernetes.io/dockerconfigjson Secret to take credentials from")
+    p.add_argument("-u", "--username", help="registry user (with --password-stdin)")
+    p.add_argument("--password-stdin", action="store_true", help="read the registry password from stdin")
+    p.add_argument("-v", "--verbose", action="store_true", help="log registry requests (never credentials)")
+
+
 def register(sub: Any) -> None:
     """Add the subcommands to ``sub`` (an ``argparse`` subparsers action)."""
     b = sub.add_parser("build", help="compile a Go plugin to plugin.wasm", description=(
@@ -41,17 +54,6 @@ def register(sub: Any) -> None:
                    help="TinyGo garbage collector; 'custom' = nottinygc flags (-gc=custom -tags=custommalloc ...)")
     b.add_argument("--tags", default="", help="extra build tags, comma- or space-separated")
     b.add_argument("-v", "--verbose", action="store_true", help="print the compiler command")
-
-    def creds_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--insecure", action="store_true",
-                       help="allow plain HTTP and unverified TLS (loopback registries may use HTTP without it)")
-        p.add_argument("--docker-config", type=Path, metavar="PATH",
-                       help="Docker config.json (or its directory); default $DOCKER_CONFIG or ~/.docker")
-        p.add_argument("--pull-secret", type=Path, metavar="SECRET.yaml",
-                       help="a Kubernetes kubernetes.io/dockerconfigjson Secret to take credentials from")
-        p.add_argument("-u", "--username", help="registry user (with --password-stdin)")
-        p.add_argument("--password-stdin", action="store_true", help="read the registry password from stdin")
-        p.add_argument("-v", "--verbose", action="store_true", help="log registry requests (never credentials)")
 
     p = sub.add_parser("push", help="push a plugin to an OCI registry", description=(
         "Package PLUGIN.wasm and push it to REF. Formats: image (Docker v2 schema 2 image whose "
@@ -130,7 +132,7 @@ def _keychain(args: argparse.Namespace, registry: str) -> Keychain:
     return Keychain.from_docker_config()
 
 
-def _client(args: argparse.Namespace, registry: str) -> RegistryClient:
+def client_for(args: argparse.Namespace, registry: str) -> RegistryClient:
     return RegistryClient(_keychain(args, registry), insecure=args.insecure)
 
 
@@ -138,7 +140,7 @@ def _push(args: argparse.Namespace) -> int:
     ref = parse_reference(args.ref)
     wasm = args.plugin.read_bytes()
     abi = [n for n in wasm_export_names(wasm) if n.startswith("proxy_abi_version_")]
-    with _client(args, ref.registry) as client, _progress() as prog:
+    with client_for(args, ref.registry) as client, _progress() as prog:
         pkg = push(client, ref, wasm, args.format, abi_versions=abi, progress=prog)
     if sys.stderr.isatty():
         print(f"pushed {ref} ({args.format})", file=sys.stderr)
@@ -149,7 +151,7 @@ def _push(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     ref = parse_reference(args.ref)
     out: Path = args.output or Path("plugin.wasm")
-    with _client(args, ref.registry) as client, _progress() as prog:
+    with client_for(args, ref.registry) as client, _progress() as prog:
         pulled = pull(client, ref, progress=prog)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_bytes(pulled.wasm)
@@ -191,7 +193,7 @@ def _inspect(args: argparse.Namespace) -> int:
         report["file"] = str(local)
     else:
         ref = parse_reference(args.target)
-        with _client(args, ref.registry) as client, _progress() as prog:
+        with client_for(args, ref.registry) as client, _progress() as prog:
             res = resolve(client, ref)
             pulled = pull(client, ref, progress=prog, resolved=res)
         wasm = pulled.wasm
