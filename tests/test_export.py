@@ -201,6 +201,9 @@ def test_cli(tmp_path: Path, registry: Registry, capsys: pytest.CaptureFixture[s
     captured = capsys.readouterr()
     assert captured.out == ""
     assert f"wasmgate export: error: {src / 'local.yaml'}: WasmPlugin tag: spec.url: file://" in captured.err
+    assert main(["export", "--istio", "--resources", str(src / "remote.yaml"), "-o",
+                 str(tmp_path / "no-such-dir" / "out.yaml")]) == 2
+    assert "wasmgate export: error: -o: " in capsys.readouterr().err
     # A config file's plugins: are the default resources.
     (tmp_path / "wasmgate.yaml").write_text(f"plugins: [{src / 'remote.yaml'}]\n")
     assert main(["export", "--istio", "-c", str(tmp_path / "wasmgate.yaml")]) == 0

@@ -82,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = Path(args.output)
         tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(out)
+        try:
+            tmp.write_text(text)
+            tmp.replace(out)
+        except OSError as e:
+            print(f"wasmgate export: error: -o: {out}: {e.strerror or e}", file=sys.stderr)
+            return 2
         print(f"wasmgate export: wrote {len(exported.documents)} manifests to {out}", file=sys.stderr)
     return 0
