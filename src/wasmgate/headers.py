@@ -17,6 +17,13 @@ class HeaderMap:
     def __init__(self, pairs: Iterable[Pair] = ()):
         self.pairs: list[Pair] = list(pairs)
 
+    @classmethod
+    def of(cls, pairs: list[Pair]) -> HeaderMap:
+        """A map over ``pairs`` (lower-case keys, pseudo-headers first), taken as is."""
+        m = cls.__new__(cls)
+        m.pairs = pairs
+        return m
+
     def __len__(self) -> int:
         return len(self.pairs)
 
@@ -28,6 +35,11 @@ class HeaderMap:
 
     def get(self, key: bytes) -> bytes | None:
         """First value for ``key`` (Envoy returns the first of repeated headers)."""
+        for k, v in self.pairs:
+            if k == key:
+                return v
+        if key.islower():
+            return None  # already lower-case: that was the whole search
         key = key.lower()
         for k, v in self.pairs:
             if k == key:

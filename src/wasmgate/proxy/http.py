@@ -22,6 +22,82 @@ def reason(status: int) -> bytes:
         return b"Unknown"
 
 
+_STATUS_BYTES = {s.value: str(s.value).encode() for s in HTTPStatus}
+_STATUS_LINES = {(v, s.value): b"HTTP/1.%d %d %s" % (v, s.value, s.phrase.encode()) for s in HTTPStatus for v in (0, 1)}
+
+
+def status_bytes(status: int) -> bytes:
+    return _STATUS_BYTES.get(status) or str(status).encode()
+
+
+def _status_line(status: int, http10: bool) -> bytes:
+    line = _STATUS_LINES.get((0 if http10 else 1, status))
+    if line is None:
+        line = (b"HTTP/1.0 " if http10 else b"HTTP/1.1 ") + str(status).encode() + b" " + reason(status)
+    return line
+
+
+# Downstream request headers that need more than passing on (see DownstreamRequest).
+_REQUEST_SPECIAL = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-proto", b"x-request-id"}
+
+
+class DownstreamRequest:
+    """What one pass over a request's (lower-cased) headers tells the proxy: the
+    headers plugins see (``regular``, without Host and hop-by-hop headers), the
+    authority, whether a body follows, and the headers Envoy acts on."""
+
+    __slots__ = ("authority", "expect_continue", "has_body", "has_request_id", "has_xfp", "regular", "scheme",
+                 "upgrade")
+
+    def __init__(self, lowered: list[Pair], scheme: bytes):
+        self.scheme = scheme
+        authority = b""
+        regular: list[Pair] = []
+        has_body = expect = xfp = rid = False
+        upgrade = None
+        special = _REQUEST_SPECIAL
+        for kv in lowered:
+            k = kv[0]
+            if k in special:
+                if k == b"host":
+                    if not authority:
+                        authority = kv[1]
+                    continue
+                if k == b"content-length":
+                    if kv[1].strip() != b"0":
+                        has_body = True
+                elif k == b"x-forwarded-proto":
+                    xfp = True
+                elif k == b"x-request-id":
+                    rid = True
+                elif k == b"expect":
+                    expect = expect or kv[1].strip().lower() == b"100-continue"
+                elif k == b"transfer-encoding":
+                    has_body = True
+                    continue
+                elif k == b"upgrade":
+                    if upgrade is None:
+                        upgrade = kv[1]
+                    continue
+                elif k != b"te":
+                    continue  # other hop-by-hop headers
+            regular.append(kv)
+        if expect:
+            regular = [kv for kv in regular if kv[0] != b"expect"]  # we answer 100 ourselves
+        self.authority = authority
+        self.regular = regular
+        self.has_body = has_body
+        self.expect_continue = expect
+        self.has_xfp = xfp
+        self.has_request_id = rid
+        self.upgrade = upgrade
+
+    def header_map(self, method: bytes, target: bytes) -> HeaderMap:
+        """As Envoy's HTTP/1 codec presents them to filters: pseudo-headers first."""
+        return HeaderMap.of([(b":authority", self.authority), (b":path", target), (b":method", method),
+                             (b":scheme", self.scheme), *self.regular])
+
+
 def request_map(method: bytes, target: bytes, raw: list[Pair], scheme: bytes = b"http") -> HeaderMap:
     """Downstream request headers as Envoy's HTTP/1 codec presents them to filters.
 
@@ -49,7 +125,12 @@ def response_map(status: int, raw: list[Pair]) -> HeaderMap:
 
 
 def _regular(headers: HeaderMap) -> list[bytes]:
-    return [k + b": " + v for k, v in headers.pairs if not k.startswith(b":") and k not in HOP_BY_HOP]
+    return [k + b": " + v for k, v in headers.pairs if k[:1] != b":" and k not in HOP_BY_HOP]
+
+
+_SKIP_CHUNKED = HOP_BY_HOP | {b"content-length"}
+_SKIP_XFF = HOP_BY_HOP | {b"x-forwarded-for"}
+_SKIP_CHUNKED_XFF = _SKIP_XFF | {b"content-length"}
 
 
 def request_head(headers: HeaderMap, chunked: bool, upgrade: bytes | None = None,
@@ -57,19 +138,33 @@ def request_head(headers: HeaderMap, chunked: bool, upgrade: bytes | None = None
     """Upstream request line and headers. ``chunked`` replaces any Content-Length;
     ``upgrade`` asks the upstream to switch protocols (WebSocket and the like);
     ``client_ip`` is appended to X-Forwarded-For."""
-    method = headers.get(b":method") or b"GET"
-    path = headers.get(b":path") or b"/"
-    lines = [method + b" " + path + b" HTTP/1.1", b"host: " + (headers.get(b":authority") or b"")]
-    lines += (ln for ln in _regular(headers) if not (chunked and ln[:15].lower() == b"content-length:")
-              and not (client_ip and ln[:16].lower() == b"x-forwarded-for:"))
+    method = path = authority = xff = None
+    skip = (_SKIP_CHUNKED_XFF if chunked else _SKIP_XFF) if client_ip else (_SKIP_CHUNKED if chunked else HOP_BY_HOP)
+    out = [b""]  # the request line and host, filled in below
+    for k, v in headers.pairs:
+        if k[:1] == b":":
+            if k == b":method":
+                if method is None:
+                    method = v
+            elif k == b":path":
+                if path is None:
+                    path = v
+            elif k == b":authority" and authority is None:
+                authority = v
+        elif k in skip:
+            if k == b"x-forwarded-for" and xff is None:
+                xff = v
+        else:
+            out.append(k + b": " + v)
+    out[0] = (method or b"GET") + b" " + (path or b"/") + b" HTTP/1.1\r\nhost: " + (authority or b"")
     if client_ip:
-        xff = headers.get(b"x-forwarded-for")
-        lines.append(b"x-forwarded-for: " + (xff + b", " if xff else b"") + client_ip)
+        out.append(b"x-forwarded-for: " + (xff + b", " if xff else b"") + client_ip)
     if chunked:
-        lines.append(b"transfer-encoding: chunked")
+        out.append(b"transfer-encoding: chunked")
     if upgrade is not None:
-        lines += [b"connection: upgrade", b"upgrade: " + upgrade]
-    return CRLF.join(lines) + CRLF + CRLF
+        out += [b"connection: upgrade", b"upgrade: " + upgrade]
+    out.append(CRLF)
+    return CRLF.join(out)
 
 
 def switching_protocols_head(headers: HeaderMap, upgrade: bytes) -> bytes:
@@ -78,22 +173,26 @@ def switching_protocols_head(headers: HeaderMap, upgrade: bytes) -> bytes:
     return CRLF.join(lines) + CRLF + CRLF
 
 
-def response_head(headers: HeaderMap, *, chunked: bool, keep_alive: bool, http10: bool = False) -> bytes:
-    status_raw = headers.get(b":status") or b"200"
-    try:
-        status = int(status_raw)
-    except ValueError:
-        status = 502
-    version = b"HTTP/1.0 " if http10 else b"HTTP/1.1 "
-    lines = [version + str(status).encode() + b" " + reason(status)]
-    lines += (ln for ln in _regular(headers) if not (chunked and ln[:15].lower() == b"content-length:"))
+def response_head(headers: HeaderMap, *, chunked: bool, keep_alive: bool, http10: bool = False,
+                  status: int | None = None) -> bytes:
+    """``status``: the value of ``:status`` when the caller has parsed it already."""
+    if status is None:
+        status_raw = headers.get(b":status") or b"200"
+        try:
+            status = int(status_raw)
+        except ValueError:
+            status = 502
+    skip = _SKIP_CHUNKED if chunked else HOP_BY_HOP
+    lines = [_status_line(status, http10)]
+    lines += [k + b": " + v for k, v in headers.pairs if k[:1] != b":" and k not in skip]
     if chunked:
         lines.append(b"transfer-encoding: chunked")
     if not keep_alive:
         lines.append(b"connection: close")
     elif http10:
         lines.append(b"connection: keep-alive")
-    return CRLF.join(lines) + CRLF + CRLF
+    lines.append(CRLF)
+    return CRLF.join(lines)
 
 
 def chunk(data: bytes) -> bytes:

@@ -104,6 +104,7 @@ class HttpConnection(asyncio.Protocol):
         self.id = next(self._ids)  # Envoy's connection.id
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
+        self.peer_ip_bytes = b""
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
         self.closing = False
@@ -119,8 +120,19 @@ class HttpConnection(asyncio.Protocol):
         self._queue: deque[_Pending] = deque()
         self._receiving: _Pending | Exchange | None = None  # where body events go
         self._read_paused_by: set[str] = set()
+        # One lazy timer per connection: arming only moves the deadline; the timer, when
+        # it fires early, re-arms itself for what is left (see _arm).
         self._timer: asyncio.TimerHandle | None = None
-        self._out: list[bytes] = []  # written this loop turn, not yet sent
+        self._timer_at = 0.0
+        self._deadline = 0.0
+        self._deadline_fn: Callable[[], None] | None = None
+        limits = app.limits
+        self._timer_step = min((t for t in (limits.header_timeout, limits.request_timeout, limits.idle_timeout)
+                                if t > 0), default=0.0)
+        self._max_header_bytes = limits.max_header_bytes
+        self._max_headers = limits.max_headers
+        self._out: list[bytes] = []  # written, not yet sent
+        self._corked = 0  # inside an event handler: writes are sent when it returns
         self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() syscall
         self._tunnel: Exchange | None = None  # an upgraded (e.g. WebSocket) exchange
         self._reading_head = False  # between a request's first byte and its last header
@@ -135,6 +147,7 @@ class HttpConnection(asyncio.Protocol):
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
         self.local = (local[0], local[1]) if local else ("", 0)
         self.peer_ip = self.peer[0]
+        self.peer_ip_bytes = self.peer_ip.encode()
         self.app.connections.add(self)
         self.app.stats.active_connections += 1
         self._arm(self.app.limits.header_timeout, self._header_timeout)
@@ -145,6 +158,7 @@ class HttpConnection(asyncio.Protocol):
         if self._tunnel is not None:
             self._tunnel.tunnel_from_client(data)
             return
+        self._corked += 1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -162,6 +176,8 @@ class HttpConnection(asyncio.Protocol):
             else:
                 _log.debug("bad request from %s: %s", self.peer_ip, e)
                 self._reject(400, b"Bad Request")
+        finally:
+            self.uncork()
 
     def eof_received(self) -> bool:
         """The client half-closed: answer what it sent, then close."""
@@ -214,37 +230,27 @@ class HttpConnection(asyncio.Protocol):
         if self._in_body:
             self._trailers.append((name, value))
             return
-        self._headers.append((name, value))
+        headers = self._headers
+        headers.append((name.lower(), value))  # lower-cased once, here
         self._header_bytes += len(name) + len(value)
-        limits = self.app.limits
-        if self._header_bytes > limits.max_header_bytes or len(self._headers) > limits.max_headers:
+        if self._header_bytes > self._max_header_bytes or len(headers) > self._max_headers:
             self._too_large = True
             raise httptools.HttpParserError("headers too large")
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
-        self._arm(self.app.limits.request_timeout, self._request_timeout)
+        if self._deadline_fn is not None or self.app.limits.request_timeout > 0:
+            self._arm(self.app.limits.request_timeout, self._request_timeout)
         p = self._parser
         self._in_body = True
         self.app.stats.requests += 1
-        has_body = expect_continue = False
-        for k, v in self._headers:
-            lk = k.lower()
-            if lk == b"transfer-encoding" or (lk == b"content-length" and v.strip() != b"0"):
-                has_body = True
-            elif lk == b"expect" and v.strip().lower() == b"100-continue":
-                expect_continue = True
-        if expect_continue:
-            # As Envoy does by default: answer 100 ourselves and drop Expect, so the
-            # client sends its body while plugins and the upstream see a plain request.
-            self._headers = [(k, v) for k, v in self._headers if k.lower() != b"expect"]
-            if has_body and p.get_http_version() == "1.1" and self._active is None:
-                self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        upgrade = None
-        if p.should_upgrade():
-            upgrade = next((v for k, v in self._headers if k.lower() == b"upgrade"), None)
-        ex = Exchange(self, p.get_method(), self._url, self._headers, has_body=has_body, upgrade=upgrade,
-                      keep_alive=p.should_keep_alive(), http10=p.get_http_version() == "1.0")
+        req = http.DownstreamRequest(self._headers, self.app.scheme)
+        # Expect: 100-continue, as Envoy does by default: answer 100 ourselves and drop
+        # Expect, so the client sends its body while plugins and the upstream see a plain request.
+        if req.expect_continue and req.has_body and p.get_http_version() == "1.1" and self._active is None:
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        ex = Exchange(self, p.get_method(), self._url, req, keep_alive=p.should_keep_alive(),
+                      http10=p.get_http_version() == "1.0", upgrade=req.upgrade if p.should_upgrade() else None)
         if self._active is None:
             self._start(ex)
             self._receiving = ex
@@ -262,7 +268,7 @@ class HttpConnection(asyncio.Protocol):
             target.events.append(body)
 
     def on_message_complete(self) -> None:
-        if self._timer is not None and self._receiving is self._active:
+        if self._deadline_fn is not None and self._receiving is self._active:
             self._arm(0, None)  # the whole request is in
         target, self._receiving = self._receiving, None
         trailers = self._trailers
@@ -276,13 +282,23 @@ class HttpConnection(asyncio.Protocol):
     # ---- used by Exchange ------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Queue ``data``; everything written in one loop turn goes out in one send()."""
+        """Queue ``data``: what one event handler (or, outside them, one loop turn)
+        writes goes out in one send()."""
         if self.transport is None or self.closing:
             return
         out = self._out
         out.append(data)
-        if len(out) == 1:
+        if len(out) == 1 and not self._corked:
             self._loop.call_soon(self._flush)
+
+    def cork(self) -> None:
+        """An event handler that may write to this connection starts (see uncork)."""
+        self._corked += 1
+
+    def uncork(self) -> None:
+        self._corked -= 1
+        if not self._corked and self._out:
+            self._flush()
 
     def _flush(self) -> None:
         out = self._out
@@ -291,7 +307,7 @@ class HttpConnection(asyncio.Protocol):
         out.clear()
 
     def pause_reading(self, paused: bool, reason: str = "upstream") -> None:
-        if self.transport is None or self.closing:
+        if self.transport is None or self.closing or (not paused and not self._read_paused_by):
             return
         was = bool(self._read_paused_by)
         if paused:
@@ -311,8 +327,9 @@ class HttpConnection(asyncio.Protocol):
         if ex is not self._active:
             return
         self._active = None
-        for reason in ("upstream", "connect"):  # back-pressure of the finished exchange
-            self.pause_reading(False, reason)
+        if self._read_paused_by:
+            for reason in ("upstream", "connect"):  # back-pressure of the finished exchange
+                self.pause_reading(False, reason)
         if not keep_alive or (self.draining and not self._queue):
             self._close()
         elif not self._queue:
@@ -361,22 +378,51 @@ class HttpConnection(asyncio.Protocol):
     # ---- timeouts and drain ------------------------------------------------------------
 
     def _arm(self, seconds: float, fn: Callable[[], None] | None) -> None:
-        """One timer per connection: the phase it is in decides which."""
+        """One deadline per connection: the phase it is in decides which (0: none).
+
+        Cancelling and re-creating a loop timer several times a request is costly, so
+        the timer is lazy: it is created only when none is pending or the new deadline
+        comes before it, and when it fires before the deadline it re-arms itself, at
+        most one shortest timeout ahead (so a later, shorter deadline never has to
+        cancel it).
+        """
+        if seconds <= 0 or fn is None or self.closing:
+            self._deadline_fn = None
+            if self.closing and self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
+        deadline = self._loop.time() + seconds
+        self._deadline = deadline
+        self._deadline_fn = fn
+        if self._timer is None or deadline < self._timer_at:
+            self._set_timer(deadline)
+
+    def _set_timer(self, at: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        if seconds > 0 and fn is not None and not self.closing:
-            self._timer = self._loop.call_later(seconds, fn)
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        fn = self._deadline_fn
+        if fn is None or self.closing:
+            return
+        now = self._loop.time()
+        if now < self._deadline:
+            self._set_timer(min(self._deadline, now + self._timer_step))
+            return
+        self._deadline_fn = None
+        fn()
 
     def _header_timeout(self) -> None:
-        self._timer = None
         if self._reading_head:
             self._reject(408, b"request header read timeout")  # Envoy's words
         else:
             self._close()  # idle before any byte of a request
 
     def _request_timeout(self) -> None:
-        self._timer = None
         active = self._active
         if active is not None and active._response_started:
             active.abort("request timeout")

@@ -14,7 +14,16 @@ import httptools
 _log = logging.getLogger("wasmgate.upstream")
 
 
+class Corkable(Protocol):
+    """A downstream connection whose writes wait until ``uncork`` (see HttpConnection)."""
+
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
+
+
 class ResponseHandler(Protocol):
+    """Gets one response; header names come lower-cased."""
+
     def upstream_head(self, status: int, headers: list[tuple[bytes, bytes]], no_body: bool) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_end(self, trailers: list[tuple[bytes, bytes]]) -> None: ...
@@ -91,6 +100,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.handler: ResponseHandler | None = None
+        self.downstream: Corkable | None = None  # corked while a response is parsed
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[tuple[bytes, bytes]] = []
         self._trailers: list[tuple[bytes, bytes]] = []
@@ -109,8 +119,9 @@ class UpstreamConnection(asyncio.Protocol):
         return not self._closed and self._reusable and self.transport is not None \
             and not self.transport.is_closing()
 
-    def start(self, handler: ResponseHandler, head_request: bool) -> None:
+    def start(self, handler: ResponseHandler, head_request: bool, downstream: Corkable | None = None) -> None:
         self.handler = handler
+        self.downstream = downstream
         self._head_request = head_request
         self._headers = []
         self._trailers = []
@@ -125,6 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def detach(self) -> None:
         self.handler = None
+        self.downstream = None
 
     def close(self) -> None:
         self._closed = True
@@ -153,6 +165,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             self.handler.upstream_tunnel(data)
             return
+        # What the response writes downstream during this call goes out in one send().
+        downstream = self.downstream
+        if downstream is not None:
+            downstream.cork()
+        try:
+            self._feed(data)
+        finally:
+            if downstream is not None:
+                downstream.uncork()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -197,7 +220,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ---- httptools callbacks ---------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        (self._trailers if self._in_body else self._headers).append((name, value))
+        (self._trailers if self._in_body else self._headers).append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -210,11 +233,10 @@ class UpstreamConnection(asyncio.Protocol):
         no_body = self._head_request or status in (204, 304)
         framed = False
         for k, v in self._headers:
-            lk = k.lower()
-            if lk == b"content-length":
+            if k == b"content-length":
                 framed = True
                 no_body = no_body or v.strip() == b"0"
-            elif lk == b"transfer-encoding":
+            elif k == b"transfer-encoding":
                 framed = True
         self._close_delimited = not no_body and not framed
         if self._close_delimited:
@@ -239,6 +261,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _finish(self) -> None:
         self._close_delimited = False
+        self.downstream = None
         handler, self.handler = self.handler, None
         if handler is not None:
             handler.upstream_end(self._trailers)
