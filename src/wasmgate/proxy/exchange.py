@@ -454,6 +454,7 @@ class Exchange:
         self._finish_filters()
         self.conn.app.stats.response(self.status)
         self.conn.exchange_done(self, self.keep_alive and self._request_consumed())
+        self.request = self.response = None  # they point back here: no cycle left for the collector
 
     def _request_consumed(self) -> bool:
         # A connection whose request body was not read to the end cannot be reused.
@@ -469,6 +470,7 @@ class Exchange:
         self._finish_filters()
         self.conn.app.stats.response(0)
         self.conn.exchange_done(self, False)
+        self.request = self.response = None
 
     def _finish_filters(self) -> None:
         # Envoy: every plugin's on_log (in chain order), then on_done/on_delete each.
