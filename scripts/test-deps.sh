@@ -4,6 +4,8 @@
 #                    the tests start on 127.0.0.1 with htpasswd and token auth
 #   crane            go-containerregistry's CLI, from the Go module proxy, into .tools/bin:
 #                    the independent client of the interop tests
+#   kube-apiserver, kine  built from the Go module proxy by scripts/kube-deps.sh (cached):
+#                    the real Kubernetes API server of the Kubernetes tests
 # Python test dependencies (bcrypt, cryptography) come with `pip install -e '.[dev]'`.
 set -euo pipefail
 
@@ -32,3 +34,5 @@ if [[ ! -x "$crane" ]] || [[ "$("$crane" version 2>/dev/null)" != "$CRANE_VERSIO
     echo "test-deps: installing crane $CRANE_VERSION (go install)"
     GOBIN="$root/.tools/bin" go install "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
 fi
+
+bash "$root/scripts/kube-deps.sh"
