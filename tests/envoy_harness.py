@@ -116,16 +116,19 @@ def _wasm_filter(plugin: EnvoyPlugin) -> dict[str, Any]:
     }
 
 
-def _cluster(name: str, port: int, http2: bool = False) -> dict[str, Any]:
+def _cluster(name: str, port: int, http2: bool = False, metadata: dict[str, Any] | None = None,
+             host_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    endpoint: dict[str, Any] = {"endpoint": {"address": _socket_address(port)}}
+    if host_metadata is not None:
+        endpoint["metadata"] = host_metadata
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(port)}}]}],
-        },
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]},
     }
+    if metadata is not None:
+        cluster["metadata"] = metadata
     if http2:  # gRPC upstreams (plugins' gRPC calls) need HTTP/2
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -140,12 +143,18 @@ def bootstrap_config(
     plugins: list[EnvoyPlugin], port: int, admin_port: int, upstream_port: int,
     clusters: dict[str, int] | None = None,
     http2_clusters: tuple[str, ...] = (),
+    xds: dict[str, Any] | None = None,
+    node: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The static bootstrap used by :class:`Envoy` (exposed for tests).
 
     ``clusters`` adds named clusters (name -> port on 127.0.0.1) for plugins' HTTP calls;
     those named in ``http2_clusters`` speak HTTP/2 upstream (for plugins' gRPC calls).
+    ``xds`` takes wasmgate's config section of that name (route, virtual host, listener,
+    cluster and host names and metadata) and ``node`` its ``node:`` (id, cluster, metadata),
+    so both proxies describe themselves alike.
     """
+    x = xds or {}
     http_filters = [_wasm_filter(p) for p in plugins]
     http_filters.append(
         {
@@ -165,34 +174,45 @@ def bootstrap_config(
             "name": "local_route",
             "virtual_hosts": [
                 {
-                    "name": "all",
+                    "name": x.get("virtual_host_name") or "all",
                     "domains": ["*"],
                     "routes": [
-                        {"match": {"prefix": "/"}, "route": {"cluster": "upstream"}}
+                        {"match": {"prefix": "/"}, "route": {"cluster": x.get("cluster_name", "upstream")},
+                         "name": x.get("route_name", ""),
+                         **({"metadata": x["route_metadata"]} if "route_metadata" in x else {})}
                     ],
+                    **({"metadata": x["virtual_host_metadata"]} if "virtual_host_metadata" in x else {}),
                 }
             ],
         },
         "http_filters": http_filters,
     }
-    return {
+    listener: dict[str, Any] = {
+        "name": "listener_0",
+        "address": _socket_address(port),
+        "filter_chains": [
+            {"filters": [{"name": _HCM_NAME, "typed_config": hcm}],
+             **({"name": x["filter_chain_name"]} if x.get("filter_chain_name") else {})}
+        ],
+    }
+    if "listener_metadata" in x:
+        listener["metadata"] = x["listener_metadata"]
+    if x.get("listener_direction", "UNSPECIFIED") != "UNSPECIFIED":
+        listener["traffic_direction"] = x["listener_direction"]
+    config: dict[str, Any] = {
         "admin": {"address": _socket_address(admin_port)},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "listener_0",
-                    "address": _socket_address(port),
-                    "filter_chains": [
-                        {"filters": [{"name": _HCM_NAME, "typed_config": hcm}]}
-                    ],
-                }
-            ],
+            "listeners": [listener],
             "clusters": [
-                _cluster("upstream", upstream_port),
+                _cluster(x.get("cluster_name", "upstream"), upstream_port, metadata=x.get("cluster_metadata"),
+                         host_metadata=x.get("upstream_host_metadata")),
                 *(_cluster(n, p, n in http2_clusters) for n, p in (clusters or {}).items()),
             ],
         },
     }
+    if node:
+        config["node"] = node
+    return config
 
 
 class Envoy:
@@ -214,7 +234,11 @@ class Envoy:
         start_timeout: float = 30.0,
         clusters: dict[str, int] | None = None,
         http2_clusters: tuple[str, ...] = (),
+        xds: dict[str, Any] | None = None,
+        node: dict[str, Any] | None = None,
     ) -> None:
+        self.xds = xds
+        self.node = node
         self.clusters = dict(clusters or {})
         self.http2_clusters = tuple(http2_clusters)
         for level in (log_level, envoy_log_level):
@@ -290,7 +314,7 @@ class Envoy:
     def _launch(self) -> None:
         config = bootstrap_config(
             self.plugins, self.port, self.admin_port, self.upstream_port, self.clusters,
-            self.http2_clusters,
+            self.http2_clusters, self.xds, self.node,
         )
         # JSON is valid YAML; avoids depending on a YAML library.
         self.config_path.write_text(json.dumps(config, indent=2))

@@ -1,21 +1,28 @@
 """Differential tests: the same plugins and requests through Envoy (V8) and wasmgate.
 
-Compared: status, body, the headers plugins set (on the response and on what the
-upstream received), and the upstream-received body.
+Compared on every request: status, body, the headers plugins set (on the response and on
+what the upstream received), the upstream-received body, the plugins' own log lines
+(Envoy's wasm log at debug), and the plugins' metrics on the admin /stats.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from envoy_harness import Envoy, EnvoyPlugin
 from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
+from test_shared_state import plugin_metric_lines, stats
+from wasmgate.plugin import metrics
+from wasmgate.resources.config import XdsConfig
 
 
 @dataclass(frozen=True)
@@ -38,34 +45,84 @@ PLUGIN_HEADERS = ("x-wasmgate-denied", "x-chain-resp", "x-wasm", "content-type")
 PLUGIN_REQUEST_HEADERS = ("x-chain", "x-resumed", "x-replace", "allow", "x-auth")
 
 
+def plugin_message(line: str) -> str | None:
+    """The message of a plugin's log line ("... wasm log <name> <root_id> <vm_id>: <message>")."""
+    _, sep, rest = line.partition("wasm log ")
+    return rest.split(": ", 1)[1] if sep and ": " in rest else None
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = plugin_message(record.getMessage())
+        if msg is not None:
+            self.messages.append(msg)
+
+
+def _differences(ours: Observed, theirs: Observed) -> str:
+    out = [f"{k}: {getattr(ours, k)!r} (Envoy: {getattr(theirs, k)!r})" for k in ("status", "body", "upstream_body")
+           if getattr(ours, k) != getattr(theirs, k)]
+    for name in ("headers", "upstream_headers"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        out += [f"{name}[{k}]: {a.get(k)!r} (Envoy: {b.get(k)!r})" for k in sorted({*a, *b}) if a.get(k) != b.get(k)]
+    return "; ".join(out)
+
+
 class Pair:
-    """Envoy and wasmgate with the same plugin chain in front of one upstream."""
+    """Envoy and wasmgate with the same plugin chain in front of one upstream.
+
+    Plugins log at debug on both sides. Each ``compare`` checks the log lines the plugins
+    wrote while serving that request (root-context lines written at startup are not
+    compared: Envoy runs a copy of each VM per thread), and the plugin metrics.
+    """
 
     def __init__(self, plugins: list[Plugin], workdir: Path, clusters: dict[str, Upstream] | None = None,
-                 response_headers: tuple[str, ...] = ()):
+                 response_headers: tuple[str, ...] = (), xds: dict[str, Any] | None = None,
+                 node: dict[str, Any] | None = None):
         self.response_headers = PLUGIN_HEADERS + response_headers  # compared on every response
         self.upstream = start_upstream()
         clusters = clusters or {}
+        self.last_logs: list[str] = []
+        # Metrics are process-wide here, per Envoy process there: start from none.
+        self._saved_store, metrics.STORE = metrics.STORE, metrics.MetricStore()
+        self._wasm_log = logging.getLogger("wasmgate.wasm")
+        self._saved_level = self._wasm_log.level
+        self._records = _Records()
+        self._wasm_log.setLevel(logging.DEBUG)
+        self._wasm_log.addHandler(self._records)
         # As Istio translates a WasmPlugin: root_id from pluginName, config as JSON text.
         envoy_plugins = [EnvoyPlugin(p.name, p.wasm, json.dumps(p.config, separators=(",", ":"))
                                      if p.config is not None else "", root_id=p.name) for p in plugins]
-        self.envoy = Envoy(envoy_plugins, self.upstream.port, workdir / "envoy",
-                           clusters={n: u.port for n, u in clusters.items()})
+        self.envoy = Envoy(envoy_plugins, self.upstream.port, workdir / "envoy", log_level="debug",
+                           clusters={n: u.port for n, u in clusters.items()}, xds=xds, node=node)
         (workdir / "envoy").mkdir(exist_ok=True)
-        self.envoy.start()
-        # Priorities keep wasmgate's chain in list order, like Envoy's filter list.
-        files = [wasmplugin_yaml(workdir, p.name, p.wasm, config=p.config, priority=100 - i)
-                 for i, p in enumerate(plugins)]
         try:
-            self.wasmgate = ProxyThread(files, self.upstream.url, clusters={n: u.url for n, u in clusters.items()})
+            self.envoy.start()
+            # Priorities keep wasmgate's chain in list order, like Envoy's filter list.
+            files = [wasmplugin_yaml(workdir, p.name, p.wasm, config=p.config, priority=100 - i)
+                     for i, p in enumerate(plugins)]
+            self.wasmgate = ProxyThread(files, self.upstream.url, clusters={n: u.url for n, u in clusters.items()},
+                                        node=dict(node or {}), xds=XdsConfig(**(xds or {})).info())
         except BaseException:
             self.envoy.stop()
+            self._restore()
             raise
 
-    def stop(self) -> None:
-        self.wasmgate.stop()
-        self.envoy.stop()
+    def _restore(self) -> None:
+        self._wasm_log.removeHandler(self._records)
+        self._wasm_log.setLevel(self._saved_level)
+        metrics.STORE = self._saved_store
         self.upstream.server.shutdown()
+
+    def stop(self) -> None:
+        try:
+            self.wasmgate.stop()
+            self.envoy.stop()
+        finally:
+            self._restore()
 
     def observe(self, port: int, method: str, path: str, headers: dict[str, str], body: bytes | None) -> Observed:
         before = len(self.upstream.seen)
@@ -85,12 +142,44 @@ class Pair:
         return Observed(r.status, data, {h: got[h] for h in self.response_headers if h in got}, up_headers,
                         up_body)
 
+    def envoy_messages(self) -> list[str]:
+        return [m for m in map(plugin_message, self.envoy.log_text().splitlines()) if m is not None]
+
+    def _settled(self, envoy_before: int, ours_before: int) -> tuple[list[str], list[str]]:
+        """The log lines both wrote since the marks, once neither has written any for a while
+        (Envoy writes its log asynchronously; wasmgate calls on_log after the response)."""
+        last: tuple[int, int] = (-1, -1)
+        quiet_since = time.monotonic()
+        deadline = quiet_since + 5
+        while True:
+            theirs = self.envoy_messages()[envoy_before:]
+            ours = self._records.messages[ours_before:]
+            now = time.monotonic()
+            if (len(theirs), len(ours)) != last:
+                last, quiet_since = (len(theirs), len(ours)), now
+            elif now - quiet_since >= 0.2 or now > deadline:
+                return ours, theirs
+            time.sleep(0.05)
+
     def compare(self, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
                 body: bytes | None = None) -> Observed:
+        envoy_before, ours_before = len(self.envoy_messages()), len(self._records.messages)
         expected = self.observe(self.envoy.port, method, path, headers or {}, body)
         actual = self.observe(self.wasmgate.port, method, path, headers or {}, body)
-        assert actual == expected, f"wasmgate differs from Envoy for {method} {path} {headers}"
+        assert actual == expected, f"wasmgate differs from Envoy for {method} {path} {headers}: " + _differences(
+            actual, expected)
+        ours, theirs = self._settled(envoy_before, ours_before)
+        assert ours == theirs, f"plugin log lines differ for {method} {path} {headers}: " + "; ".join(
+            f"{a!r} (Envoy: {b!r})" for a, b in zip(ours, theirs, strict=False) if a != b)
+        self.last_logs = ours
+        self.compare_metrics()
         return actual
+
+    def compare_metrics(self) -> None:
+        """Plugin counters and gauges on /stats/prometheus (histograms need Envoy's 5 s flush)."""
+        theirs = plugin_metric_lines(stats(self.envoy.admin_port, "/stats/prometheus"))
+        ours = plugin_metric_lines(stats(self.wasmgate.admin_port, "/stats/prometheus"))
+        assert ours == theirs, "plugin metrics differ"
 
 
 @pytest.fixture(scope="module")
@@ -155,19 +244,70 @@ def test_http_callout_same_as_envoy(tmp_path: Path) -> None:
         auth.server.shutdown()
 
 
-STABLE_PROPERTIES = ["request.path", "request.url_path", "request.query", "request.method",
-                     "request.scheme", "request.protocol", "request.useragent", "request.referer",
-                     "response.code", "plugin_name", "plugin_root_id", "connection.mtls",
-                     "source.address.missing", "no.such.attribute"]
+# Attributes whose values are the same in both proxies for the same request.
+STABLE_PROPERTIES = [
+    "request.path", "request.url_path", "request.query", "request.method", "request.scheme", "request.protocol",
+    "request.useragent", "request.referer", "request.size", "request", "request.nope",
+    "response.code", "response.code_details", "response.flags", "response.grpc_status", "response.size",
+    "response.trailers", "response",
+    "connection.mtls", "connection.requested_server_name", "connection.tls_version",
+    "connection.termination_details", "connection.transport_failure_reason",
+    "connection.sha256_peer_certificate_digest",
+    "upstream.request_attempt_count", "upstream.transport_failure_reason", "upstream.locality", "upstream.tls_version",
+    "upstream.connection_pool_ready_duration", "source", "source.nope", "destination",
+    "metadata", "metadata.filter_metadata", "filter_state", "upstream_filter_state",
+    "xds", "xds.cluster_name", "xds.route_name", "xds.virtual_host_name", "xds.filter_chain_name",
+    "xds.listener_direction", "xds.route_metadata", "xds.cluster_metadata", "xds.listener_metadata",
+    "xds.upstream_host_metadata", "xds.node.id", "xds.node.cluster",
+    "xds.node.metadata", "xds.node.metadata.WORKLOAD_NAME", "xds.node.nope", "xds.nope",
+    "plugin_name", "plugin_root_id", "wasmgate_test", "wasmgate_test.x", "no.such.attribute",
+    "node", "node.id", "cluster_name", "route_name", "listener_metadata", "upstream_host_metadata",
+]
+# Attributes whose values differ per run (times, ports, ids): only their encoding is compared.
+# (Not request.headers or request.total_size: in on_log Envoy's request map also holds the
+# x-envoy-expected-rq-timeout-ms its router added, which wasmgate does not send.)
+SHAPES = ["request.time", "request.duration", "request.id", "request.host",
+          "response.backend_latency", "connection.id", "connection_id", "source.address", "source.port",
+          "destination.address", "destination.port", "upstream.address", "upstream.port", "upstream.local_address",
+          "xds.virtual_host_metadata"]  # several keys: Envoy serializes maps in hash order
+SEGMENTS = [["request", "headers", "user-agent"], ["request", "headers", "User-Agent"],
+            ["request", "headers", "x-dup"], ["request", "headers", ":method"], ["request", "headers", "x-missing"],
+            ["request", "headers", "bad name"], ["response", "headers", ":status"],
+            ["filter_state", "wasm.wasmgate_test"], ["filter_state", "nope"],
+            ["xds", "route_metadata", "filter_metadata"], ["xds", "route_metadata", "filter_metadata", "ns.a"],
+            ["xds", "route_metadata", "filter_metadata", "ns.a", "s"],
+            ["xds", "virtual_host_metadata", "filter_metadata", "ns.b", "n"],
+            ["xds", "virtual_host_metadata", "filter_metadata", "ns.b", "t"],
+            ["xds", "virtual_host_metadata", "filter_metadata", "ns.b", "l"],
+            ["xds", "virtual_host_metadata", "filter_metadata", "ns.b", "l", "1"],
+            ["xds", "virtual_host_metadata", "filter_metadata", "ns.b", "l", "7"],
+            ["xds", "virtual_host_metadata", "filter_metadata", "ns.b", "z"],
+            ["xds", "cluster_metadata", "filter_metadata", "istio", "name"],
+            ["xds", "upstream_host_metadata", "filter_metadata", "envoy.lb", "canary"]]
+XDS = {"cluster_name": "outbound|80||web.ns.svc.cluster.local", "route_name": "default",
+       "virtual_host_name": "web.ns.svc.cluster.local:80", "filter_chain_name": "fc0",
+       "listener_direction": "OUTBOUND",
+       "route_metadata": {"filter_metadata": {"ns.a": {"s": "v"}}},
+       # (a float would reach Envoy as a string: its YAML loader's doing)
+       "virtual_host_metadata": {"filter_metadata": {"ns.b": {"n": 2, "t": True, "l": [1, "x"], "z": None}}},
+       "cluster_metadata": {"filter_metadata": {"istio": {"name": "web"}}},
+       "listener_metadata": {"filter_metadata": {"l": {"k": "v"}}},
+       "upstream_host_metadata": {"filter_metadata": {"envoy.lb": {"canary": True}}}}
+NODE = {"id": "sidecar~10.0.0.1~web.ns~ns.svc.cluster.local", "cluster": "web.ns",
+        "metadata": {"WORKLOAD_NAME": "web"}}
 
 
-def test_properties_same_as_envoy(tmp_path: Path) -> None:
-    headers = (*(f"x-prop-{p}" for p in STABLE_PROPERTIES), *(f"x-prop-req-{p}" for p in STABLE_PROPERTIES),
-               "x-prop-filter-state")
-    pair = Pair([Plugin("props", PLUGIN_BUILD / "props.wasm", {"paths": STABLE_PROPERTIES})], tmp_path,
-                response_headers=headers)
+def test_properties_same_as_envoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http.client, "_MAXHEADERS", 1000)  # a header per attribute read
+    config = {"paths": STABLE_PROPERTIES, "shapes": SHAPES, "segments": SEGMENTS}
+    headers = (*(f"x-{kind}{req}{p}" for kind, paths in (("prop-", STABLE_PROPERTIES), ("shape-", SHAPES))
+                 for req in ("", "req-") for p in paths),
+               *(f"x-seg-{req}{i}" for req in ("", "req-") for i in range(len(SEGMENTS))), "x-prop-filter-state")
+    pair = Pair([Plugin("props", PLUGIN_BUILD / "props.wasm", config)], tmp_path, response_headers=headers,
+                xds=XDS, node=NODE)
     try:
-        got = pair.compare(path="/a/b?x=1&y=2", headers={"user-agent": "diff/1", "referer": "http://r/"})
+        got = pair.compare(path="/a/b?x=1&y=2", headers={"user-agent": "diff/1", "referer": "http://r/",
+                                                           "x-dup": "a"})
         # read in on_response_headers: request headers are gone there, in Envoy too
         assert got.headers["x-prop-request.path"] == "status:1"
         assert got.headers["x-prop-request.protocol"] == b"HTTP/1.1".hex()
@@ -175,33 +315,28 @@ def test_properties_same_as_envoy(tmp_path: Path) -> None:
         assert got.headers["x-prop-req-request.url_path"] == b"/a/b".hex()
         assert got.headers["x-prop-response.code"] == (200).to_bytes(8, "little").hex()
         assert got.headers["x-prop-filter-state"] == b"set-by-plugin".hex()
-        pair.compare("POST", "/", {}, b"body")
+        assert got.headers["x-prop-xds.route_name"] == b"default".hex()
+        assert got.headers["x-prop-xds.node.id"] == NODE["id"].encode().hex()  # type: ignore[attr-defined]
+        assert got.headers["x-shape-request.duration"] == "status:1"  # set when the stream completes
+        assert "props: log shape request.duration = len:8" in pair.last_logs
+        pair.compare("POST", "/", {"content-length": "4"}, b"body")
+        pair.compare("POST", "/", {"x-dup": "b"}, b"chunked body")  # http.client sends it chunked
     finally:
         pair.stop()
 
 
-def test_callback_sequence_and_plugin_logs_same_as_envoy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The plugin's own log lines (every callback with its arguments) match Envoy's, in order."""
-    import logging
-    import re
-    import time
-
+def test_callback_sequence_and_plugin_logs_same_as_envoy(tmp_path: Path) -> None:
+    """The plugin's own log lines (every callback with its arguments) match Envoy's, in
+    order, and so do its metrics (compare() checks both)."""
     pair = Pair([Plugin("lifecycle", PLUGIN_BUILD / "lifecycle.wasm")], tmp_path)
     try:
-        with caplog.at_level(logging.INFO, logger="wasmgate.wasm"):
-            pair.compare("POST", "/p", {}, b"some body")
-            pair.compare("GET", "/g")
-            time.sleep(0.5)  # Envoy writes its log asynchronously
-        envoy_log = pair.envoy.log_text()
+        pair.compare("POST", "/p", {}, b"some body")
+        assert len(pair.last_logs) > 5
+        assert any(m.startswith("lifecycle: on_request_body ctx=2 size=9 ") for m in pair.last_logs)
+        pair.compare("GET", "/g")
+        metrics_text = stats(pair.wasmgate.admin_port, "/stats/prometheus")
+        assert "lifecycle_requests{} 2" in metrics_text
+        assert "lifecycle_body_bytes{}" in metrics_text
+        assert "lifecycle_active{} 0" in metrics_text
     finally:
         pair.stop()
-
-    def stream_lines(messages: list[str]) -> list[str]:
-        # stream contexts only (2, 3): root callbacks run once per VM copy in Envoy
-        return [m for m in messages if re.search(r"lifecycle: \w+ ctx=[23]\b", m)]
-
-    ours = stream_lines([r.getMessage().split(": ", 1)[-1] for r in caplog.records
-                         if r.name == "wasmgate.wasm" and "lifecycle: " in r.getMessage()])
-    theirs = stream_lines([line.split(": ", 1)[-1] for line in envoy_log.splitlines() if "lifecycle: " in line])
-    assert len(ours) > 10
-    assert ours == theirs

@@ -70,10 +70,19 @@ def test_set_envoy_filter_state(g: Guest, ctx: HttpContext) -> None:
 
 
 def test_declare_property_once(g: Guest) -> None:
-    arg = proto((1, b"my_prop"), (2, 1))
+    arg = proto((1, b"my_prop"), (2, 1))  # name, readonly
     assert ff(g, b"declare_property", arg) == (R.OK, b"")
     assert ff(g, b"declare_property", arg) == (R.BAD_ARGUMENT, None)
-    assert ff(g, b"declare_property", proto((2, 1))) == (R.BAD_ARGUMENT, None)
+    assert ff(g, b"declare_property", b"\xff\xff") == (R.BAD_ARGUMENT, None)
+
+
+def test_declared_read_only_property_is_set_once(g: Guest, ctx: HttpContext) -> None:
+    assert ff(g, b"declare_property", proto((1, b"ro"), (2, 1), (3, 1))) == (R.OK, b"")  # read-only string
+    for value, status in ((b"v1", R.OK), (b"v2", R.BAD_ARGUMENT)):
+        pp, ps = g.put_str(b"ro")
+        vp, vs = g.put_str(value)
+        assert g.call("proxy_set_property", pp, ps, vp, vs) == status
+    assert ctx.stream.filter_state[b"wasm.ro"] == b"v1"
 
 
 def test_clear_route_cache(g: Guest) -> None:

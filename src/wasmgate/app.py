@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from wasmgate.admin.server import AdminState, serve_admin
+from wasmgate.host.attributes import XdsInfo
 from wasmgate.plugin.manager import Chain, PluginHandle, PluginManager, chain_order, load_handle
 from wasmgate.plugin.spec import PluginLimits
 from wasmgate.plugin.vm import PluginError
@@ -42,7 +43,8 @@ class RunOptions:
     limits: Limits = field(default_factory=Limits)
     plugin_limits: PluginLimits = field(default_factory=PluginLimits)
     clusters: dict[str, str] = field(default_factory=dict)  # name -> http://host:port, for proxy_http_call
-    node: dict[str, Any] = field(default_factory=dict)  # id, cluster, metadata: the `node` properties
+    node: dict[str, Any] = field(default_factory=dict)  # id, cluster, metadata: the `xds.node` attribute
+    xds: dict[str, Any] = field(default_factory=dict)  # route/listener/cluster names and metadata (XdsInfo)
     labels: dict[str, str] = field(default_factory=dict)  # this proxy's labels, for WasmPlugin selectors
     watch: bool = True  # re-apply plugin files and modules when they change
     reuse_port: bool = False  # SO_REUSEPORT: set for each of several worker processes
@@ -160,7 +162,7 @@ async def start(opts: RunOptions) -> Running:
         callouts = Callouts({name: Cluster(name, url, tls=client_tls) for name, url in opts.clusters.items()})
     except ValueError as e:
         raise StartupError(str(e)) from None
-    manager = PluginManager(chain, callouts, opts.node)
+    manager = PluginManager(chain, callouts, XdsInfo(node=opts.node, **opts.xds))
     app = ProxyApp(manager, cluster, opts.limits, server_tls)
     admin = AdminState(app)
     try:

@@ -83,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         opts.plugin_limits = cfg.plugin_limits.to_limits()
         opts.clusters = dict(cfg.clusters)
         opts.node = dict(cfg.node)
+        opts.xds = cfg.xds.info()
         opts.labels = dict(cfg.labels)
         opts.watch = cfg.watch
         if cfg.tls is not None:

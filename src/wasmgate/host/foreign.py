@@ -113,13 +113,15 @@ def _clear_route_cache(vm: PluginVM, arg: bytes) -> bytes:
 
 @foreign("declare_property")
 def _declare_property(vm: PluginVM, arg: bytes) -> bytes:
-    # DeclarePropertyArguments: name = 1, type = 2, span = 3, schema = 4, readonly = 5
-    name = proto_fields(arg).get(1, b"")
-    if not isinstance(name, bytes) or not name:
+    # DeclarePropertyArguments: name = 1, readonly = 2, type = 3 (WasmType: 0 bytes, 1 string,
+    # 2 flatbuffers, 3 protobuf), schema = 4, span = 5
+    fields = proto_fields(arg)
+    name, readonly, kind = fields.get(1, b""), fields.get(2, 0), fields.get(3, 0)
+    if not isinstance(name, bytes) or not isinstance(kind, int) or not isinstance(readonly, int):
         raise ForeignError(R.BAD_ARGUMENT)
     if name in vm.declared_properties:
         raise ForeignError(R.BAD_ARGUMENT)  # Envoy refuses a second declaration
-    vm.declared_properties.add(name)
+    vm.declared_properties[name] = (kind, bool(readonly))
     return b""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wasmgate.abi.constants import BufferType, MapType
 from wasmgate.headers import HeaderMap
@@ -32,7 +32,9 @@ class Stream:
     __slots__ = ("request_headers", "request_trailers", "response_headers", "response_trailers",
                  "request_body", "response_body", "local_reply", "reset", "on_continue", "on_end",
                  "downstream_addr", "local_addr", "code_details", "start_ns", "request_bytes",
-                 "response_bytes", "upstream_addr", "connection_id", "filter_state", "protocol")
+                 "response_bytes", "upstream_addr", "connection_id", "filter_state", "protocol",
+                 "downstream", "upstream_conn", "attempts", "end_ns", "bytes_sent", "response_flags",
+                 "upstream_tx_ns", "upstream_rx_ns")
 
     def __init__(self) -> None:
         self.request_headers: HeaderMap | None = None
@@ -56,8 +58,19 @@ class Stream:
         self.response_bytes = 0  # response body bytes received from upstream
         self.upstream_addr: tuple[str, int] = ("", 0)
         self.connection_id = 0
-        self.filter_state: dict[bytes, bytes] = {}  # proxy_set_property values, by path
+        # proxy_set_property values under b"wasm." + path (Envoy's CelState keys), and
+        # set_envoy_filter_state objects under their own name.
+        self.filter_state: dict[bytes, bytes] = {}
         self.protocol = b"HTTP/1.1"
+        # For attributes, read only when a plugin asks (see host/attributes.py):
+        self.downstream: Any = None  # the client connection (its transport: TLS details)
+        self.upstream_conn: Any = None  # the upstream connection, once there is one
+        self.attempts = 0  # upstream requests started (Envoy's upstream.request_attempt_count)
+        self.end_ns = 0  # wall clock when the stream completed (request.duration)
+        self.bytes_sent = 0  # body bytes sent downstream (response.size)
+        self.response_flags = 0  # Envoy's legacy response flags (response.flags)
+        self.upstream_tx_ns = 0  # monotonic: request sent upstream / response end received
+        self.upstream_rx_ns = 0
 
     def header_map(self, map_type: int) -> HeaderMap | None:
         if map_type == MapType.REQUEST_HEADERS:

@@ -18,11 +18,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import wasmtime
 
 from wasmgate.engine.wasm import WasmError, compile_module, new_engine
+from wasmgate.host.attributes import XdsInfo
 from wasmgate.oci.auth import Keychain
 from wasmgate.oci.errors import OciError
 from wasmgate.oci.fetch import ModuleCache, fetch_module
@@ -319,10 +319,10 @@ class PluginManager:
     """Owns the chain; applies new resource sets with compile and canary off the loop."""
 
     def __init__(self, chain: Chain | None = None, callouts: Callouts | None = None,
-                 node: dict[str, Any] | None = None):
+                 xds: XdsInfo | None = None):
         self.chain = chain or Chain([])
         self.callouts = callouts
-        self.node = node or {}
+        self.xds = xds or XdsInfo()  # node, listener, route, cluster: the xds.* attributes
         for h in self.chain.plugins:
             h._spawn = self._spawn
             if h.vm is not None:
@@ -383,7 +383,7 @@ class PluginManager:
     def _attach(self, vm: PluginVM) -> None:
         """What a VM reaches through host calls beyond its own plugin."""
         vm.callouts = self.callouts
-        vm.node = self.node
+        vm.xds = self.xds
 
     def _spawn(self, handle: PluginHandle) -> None:
         asyncio.get_running_loop().create_task(self._reload(handle))

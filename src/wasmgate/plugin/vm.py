@@ -21,6 +21,7 @@ import wasmtime
 from wasmgate import host
 from wasmgate.abi.constants import ABI_MARKERS, AbiVersion, LogLevel, WasmResult
 from wasmgate.engine.wasm import GuestFunc, HostFunc, Instance, WasmError, WasmTrap, exports_of
+from wasmgate.host.attributes import XdsInfo
 from wasmgate.log import PY_LEVEL, wasm_log
 from wasmgate.plugin import shared
 from wasmgate.plugin.context import Context, HttpContext, RootContext, Stream
@@ -71,8 +72,9 @@ class PluginVM:
         self.contexts: dict[int, Context] = {}
         self.effective: Context | None = None
         self.callouts: Callouts | None = None  # clusters for proxy_http_call, set by the manager
-        self.node: dict[str, Any] = {}  # the proxy's node (id, cluster, metadata) for properties
-        self.declared_properties: set[bytes] = set()  # by the declare_property foreign function
+        self.xds = XdsInfo()  # the proxy's node, listener, route, cluster (xds.* attributes); set by the manager
+        # declare_property: name -> (WasmType, readonly)
+        self.declared_properties: dict[bytes, tuple[int, bool]] = {}
         self.call_data: bytes | None = None  # buffer type 8, during proxy_on_foreign_function
         self.pending_calls: dict[int, Any] = {}  # token -> callout in flight
         self.call_response: CallResponse | None = None  # readable during on_http_call_response

@@ -65,6 +65,7 @@ class Exchange:
         stream.local_addr = conn.local
         stream.start_ns = time.time_ns()
         stream.connection_id = conn.id
+        stream.downstream = conn
         if http10:
             stream.protocol = b"HTTP/1.0"
         # What Envoy's connection manager adds before the filters run. X-Forwarded-For
@@ -254,6 +255,7 @@ class Exchange:
         self._pending_upstream = [http.request_head(req, self._upstream_chunked,
                                                     self.upgrade if self.upgrade_ok else None, conn.peer_ip_bytes)]
         self._upstream_done = eos
+        self.stream.attempts = 1
         conn.app.cluster.acquire(self._connected)
 
     def send_upstream(self, data: bytes) -> None:
@@ -274,10 +276,13 @@ class Exchange:
         if conn is None:
             _log.warning("upstream %s unavailable: %s", self.conn.app.cluster.url, error)
             self.conn.app.stats.upstream_failures += 1
+            self.stream.response_flags |= 0x20  # Envoy's UF: upstream connection failure
             self._upstream_error(error)
             return
         self.upstream = conn
         self.stream.upstream_addr = conn.peer
+        self.stream.upstream_conn = conn
+        self.stream.upstream_tx_ns = time.monotonic_ns()
         conn.start(self, self.method == b"HEAD", self.conn)
         pending, self._pending_upstream = self._pending_upstream or [], None
         conn.write(pending[0] if len(pending) == 1 else b"".join(pending))
@@ -319,6 +324,7 @@ class Exchange:
         pairs.append((b"x-envoy-upstream-service-time",
                       b"%d" % int((time.monotonic() - self._upstream_sent_at) * 1000)))
         self.stream.response_headers = HeaderMap.of(pairs)
+        self.stream.code_details = "via_upstream"
         if self.response is not None:
             self._guard(self.response.headers, False, no_body)
 
@@ -334,6 +340,7 @@ class Exchange:
             self._halt_with(LocalReply(500, b"Internal Server Error", [], "response_payload_too_large"), False)
 
     def upstream_end(self, trailers: list[Pair]) -> None:
+        self.stream.upstream_rx_ns = time.monotonic_ns()
         if self.tunneling:  # the upstream closed the tunnel
             self.upstream = None
             self.keep_alive = False
@@ -358,6 +365,7 @@ class Exchange:
         self.upstream = None
         if not self._finished:
             self.conn.app.stats.upstream_failures += 1
+            self.stream.response_flags |= 0x40  # Envoy's UC: upstream connection termination
             _log.warning("upstream %s: %s", self.conn.app.cluster.url, reason)
             self._upstream_error(reason)
 
@@ -431,6 +439,7 @@ class Exchange:
                 self._response_eos_sent = True
                 self.complete()
             return
+        self.stream.bytes_sent += len(data)
         out = http.chunk(data) + (http.last_chunk() if eos else b"") if self._downstream_chunked else data
         if out:
             self.conn.write(out)
@@ -474,6 +483,7 @@ class Exchange:
 
     def _finish_filters(self) -> None:
         # Envoy: every plugin's on_log (in chain order), then on_done/on_delete each.
+        self.stream.end_ns = time.time_ns()
         self.stream.on_continue = None
         self.stream.on_end = None
         for f in self.filters:

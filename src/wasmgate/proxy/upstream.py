@@ -99,6 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.cluster = cluster
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("", 0)
+        self.local: tuple[str, int] = ("", 0)  # our end (the upstream.local_address attribute)
         self.handler: ResponseHandler | None = None
         self.downstream: Corkable | None = None  # corked while a response is parsed
         self._parser = httptools.HttpResponseParser(self)
@@ -157,6 +158,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
+        local = transport.get_extra_info("sockname")
+        self.local = (local[0], local[1]) if local else ("", 0)
 
     def data_received(self, data: bytes) -> None:
         if self.handler is None:

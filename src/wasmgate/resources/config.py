@@ -15,12 +15,14 @@ Example::
     tls: {cert: server.pem, key: server.key,          # serve HTTPS; paths relative to this file
           sni: [{server_names: [a.example, "*.b.example"], cert: a.pem, key: a.key}]}
     upstream_tls: {ca: ca.pem, insecure_skip_verify: false}   # for https:// upstreams and clusters
+    node: {id: sidecar~10.0.0.1~web.ns, cluster: web, metadata: {WORKLOAD_NAME: web}}   # xds.node
+    xds: {route_name: default, route_metadata: {filter_metadata: {ns: {key: value}}}}   # xds.* attributes
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -86,13 +88,57 @@ class UpstreamTlsConfig(BaseModel):
     insecure_skip_verify: bool = False
 
 
+class MetadataConfig(BaseModel):
+    """Envoy's ``envoy.config.core.v3.Metadata`` in its JSON form."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter_metadata: dict[str, dict[str, Any]] = {}
+
+    @field_validator("filter_metadata")
+    @classmethod
+    def _struct(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from google.protobuf import struct_pb2  # type: ignore[import-untyped]
+
+        for ns, fields in v.items():
+            try:
+                struct_pb2.Struct().update(fields)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{ns}: not a JSON object: {e}") from None
+        return v
+
+
+class XdsConfig(BaseModel):
+    """What the ``xds.*`` attributes report about wasmgate's listener, route and upstream
+    cluster (Envoy takes them from its xDS configuration)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cluster_name: str = "upstream"
+    cluster_metadata: MetadataConfig | None = None
+    route_name: str = ""
+    route_metadata: MetadataConfig | None = None
+    virtual_host_name: str = ""
+    virtual_host_metadata: MetadataConfig | None = None
+    upstream_host_metadata: MetadataConfig | None = None
+    listener_metadata: MetadataConfig | None = None
+    listener_direction: Literal["UNSPECIFIED", "INBOUND", "OUTBOUND"] = "UNSPECIFIED"
+    filter_chain_name: str = ""
+
+    def info(self) -> dict[str, Any]:
+        """Keyword arguments for ``XdsInfo`` (plain JSON: workers get them that way)."""
+        out = self.model_dump(exclude_unset=True)
+        if "listener_direction" in out:
+            out["listener_direction"] = ["UNSPECIFIED", "INBOUND", "OUTBOUND"].index(self.listener_direction)
+        return out
+
+
 class ProxyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     listen: str = "127.0.0.1:8080"
     admin: str = "127.0.0.1:9901"
     upstream: str | None = None
     clusters: dict[str, str] = {}  # name -> http://host:port that plugins may call (proxy_http_call)
-    node: dict[str, Any] = {}  # id, cluster, metadata: what plugins read as node.* properties
+    node: dict[str, Any] = {}  # id, cluster, metadata, locality: what plugins read as xds.node
+    xds: XdsConfig = XdsConfig()
     labels: dict[str, str] = {}  # this proxy's labels, matched by WasmPlugin spec.selector
     plugins: list[Path] = []
     workers: int = 1  # used when given; else the number of cores

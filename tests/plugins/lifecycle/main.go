@@ -1,7 +1,9 @@
 // Command lifecycle is a wasmgate test plugin that logs, at INFO, every
 // Proxy-Wasm callback it receives together with its arguments, and always
 // lets processing continue. Tests compare the log against the expected
-// callback sequence.
+// callback sequence. It also counts requests (counter lifecycle_requests), streams in
+// flight (gauge lifecycle_active) and request body bytes (counter lifecycle_body_bytes),
+// so the differential tests compare metrics too.
 package main
 
 import (
@@ -22,9 +24,14 @@ func logf(callback string, ctxID uint32, args ...string) {
 
 func itoa(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
 
+var requests, active, bodyBytes uint32
+
 //go:wasmexport proxy_on_context_create
 func onContextCreate(ctxID, parentID uint32) {
 	logf("on_context_create", ctxID, "parent", itoa(parentID))
+	if parentID != 0 {
+		abi.IncrementMetric(active, 1)
+	}
 }
 
 //go:wasmexport proxy_on_vm_start
@@ -36,18 +43,25 @@ func onVMStart(rootID, vmConfigSize uint32) uint32 {
 //go:wasmexport proxy_on_configure
 func onConfigure(rootID, configSize uint32) uint32 {
 	logf("on_configure", rootID, "config_size", itoa(configSize))
+	requests, _ = abi.DefineMetric(abi.Counter, "lifecycle_requests")
+	active, _ = abi.DefineMetric(abi.Gauge, "lifecycle_active")
+	bodyBytes, _ = abi.DefineMetric(abi.Counter, "lifecycle_body_bytes")
 	return 1
 }
 
 //go:wasmexport proxy_on_request_headers
 func onRequestHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
 	logf("on_request_headers", ctxID, "headers", itoa(numHeaders), "eos", itoa(endOfStream))
+	abi.IncrementMetric(requests, 1)
 	return abi.Continue
 }
 
 //go:wasmexport proxy_on_request_body
 func onRequestBody(ctxID, bodySize, endOfStream uint32) abi.Action {
 	logf("on_request_body", ctxID, "size", itoa(bodySize), "eos", itoa(endOfStream))
+	if endOfStream != 0 && bodySize > 0 {
+		abi.IncrementMetric(bodyBytes, int64(bodySize))
+	}
 	return abi.Continue
 }
 
@@ -89,4 +103,7 @@ func onLog(ctxID uint32) {
 //go:wasmexport proxy_on_delete
 func onDelete(ctxID uint32) {
 	logf("on_delete", ctxID)
+	if ctxID != 1 {
+		abi.IncrementMetric(active, -1)
+	}
 }

@@ -13,7 +13,13 @@ func proxySetProperty(path unsafe.Pointer, pathSize uint32, value unsafe.Pointer
 
 // GetProperty reads an attribute such as "request.path" (segments joined by NUL on the wire).
 func GetProperty(dotted string) ([]byte, Status) {
-	path := strings.ReplaceAll(dotted, ".", "\x00")
+	return GetPropertyPath(strings.Split(dotted, "."))
+}
+
+// GetPropertyPath reads an attribute given as segments, for keys that contain dots
+// (e.g. metadata namespaces such as "envoy.lb").
+func GetPropertyPath(segments []string) ([]byte, Status) {
+	path := strings.Join(segments, "\x00")
 	hostAlloc()
 	var addr, size uint32
 	st := Status(proxyGetProperty(strPtr(path), uint32(len(path)), unsafe.Pointer(&addr), unsafe.Pointer(&size)))
