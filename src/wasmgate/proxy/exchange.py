@@ -490,6 +490,7 @@ class Exchange:
             f.log()
         for f in self.filters:
             f.finish()
+        self.stream.downstream = self.stream.upstream_conn = None  # read by attributes until here
 
 
 def _local_reply_headers(reply: LocalReply) -> HeaderMap:
