@@ -325,6 +325,79 @@ def test_properties_same_as_envoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         pair.stop()
 
 
+EXPRESSIONS = ["request.path", "1 + 2", "request.method == 'GET'", "response.code", "bad ((", "xds.cluster_name",
+               "request.headers['user-agent']", "size(request.headers) > 2", "plugin_name", "wasmgate_test",
+               "connection.mtls", "xds.route_metadata", "xds.route_metadata.filter_metadata['ns.a'].s",
+               "[1, 'a', true]", "{'k': 2u}", "duration('1.5s')", "timestamp('2020-01-01T00:00:00.123456789Z')",
+               "b'\\x00\\x01'", "null", "1.5", "upstream.request_attempt_count", "connection_id > 0u",
+               "request.time > timestamp('2020-01-01T00:00:00Z')", "no_such_ident", "'a' + 'b'", "int('x')",
+               "xds.node.metadata.WORKLOAD_NAME", "request.size + 1"]
+
+
+def _signing_calls() -> list[dict[str, str]]:
+    """sign / verify_signature arguments (serialized protobuf, hex) for good and bad cases."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+    def msg(*fields: tuple[int, bytes]) -> str:
+        out = b""
+        for n, v in fields:
+            out += bytes([n << 3 | 2, len(v)]) if len(v) < 128 else bytes([n << 3 | 2, len(v) & 0x7F | 0x80,
+                                                                              len(v) >> 7])
+            out += v
+        return out.hex()
+
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    pem = rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    der = rsa_key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    pub_pem = rsa_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    pub_der = rsa_key.public_key().public_bytes(serialization.Encoding.DER,
+                                                serialization.PublicFormat.SubjectPublicKeyInfo)
+    good = rsa_key.sign(b"hello", padding.PKCS1v15(), hashes.SHA256())
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    ec_pub = ec_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                              serialization.PublicFormat.SubjectPublicKeyInfo)
+    ec_sig = ec_key.sign(b"hello", ec.ECDSA(hashes.SHA384()))
+    calls = [("sign", msg((1, b"sha256"), (3, b"hello"), (4, pem))),  # RSA PKCS#1 v1.5: deterministic
+             ("sign", msg((1, b"SHA512"), (2, der), (3, b"hello"))),
+             ("sign", msg((1, b"md5"), (3, b"hello"), (4, pem))),
+             ("sign", msg((1, b"sha256"), (3, b"hello"))),  # no key
+             ("sign", msg((1, b"sha256"), (2, der), (3, b"hello"), (4, pem))),  # both
+             ("sign", msg((1, b"sha256"), (3, b"hello"), (4, b"not a key"))),
+             ("verify_signature", msg((1, b"sha256"), (3, good), (4, b"hello"), (5, pub_pem))),
+             ("verify_signature", msg((1, b"sha256"), (2, pub_der), (3, good), (4, b"hello"))),
+             ("verify_signature", msg((1, b"sha256"), (3, good), (4, b"tampered"), (5, pub_pem))),
+             ("verify_signature", msg((1, b"sha1"), (3, good), (4, b"hello"), (5, pub_pem))),
+             ("verify_signature", msg((1, b"sha384"), (3, ec_sig), (4, b"hello"), (5, ec_pub))),
+             ("verify_signature", msg((1, b"nope"), (3, good), (4, b"hello"), (5, pub_pem))),
+             ("verify_signature", msg((1, b"sha256"), (3, good), (4, b"hello"), (5, b"garbage"))),
+             ("verify_signature", msg((1, b"sha256"), (3, good), (4, b"hello")))]
+    return [{"name": n, "arg": a} for n, a in calls]
+
+
+def test_cel_and_signing_same_as_envoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """expr_create/expr_evaluate (every expression in every phase) and sign/verify_signature."""
+    calls = _signing_calls()
+    config = {"exprs": EXPRESSIONS, "foreign": calls}
+    headers = (*(f"x-expr-{req}{i}" for req in ("", "req-") for i in range(len(EXPRESSIONS))),
+               *(f"x-foreign-req-{i}" for i in range(len(calls))))
+    pair = Pair([Plugin("props", PLUGIN_BUILD / "props.wasm", config)], tmp_path, response_headers=headers,
+                xds=XDS, node=NODE)
+    try:
+        got = pair.compare(path="/a?b=1", headers={"user-agent": "diff/1"})
+        assert got.headers["x-expr-req-0"] == b"/a?b=1".hex()
+        assert got.headers["x-expr-req-4"] == "not-created"  # the syntax error
+        assert got.headers["x-expr-0"] == "status:10"  # request.path in on_response_headers: an error
+        assert got.headers["x-foreign-req-0"].startswith("0801")  # SignResult{result: true, ...}
+        assert got.headers["x-foreign-req-6"] == "0801"  # VerifySignatureResult{result: true}
+        pair.compare("POST", "/p", {"content-length": "3"}, b"abc")
+    finally:
+        pair.stop()
+
+
 def test_callback_sequence_and_plugin_logs_same_as_envoy(tmp_path: Path) -> None:
     """The plugin's own log lines (every callback with its arguments) match Envoy's, in
     order, and so do its metrics (compare() checks both)."""

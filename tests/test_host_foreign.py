@@ -128,3 +128,69 @@ def test_on_foreign_function_reads_call_data(tmp_path: Path) -> None:
     assert g.u32(100) == 7
     assert g.u32(104) == R.OK
     assert g.mem(g.u32(16), g.u32(20)) == b"payload"
+
+
+# ---- CEL (expr_create / expr_evaluate / expr_delete) -------------------------------------------
+
+def _create(g: Guest, expr: bytes) -> tuple[int, bytes | None]:
+    return ff(g, b"expr_create", expr)
+
+
+def test_cel_create_evaluate_delete(g: Guest, ctx: HttpContext) -> None:
+    from wasmgate.headers import HeaderMap
+
+    ctx.stream.request_headers = HeaderMap([(b":path", b"/x"), (b":method", b"GET")])
+    ctx.open_maps = 1  # the request headers are readable
+    assert _create(g, b"request.path + '!'") == (R.OK, b"\x00\x00\x00\x00")  # tokens count from 0
+    assert _create(g, b"1u + 2u") == (R.OK, b"\x01\x00\x00\x00")
+    assert _create(g, b"request.nope") == (R.OK, b"\x02\x00\x00\x00")
+    assert _create(g, b"duration('1.000000001s')") == (R.OK, b"\x03\x00\x00\x00")
+    assert _create(g, b"bad ((") == (R.BAD_ARGUMENT, None)
+    assert ff(g, b"expr_evaluate", b"\x00\x00\x00\x00") == (R.OK, b"/x!")
+    assert ff(g, b"expr_evaluate", b"\x01\x00\x00\x00") == (R.OK, (3).to_bytes(8, "little"))
+    assert ff(g, b"expr_evaluate", b"\x02\x00\x00\x00") == (R.INTERNAL_FAILURE, None)  # no such attribute
+    assert ff(g, b"expr_evaluate", b"\x03\x00\x00\x00") == (R.OK, (1_000_000_001).to_bytes(8, "little"))
+    assert ff(g, b"expr_evaluate", b"\x00\x00") == (R.BAD_ARGUMENT, None)
+    assert ff(g, b"expr_evaluate", b"\x09\x00\x00\x00") == (R.NOT_FOUND, None)
+    assert ff(g, b"expr_delete", b"\x00\x00\x00\x00") == (R.OK, b"")
+    assert ff(g, b"expr_evaluate", b"\x00\x00\x00\x00") == (R.NOT_FOUND, None)
+    assert ff(g, b"expr_delete", b"\x00") == (R.BAD_ARGUMENT, None)
+
+
+def test_cel_sees_plugin_properties(g: Guest, ctx: HttpContext) -> None:
+    pp, ps = g.put_str(b"my_prop")
+    vp, vs = g.put_str(b"\x00raw")
+    assert g.call("proxy_set_property", pp, ps, vp, vs) == R.OK
+    assert _create(g, b"my_prop") == (R.OK, b"\x00\x00\x00\x00")
+    assert ff(g, b"expr_evaluate", b"\x00\x00\x00\x00") == (R.OK, b"\x00raw")  # bytes, NUL and all
+
+
+# ---- sign / verify_signature ------------------------------------------------------------------
+
+def _rsa() -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()),
+            key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _long(num: int, value: bytes) -> bytes:
+    n = len(value)
+    return bytes([num << 3 | 2, n & 0x7F | 0x80, n >> 7]) + value if n >= 128 else proto((num, value))
+
+
+def test_sign_then_verify(g: Guest) -> None:
+    priv, pub = _rsa()
+    status, result = ff(g, b"sign", proto((1, b"sha256"), (3, b"text")) + _long(4, priv))
+    assert status == R.OK and result is not None and result[:2] == b"\x08\x01"  # SignResult.result = true
+    signature = result[5:]  # field 2: tag, two length bytes (128), then the signature
+    assert result[2] == 0x12 and len(signature) == 128
+    ok = ff(g, b"verify_signature", proto((1, b"sha256"), (4, b"text")) + _long(3, signature) + _long(5, pub))
+    assert ok == (R.OK, b"\x08\x01")
+    bad = ff(g, b"verify_signature", proto((1, b"sha256"), (4, b"other")) + _long(3, signature) + _long(5, pub))
+    assert bad == (R.OK, b"\x12\x26Failed to verify digest. Error code: 0")
+    assert ff(g, b"sign", proto((1, b"sha256"), (3, b"text"))) == (R.BAD_ARGUMENT, None)  # no key
+    assert ff(g, b"sign", proto((1, b"md5"), (3, b"t")) + _long(4, priv)) == (R.OK, b"\x1a\x15md5 is not supported.")

@@ -75,6 +75,7 @@ class PluginVM:
         self.xds = XdsInfo()  # the proxy's node, listener, route, cluster (xds.* attributes); set by the manager
         # declare_property: name -> (WasmType, readonly)
         self.declared_properties: dict[bytes, tuple[int, bool]] = {}
+        self.foreign_data: dict[str, Any] = {}  # state kept by foreign functions (CEL expressions)
         self.call_data: bytes | None = None  # buffer type 8, during proxy_on_foreign_function
         self.pending_calls: dict[int, Any] = {}  # token -> callout in flight
         self.call_response: CallResponse | None = None  # readable during on_http_call_response
