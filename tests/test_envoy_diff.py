@@ -157,7 +157,7 @@ class Pair:
             now = time.monotonic()
             if (len(theirs), len(ours)) != last:
                 last, quiet_since = (len(theirs), len(ours)), now
-            elif now - quiet_since >= 0.2 or now > deadline:
+            elif now - quiet_since >= 0.3 or now > deadline:
                 return ours, theirs
             time.sleep(0.05)
 
