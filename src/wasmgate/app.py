@@ -13,7 +13,7 @@ from typing import Any
 from wasmgate.admin.server import AdminState, serve_admin
 from wasmgate.host.attributes import XdsInfo
 from wasmgate.plugin.manager import Chain, PluginHandle, PluginManager, chain_order, load_handle
-from wasmgate.plugin.spec import PluginLimits
+from wasmgate.plugin.spec import PluginLimits, PluginSpec
 from wasmgate.plugin.vm import PluginError
 from wasmgate.proxy.callout import Callouts
 from wasmgate.proxy.demo import start_demo_upstream
@@ -21,8 +21,9 @@ from wasmgate.proxy.server import Limits, ProxyApp, serve
 from wasmgate.proxy.tls import TlsError, client_context, server_context
 from wasmgate.proxy.upstream import Cluster
 from wasmgate.resources.config import parse_address
+from wasmgate.resources.kube import KubeError, KubeSource
 from wasmgate.resources.wasmplugin import ConfigError, Scope, load_plugin_specs
-from wasmgate.resources.watch import PluginWatcher
+from wasmgate.resources.watch import PluginWatcher, ResourceSource
 
 _log = logging.getLogger("wasmgate")
 
@@ -56,6 +57,11 @@ class RunOptions:
     # TLS to https:// upstreams and clusters.
     upstream_ca: str | None = None  # None: the system CA store
     upstream_insecure_skip_verify: bool = False
+    # WasmPlugins and pull Secrets from the Kubernetes API instead of files (resources/kube.py).
+    kube: bool = False
+    kube_namespace: str | None = None  # None: all namespaces
+    kube_selector: dict[str, str] = field(default_factory=dict)  # label selector for WasmPlugins
+    kubeconfig: str | None = None  # None: in-cluster config, else $KUBECONFIG or ~/.kube/config
 
 
 def tls_contexts(opts: RunOptions) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -78,16 +84,34 @@ def tls_contexts(opts: RunOptions) -> tuple[ssl.SSLContext | None, ssl.SSLContex
 
 def load_chain(paths: list[Path], scope: Scope | None = None) -> Chain:
     try:
-        specs = chain_order(load_plugin_specs(paths, scope))
+        specs = load_plugin_specs(paths, scope)
     except ConfigError as e:
         raise StartupError(str(e)) from None
+    return chain_of(specs)
+
+
+def chain_of(specs: list[PluginSpec]) -> Chain:
     plugins: list[PluginHandle] = []
-    for spec in specs:
+    for spec in chain_order(specs):
         try:
             plugins.append(load_handle(spec))
         except PluginError as e:
             raise StartupError(str(e)) from None
     return Chain(plugins)
+
+
+async def kube_chain(opts: RunOptions, scope: Scope) -> tuple[Chain, KubeSource]:
+    """The first list from the Kubernetes API, loaded as strictly as files are at startup."""
+    source = KubeSource(PluginManager(), scope, namespace=opts.kube_namespace, selector=opts.kube_selector,
+                        kubeconfig=opts.kubeconfig)
+    try:
+        await source.sync()
+        specs, _ = source.scan(strict=True)
+    except (KubeError, ConfigError) as e:
+        if source._client is not None:
+            await source._client.close()
+        raise StartupError(str(e)) from None
+    return await asyncio.get_running_loop().run_in_executor(None, chain_of, specs), source
 
 
 def default_plugins() -> list[Path]:
@@ -103,7 +127,7 @@ class Running:
     """A started proxy; ``stop()`` drains it."""
 
     def __init__(self, app: ProxyApp, admin: AdminState, servers: list[asyncio.Server],
-                 proxy: asyncio.Server, upstream_url: str, watcher: PluginWatcher | None):
+                 proxy: asyncio.Server, upstream_url: str, watcher: ResourceSource | None):
         self.app = app
         self.watcher = watcher
         self.admin = admin
@@ -142,7 +166,7 @@ class Running:
 
 
 async def start(opts: RunOptions) -> Running:
-    plugin_paths = opts.plugins if opts.plugins is not None else default_plugins()
+    plugin_paths = opts.plugins if opts.plugins is not None or opts.kube else default_plugins()
     try:
         lhost, lport = parse_address(opts.listen, "--listen")
         ahost, aport = parse_address(opts.admin, "--admin") if opts.admin else ("", 0)
@@ -150,7 +174,12 @@ async def start(opts: RunOptions) -> Running:
         raise StartupError(str(e)) from None
     scope = Scope(opts.plugin_limits, dict(opts.labels), lport)
     server_tls, client_tls = tls_contexts(opts)
-    chain = load_chain(plugin_paths, scope)
+    kube: KubeSource | None = None
+    if opts.kube:
+        chain, kube = await kube_chain(opts, scope)
+    else:
+        assert plugin_paths is not None
+        chain = load_chain(plugin_paths, scope)
     servers: list[asyncio.Server] = []
     upstream = opts.upstream
     demo = None
@@ -176,7 +205,15 @@ async def start(opts: RunOptions) -> Running:
         raise StartupError(f"cannot listen: {e}") from None
     if demo is not None:
         servers.append(demo)
-    watcher = PluginWatcher(plugin_paths, manager, scope) if opts.watch else None
+    watcher: ResourceSource | None = None
+    if kube is not None:
+        kube.manager = manager
+        watcher = kube if opts.watch else None
+        if watcher is None and kube._client is not None:
+            await kube._client.close()
+    elif opts.watch:
+        assert plugin_paths is not None
+        watcher = PluginWatcher(plugin_paths, manager, scope)
     if watcher is not None:
         watcher.start()
     running = Running(app, admin, servers, proxy, upstream, watcher)
@@ -184,6 +221,8 @@ async def start(opts: RunOptions) -> Running:
               "https://" if server_tls else "", lhost, running.port,
               f"{ahost}:{running.admin_port}" if opts.admin else "the supervisor", upstream,
               " (demo)" if demo else "", ", ".join(p.name for p in chain.plugins) or "none")
+    if kube is not None:
+        _log.info("plugins from the Kubernetes API (%s)%s", kube.where(), ", watched" if opts.watch else "")
     return running
 
 

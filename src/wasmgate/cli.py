@@ -29,6 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream", help="upstream URL, e.g. http://127.0.0.1:8000 (default: demo upstream)")
     run.add_argument("--plugins", type=Path, nargs="+", metavar="FILE_OR_DIR",
                      help="WasmPlugin YAML files or directories (default: the allow-header example)")
+    run.add_argument("--kube", action="store_true",
+                     help="watch WasmPlugins and pull Secrets through the Kubernetes API (docs/kubernetes.md)")
+    run.add_argument("--namespace", metavar="NS", help="with --kube: only this namespace (default: all)")
+    run.add_argument("--kube-selector", metavar="K=V[,K=V]",
+                     help="with --kube: only WasmPlugins with these Kubernetes labels")
+    run.add_argument("--kubeconfig", metavar="PATH",
+                     help="with --kube: this kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)")
     run.add_argument("--workers", type=int, default=None,
                      help="worker processes sharing the listener (default: the number of cores)")
     run.add_argument("--labels", action="append", default=[], metavar="K=V[,K=V]",
@@ -101,6 +108,15 @@ def _run(args: argparse.Namespace) -> int:
     opts.clusters.update(_pairs(args.cluster, "--cluster"))
     opts.tls_cert = args.tls_cert or opts.tls_cert
     opts.tls_key = args.tls_key or opts.tls_key
+    if args.kube:
+        if args.plugins is not None:
+            raise StartupError("--kube and --plugins: choose one source of WasmPlugins")
+        opts.kube, opts.plugins = True, None
+        opts.kube_namespace = args.namespace
+        opts.kube_selector = _pairs([args.kube_selector or ""], "--kube-selector")
+        opts.kubeconfig = args.kubeconfig
+    elif args.namespace or args.kube_selector or args.kubeconfig:
+        raise StartupError("--namespace, --kube-selector and --kubeconfig need --kube")
     if args.no_watch:
         opts.watch = False
     import uvloop

@@ -35,7 +35,7 @@ from typing import Any
 
 from wasmgate.admin import stats
 from wasmgate.admin.server import AdminState, serve_admin, set_levels
-from wasmgate.app import RunOptions, StartupError, default_plugins, load_chain, tls_contexts
+from wasmgate.app import RunOptions, StartupError, default_plugins, kube_chain, load_chain, tls_contexts
 from wasmgate.plugin.shared import LocalStore
 from wasmgate.proxy.demo import start_demo_upstream
 from wasmgate.resources.config import parse_address
@@ -193,7 +193,7 @@ class Supervisor:
             demo = await start_demo_upstream()
             servers.append(demo)
             self.opts = dataclasses.replace(self.opts, upstream=f"http://127.0.0.1:{demo.sockets[0].getsockname()[1]}")
-        if self.opts.plugins is None:
+        if self.opts.plugins is None and not self.opts.kube:
             self.opts = dataclasses.replace(self.opts, plugins=default_plugins())
         try:
             ahost, aport = parse_address(self.opts.admin, "--admin")
@@ -203,9 +203,13 @@ class Supervisor:
         # Check the plugins once here, so a bad file or module stops startup with its
         # error instead of sending every worker into a restart loop.
         tls_contexts(self.opts)
-        assert self.opts.plugins is not None
-        chain = await loop.run_in_executor(None, load_chain, self.opts.plugins,
-                                           Scope(self.opts.plugin_limits, dict(self.opts.labels), lport))
+        scope = Scope(self.opts.plugin_limits, dict(self.opts.labels), lport)
+        if self.opts.kube:  # each worker then lists and watches the API itself
+            chain, kube = await kube_chain(self.opts, scope)
+            await kube.client.close()
+        else:
+            assert self.opts.plugins is not None
+            chain = await loop.run_in_executor(None, load_chain, self.opts.plugins, scope)
         for h in chain.plugins:
             h.replaced()
         try:

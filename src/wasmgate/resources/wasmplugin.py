@@ -321,7 +321,6 @@ def scan_plugin_specs(paths: list[Path], scope: Scope | None = None, *,
     A file that fails is reported by path and skipped, or with ``strict`` raises
     (startup is all or nothing).
     """
-    scope = dataclasses.replace(scope or Scope(), secrets={})
     errors: dict[str, str] = {}
     try:
         files = resource_files(paths)
@@ -330,10 +329,26 @@ def scan_plugin_specs(paths: list[Path], scope: Scope | None = None, *,
             raise
         return [], {str(e).split(":", 1)[0]: str(e)}
     parsed: dict[Path, list[dict[str, Any]]] = {}
-    for f in files:  # Secrets first: a WasmPlugin may name one from another file
+    for f in files:
         try:
             parsed[f] = load_documents(f)
-            for doc in parsed[f]:
+        except ConfigError as e:
+            if strict:
+                raise
+            errors[str(f)] = str(e)
+    specs, more = scan_documents(parsed, scope, strict=strict)
+    return specs, {**errors, **more}
+
+
+def scan_documents(parsed: dict[Path, list[dict[str, Any]]], scope: Scope | None = None, *,
+                   strict: bool = False) -> tuple[list[PluginSpec], dict[str, str]]:
+    """The selected WasmPlugins among parsed documents, by source (a file, or a Kubernetes
+    object's API path), with the dockerconfigjson Secrets among them. Errors by source."""
+    scope = dataclasses.replace(scope or Scope(), secrets={})
+    errors: dict[str, str] = {}
+    for f, docs in parsed.items():  # Secrets first: a WasmPlugin may name one from another source
+        try:
+            for doc in docs:
                 if doc.get("kind") == "Secret" and (secret := parse_secret(doc, f)) is not None:
                     scope.secrets[secret[0]] = secret[1]
         except ConfigError as e:

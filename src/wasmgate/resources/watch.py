@@ -3,6 +3,10 @@
 A change is applied through ``PluginManager.apply``: compiled and canaried off the
 event loop, swapped in atomically; a file that no longer parses keeps its last
 good plugins serving, with the error logged and shown on /plugins.
+
+``ResourceSource`` is what every source of resources shares (this directory watcher and
+the Kubernetes one in resources/kube.py): applying a scan, retrying modules that could
+not be fetched, expiring the module cache.
 """
 
 from __future__ import annotations
@@ -14,17 +18,19 @@ from pathlib import Path
 import watchfiles
 
 from wasmgate.plugin.manager import PluginManager, module_cache
+from wasmgate.plugin.spec import PluginSpec
 from wasmgate.resources.wasmplugin import Scope, scan_plugin_specs
 
 _log = logging.getLogger("wasmgate.config")
 
 
-class PluginWatcher:
-    def __init__(self, paths: list[Path], manager: PluginManager, scope: Scope):
-        self.paths = [p.resolve() for p in paths]
+class ResourceSource:
+    """A live source of WasmPlugin resources; subclasses define ``_run`` and ``reload``."""
+
+    def __init__(self, manager: PluginManager, scope: Scope):
         self.manager = manager
         self.scope = scope
-        self.errors: dict[str, str] = {}  # resource file -> why it was not applied
+        self.errors: dict[str, str] = {}  # resource source -> why it was not applied
         self.applied = 0  # completed reloads, for tests and /plugins
         self.retry_initial = 2.0  # seconds before fetching an unavailable module again
         self.purge_every = 3600.0  # seconds between module-cache expiry runs
@@ -32,43 +38,36 @@ class PluginWatcher:
         self._stop = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(self._main())
 
     async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def _roots(self) -> set[Path]:
-        """Directories to watch: the resource dirs and the dirs of every module in use."""
-        roots = {p if p.is_dir() else p.parent for p in self.paths}
-        roots |= {h.spec.module_path.resolve().parent for h in self.manager.chain.plugins if h.spec.module_path}
-        return {r for r in roots if r.is_dir()}
-
-    def _relevant(self, changed: set[Path]) -> bool:
-        modules = {h.spec.module_path.resolve() for h in self.manager.chain.plugins if h.spec.module_path}
-        for path in changed:
-            if path in modules or path in self.paths:
-                return True
-            if path.suffix in (".yaml", ".yml") and any(path.parent == p for p in self.paths):
-                return True
-        return False
-
-    async def _run(self) -> None:
+    async def _main(self) -> None:
         loop = asyncio.get_running_loop()
         background = [loop.create_task(self._retry_unavailable()), loop.create_task(self._purge_cache())]
         try:
-            while not self._stop.is_set():
-                roots = self._roots()
-                async for changes in watchfiles.awatch(*roots, stop_event=self._stop, debounce=50, step=10,
-                                                       recursive=False):
-                    if self._relevant({Path(p).resolve() for _, p in changes}):
-                        await self.reload()
-                    if self._roots() != roots:
-                        break  # modules moved to other directories: watch those instead
+            await self._run()
         finally:
             for task in background:
                 task.cancel()
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def reload(self) -> None:
+        raise NotImplementedError
+
+    async def apply_scan(self, specs: list[PluginSpec], errors: dict[str, str]) -> None:
+        """Apply one scan: plugins of a source in ``errors`` keep their last good version."""
+        for source, why in errors.items():
+            if self.errors.get(source) != why:
+                _log.error("%s; its plugins keep their last good version", why)
+        self.errors = self.manager.resource_errors = errors
+        await self.manager.apply(specs, keep=set(errors))
+        self.applied += 1
 
     async def _purge_cache(self) -> None:
         """Expire fetched modules nobody uses (the ones in use are pinned)."""
@@ -89,11 +88,36 @@ class PluginWatcher:
             else:
                 delay = self.retry_initial
 
+
+class PluginWatcher(ResourceSource):
+    def __init__(self, paths: list[Path], manager: PluginManager, scope: Scope):
+        super().__init__(manager, scope)
+        self.paths = [p.resolve() for p in paths]
+
+    def _roots(self) -> set[Path]:
+        """Directories to watch: the resource dirs and the dirs of every module in use."""
+        roots = {p if p.is_dir() else p.parent for p in self.paths}
+        roots |= {h.spec.module_path.resolve().parent for h in self.manager.chain.plugins if h.spec.module_path}
+        return {r for r in roots if r.is_dir()}
+
+    def _relevant(self, changed: set[Path]) -> bool:
+        modules = {h.spec.module_path.resolve() for h in self.manager.chain.plugins if h.spec.module_path}
+        for path in changed:
+            if path in modules or path in self.paths:
+                return True
+            if path.suffix in (".yaml", ".yml") and any(path.parent == p for p in self.paths):
+                return True
+        return False
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            roots = self._roots()
+            async for changes in watchfiles.awatch(*roots, stop_event=self._stop, debounce=50, step=10,
+                                                   recursive=False):
+                if self._relevant({Path(p).resolve() for _, p in changes}):
+                    await self.reload()
+                if self._roots() != roots:
+                    break  # modules moved to other directories: watch those instead
+
     async def reload(self) -> None:
-        specs, errors = scan_plugin_specs(self.paths, self.scope)
-        for f, why in errors.items():
-            if self.errors.get(f) != why:
-                _log.error("%s; its plugins keep their last good version", why)
-        self.errors = self.manager.resource_errors = errors
-        await self.manager.apply(specs, keep=set(errors))
-        self.applied += 1
+        await self.apply_scan(*scan_plugin_specs(self.paths, self.scope))
