@@ -28,7 +28,7 @@ build() {
         command -v go >/dev/null || { echo "kube-deps: Go is needed to build $name (https://go.dev/dl)"; exit 1; }
         echo "kube-deps: building $name $version (go build; cold: several minutes)"
         local start=$SECONDS
-        (cd "$dir" && nice go build -trimpath -ldflags "-s -w $ldflags" -o "$cached.tmp" "$pkg")
+        (cd "$dir" && nice go build -trimpath -buildvcs=false -ldflags "-s -w $ldflags" -o "$cached.tmp" "$pkg")
         mv "$cached.tmp" "$cached"
         echo "kube-deps: built $name in $((SECONDS - start))s"
     fi

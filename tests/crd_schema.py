@@ -4,7 +4,7 @@ The API server validates a custom resource against the CRD's OpenAPI v3 schema; 
 same schema is turned into JSON Schema for the ``jsonschema`` package: OpenAPI's
 ``nullable`` becomes a ``null`` type and ``format: int32`` its range (the API server checks
 both). The CEL rules (``x-kubernetes-validations``) are not evaluated here; they run in the
-real API server (tests/kube_harness.py, when present).
+real API server: tests/test_kube.py sends the same cases to kube-apiserver, which runs them.
 """
 
 from __future__ import annotations

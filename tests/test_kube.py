@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import threading
 import time
@@ -287,3 +288,32 @@ def test_workers_each_follow_the_api(kube: KubeServer, upstream: Upstream) -> No
             wait_for(all_workers_have_w2, what="both workers on w2")
     finally:
         kube.delete(tag(""))
+
+
+def test_api_server_agrees_with_the_crd_checks(kube: KubeServer) -> None:
+    """tests/test_crd.py checks the CRD's schema with jsonschema; the real API server (which
+    also runs the CEL rules) accepts and rejects the same WasmPlugins. Dry runs: nothing stored."""
+    from test_crd import EXAMPLES, REJECTED, _plugin
+
+    def send(doc: dict[str, Any]) -> tuple[int, list[str]]:
+        doc = {**doc, "metadata": {**doc["metadata"], "namespace": NS}}
+        with kube.client() as c:
+            r = c.post(f"/apis/extensions.istio.io/v1alpha1/namespaces/{NS}/wasmplugins",
+                       params={"dryRun": "All", "fieldValidation": "Strict"}, json=doc)
+        causes = (r.json().get("details") or {}).get("causes") or []
+        # The API server adds a cause without a field when it skipped CEL rules of an invalid object.
+        # A cause without a field: CEL rules skipped for an invalid object (ignored), or a format
+        # check, whose message names the field ("... in spec.priority").
+        return r.status_code, [str(x.get("field")) if x.get("field") != "<nil>" else str(x.get("message"))
+                               for x in causes if "validation rules were not checked" not in str(x.get("message"))]
+
+    for where, doc in EXAMPLES:
+        code, fields = send(doc)
+        if isinstance(doc["spec"].get("pluginConfig"), str):
+            assert code == 422 and fields == ["spec.pluginConfig"], (where, fields)
+        else:
+            assert code == 201, (where, fields)
+    for spec, field in REJECTED:
+        code, fields = send(_plugin(**spec))
+        want = re.sub(r"\.(\d+)", r"[\1]", field)  # spec.match.0.mode -> spec.match[0].mode
+        assert code == 422 and fields and all(want in f for f in fields), (spec, fields)
