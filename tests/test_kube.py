@@ -156,6 +156,7 @@ def test_kube_flow_apply_edit_delete_restart(kube: KubeServer, upstream: Upstrea
 
         # 5. restart the API server and its store, under load: nothing lost, the watch resumes
         load = Load(proxy.port, headers={})
+        (live,) = proxy.running.app.chain.plugins
         kube.restart(store=True)
         time.sleep(0.5)
         load.stop()
@@ -164,6 +165,8 @@ def test_kube_flow_apply_edit_delete_restart(kube: KubeServer, upstream: Upstrea
         assert plugin_names(proxy) == ["allow-header"]
         kube.apply(tag("after-restart"))  # the CRD may take a moment to be served again: retried
         wait_for(lambda: tag_of(proxy) == "after-restart", timeout=60, what="edit after restart applied")
+        # The resync after the restart (resumed watch or relist) left the unchanged plugin as it was.
+        assert proxy.running.app.chain.plugins[0] is live and live.reloads == 0
         kube.delete(allow_header())
         wait_for(lambda: status(proxy) == 200, what="allow-header deleted after restart")
     finally:
@@ -317,3 +320,32 @@ def test_api_server_agrees_with_the_crd_checks(kube: KubeServer) -> None:
         code, fields = send(_plugin(**spec))
         want = re.sub(r"\.(\d+)", r"[\1]", field)  # spec.match.0.mode -> spec.match[0].mode
         assert code == 422 and fields and all(want in f for f in fields), (spec, fields)
+
+
+def test_namespaces_kube_selector_and_istio_selector(kube: KubeServer, upstream: Upstream) -> None:
+    """No --namespace: every namespace. --kube-selector filters what is read (and an object
+    relabelled out of it goes away); --labels is Istio's spec.selector, as with files."""
+    kube.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
+
+    def labelled(name: str, gateway: str, ns: str = NS, **spec: Any) -> dict[str, Any]:
+        doc = wasmplugin(name, TAG, {"tag": name}, ns=ns, **spec)
+        doc["metadata"]["labels"] = {"gateway": gateway}
+        return doc
+
+    docs = [labelled("sel-one", "a"), labelled("sel-two", "b"),
+            labelled("sel-three", "a", selector={"matchLabels": {"app": "other"}}),
+            labelled("sel-four", "a", ns="other")]
+    for doc in docs:
+        kube.apply(doc)
+    proxy = ProxyThread([], upstream.url, kube=True, kubeconfig=str(kube.kubeconfig()),
+                        kube_selector={"gateway": "a"}, labels={"app": "me"})
+    try:
+        assert plugin_names(proxy) == ["sel-one", "sel-four"]  # Istio order: namespace gw, then other
+        kube.apply(labelled("sel-two", "a"))
+        wait_for(lambda: plugin_names(proxy) == ["sel-one", "sel-two", "sel-four"], what="relabelled in")
+        kube.apply(labelled("sel-one", "c"))
+        wait_for(lambda: plugin_names(proxy) == ["sel-two", "sel-four"], what="relabelled out")
+    finally:
+        proxy.stop()
+        for doc in docs:
+            kube.delete(doc)

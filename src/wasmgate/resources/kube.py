@@ -140,8 +140,11 @@ class KubeSource(ResourceSource):
                     break
                 except (ApiError, httpx2.HTTPError, OSError) as e:
                     if asyncio.get_running_loop().time() + delay > deadline:
+                        hint = ""
+                        if isinstance(e, ApiError) and e.status.code == 404 and kind.name == "WasmPlugin":
+                            hint = " (is the WasmPlugin CRD installed? deploy/kubernetes/crd-wasmplugin.yaml)"
                         raise KubeError(f"cannot list {kind.plural} ({self.where()}) from "
-                                        f"{self.client.config.cluster.server}: {_describe(e)}") from None
+                                        f"{self.client.config.cluster.server}: {_describe(e)}{hint}") from None
                     _log.warning("listing %s: %s; retrying", kind.plural, _describe(e))
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.backoff_max)
@@ -202,6 +205,10 @@ class KubeSource(ResourceSource):
                 delay = await self._backoff(kind, e, delay)
             except (httpx2.HTTPError, OSError) as e:
                 delay = await self._backoff(kind, e, delay)
+            except Exception as e:  # anything else (an undecodable object): never stop following
+                _log.exception("watching %s: unexpected error", kind.plural)
+                self.versions.pop(kind.name, None)
+                delay = await self._backoff(kind, e, delay)
 
     async def _backoff(self, kind: Kind, e: BaseException, delay: float) -> float:
         why = _describe(e)
@@ -253,7 +260,11 @@ class KubeSource(ResourceSource):
             await self._dirty.wait()
             await asyncio.sleep(self.debounce)
             self._dirty.clear()
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception:  # never stop applying: log, and try again on the next change
+                _log.exception("applying WasmPlugins from the Kubernetes API failed")
+                self._last = None
 
 
 def _document(kind: Kind, obj: Any) -> dict[str, Any]:
