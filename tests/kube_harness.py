@@ -110,6 +110,7 @@ class KubeServer:
         self.port = free_port()
         self.kine: subprocess.Popen[bytes] | None = None
         self.api: subprocess.Popen[bytes] | None = None
+        self.served: list[str] = []  # custom resource paths that must be served again after a restart
         workdir.mkdir(parents=True, exist_ok=True)
         _certs(workdir)
 
@@ -170,7 +171,8 @@ class KubeServer:
                     if proc is not None and proc.poll() is not None:
                         pytest.fail(f"{name} exited with {proc.returncode}:\n{self.logs()}")
                 with contextlib.suppress(httpx.HTTPError):
-                    if c.get("/readyz").status_code == 200:
+                    # Ready, and the CRDs served again (that lags /readyz after a restart).
+                    if c.get("/readyz").status_code == 200 and all(c.get(p).status_code == 200 for p in self.served):
                         return
                 time.sleep(0.2)
         pytest.fail(f"kube-apiserver not ready after {timeout:.0f}s:\n{self.logs()}")
@@ -229,6 +231,8 @@ class KubeServer:
                 r = c.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
                 conds = {x["type"]: x["status"] for x in (r.json().get("status") or {}).get("conditions") or []}
                 if conds.get("Established") == "True":
+                    spec = r.json()["spec"]
+                    self.served.append(f"/apis/{spec['group']}/{spec['versions'][0]['name']}/{spec['names']['plural']}")
                     return
                 time.sleep(0.1)
         pytest.fail(f"CRD {crd} not established")

@@ -163,7 +163,7 @@ def test_kube_flow_apply_edit_delete_restart(kube: KubeServer, upstream: Upstrea
         assert load.errors == []
         assert load.results and {st for st, _ in load.results} == {403}
         assert plugin_names(proxy) == ["allow-header"]
-        kube.apply(tag("after-restart"))  # the CRD may take a moment to be served again: retried
+        kube.apply(tag("after-restart"))
         wait_for(lambda: tag_of(proxy) == "after-restart", timeout=60, what="edit after restart applied")
         # The resync after the restart (resumed watch or relist) left the unchanged plugin as it was.
         assert proxy.running.app.chain.plugins[0] is live and live.reloads == 0
