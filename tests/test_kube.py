@@ -349,3 +349,54 @@ def test_namespaces_kube_selector_and_istio_selector(kube: KubeServer, upstream:
         proxy.stop()
         for doc in docs:
             kube.delete(doc)
+
+
+def test_in_cluster_config(kube: KubeServer, upstream: Upstream, tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """No --kubeconfig: the pod's service account (token, ca.crt, namespace files and the
+    KUBERNETES_SERVICE_* variables), as a pod has them, here in a directory of the test's."""
+    from wasmgate.resources import kube as kube_module
+
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text(SA_TOKEN)
+    (sa / "namespace").write_text(NS)
+    shutil.copy(kube.workdir / "ca.crt", sa / "ca.crt")
+    monkeypatch.setattr(kube_module, "SERVICE_ACCOUNT_DIR", str(sa))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(kube.port))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    for doc in yaml.safe_load_all((REPO / "deploy" / "kubernetes" / "rbac.yaml").read_text()):
+        if doc["kind"] != "ServiceAccount":
+            doc["metadata"]["namespace"] = NS  # the Role where the plugins are; bound to wasmgate/wasmgate
+        kube.apply(doc)
+    kube.apply(tag("in-cluster"))
+    proxy = ProxyThread([], upstream.url, kube=True, kube_namespace=NS)
+    try:
+        assert tag_of(proxy) == "in-cluster"
+    finally:
+        proxy.stop()
+        kube.delete(tag(""))
+
+
+def test_startup_errors_name_the_problem(kube: KubeServer, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "wasmgate", "run", "--listen", "127.0.0.1:0", "--admin",
+                            "127.0.0.1:0", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        return r.stderr
+
+    assert "cannot load Kubernetes config" in run("--kube", "--kubeconfig", str(tmp_path / "missing"))
+    assert "--namespace, --kube-selector and --kubeconfig need --kube" in run("--namespace", NS)
+    bad = wasmplugin("bad", TAG, {"tag": "x"}, phase="AUTHN")
+    bad["spec"]["imagePullSecret"] = "no-such-secret"
+    kube.apply(bad)
+    try:
+        err = run("--kube", "--namespace", NS, "--kubeconfig", str(kube.kubeconfig()), "--workers", "1")
+        assert f"/apis/extensions.istio.io/v1alpha1/namespaces/{NS}/wasmplugins/bad: WasmPlugin bad: " \
+               "spec.imagePullSecret: no kubernetes.io/dockerconfigjson Secret 'no-such-secret'" in err, err
+    finally:
+        kube.delete(bad)

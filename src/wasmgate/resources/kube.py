@@ -44,6 +44,7 @@ _log = logging.getLogger("wasmgate.config.kube")  # under the `config` log compo
 WasmPluginResource = create_namespaced_resource("extensions.istio.io", "v1alpha1", "WasmPlugin", "wasmplugins")
 
 SECRET_TYPE = "kubernetes.io/dockerconfigjson"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # in-cluster: token, ca.crt, namespace
 
 
 class KubeError(Exception):
@@ -80,8 +81,10 @@ def parse_selector(text: str, flag: str = "--kube-selector") -> dict[str, str]:
 def load_config(kubeconfig: str | None) -> KubeConfig:
     """A kubeconfig file when given, else in-cluster config, else $KUBECONFIG or ~/.kube/config."""
     try:
-        return KubeConfig.from_file(kubeconfig) if kubeconfig else KubeConfig.from_env()
-    except (KubeConfigError, OSError) as e:
+        if kubeconfig:
+            return KubeConfig.from_file(kubeconfig)
+        return KubeConfig.from_env(service_account=SERVICE_ACCOUNT_DIR)
+    except (KubeConfigError, OSError, KeyError) as e:  # KeyError: KUBERNETES_SERVICE_HOST/PORT unset
         where = kubeconfig or "in-cluster config, $KUBECONFIG or ~/.kube/config"
         raise KubeError(f"{where}: cannot load Kubernetes config: {e}") from None
 
