@@ -107,13 +107,18 @@ def main() -> int:
         procs.append(load)
         time.sleep(0.5)
         swaps: list[tuple[float, str]] = []
+        probes: list[tuple[float, str]] = []  # the probe's own responses count as observations too
         tag = "v1"
         for _ in range(args.swaps):
             tag = "v2" if tag == "v1" else "v1"
             swaps.append((write_plugin(plugins, tag), tag))
             # the next swap only once the new version serves
             seen = time.monotonic() + args.timeout
-            while time.monotonic() < seen and _served_tag(port) != tag:
+            while time.monotonic() < seen:
+                got = _served_tag(port)
+                probes.append((time.time(), got))
+                if got == tag:
+                    break
                 time.sleep(0.005)
             time.sleep(0.05)
         time.sleep(0.3)
@@ -121,7 +126,7 @@ def main() -> int:
         load.stdin.write(b"\n")
         load.stdin.close()
         load.wait(timeout=60)
-        return report(out.read_text().split("\n"), swaps, args.clients)
+        return report(out.read_text().split("\n"), swaps, args.clients, probes)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -143,9 +148,10 @@ def _served_tag(port: int) -> str:
         conn.close()
 
 
-def report(lines: list[str], swaps: list[tuple[float, str]], clients: int) -> int:
+def report(lines: list[str], swaps: list[tuple[float, str]], clients: int,
+           probes: list[tuple[float, str]]) -> int:
     records = [ln.split() for ln in lines if ln.strip()]
-    ok = [(float(t), tag) for t, status, tag in records if status == "200"]
+    ok = sorted([(float(t), tag) for t, status, tag in records if status == "200"] + probes)
     failed = [r for r in records if r[1] != "200"]
     foreign = [r for r in records if r[1] == "200" and r[2] not in ("v1", "v2")]
     latencies = []

@@ -231,7 +231,7 @@ class Envoy:
         log_level: str = "info",
         *,
         envoy_log_level: str | None = None,
-        start_timeout: float = 30.0,
+        start_timeout: float = 90.0,
         clusters: dict[str, int] | None = None,
         http2_clusters: tuple[str, ...] = (),
         xds: dict[str, Any] | None = None,
