@@ -104,6 +104,7 @@ def test_target_refs_reported(tmp_path: Path) -> None:
 
 def test_plugin_config_bytes(tmp_path: Path) -> None:
     f = write(tmp_path / "p.yaml", plugin("obj", pluginConfig={"b": [1, 2], "a": "x y"}),
-              plugin("text", pluginConfig="raw text: not JSON {"), plugin("none"))
+              plugin("text", pluginConfig="raw text: not JSON {"), plugin("none"), plugin("empty", pluginConfig={}))
     by_name = {s.name: s.plugin_config for s in load_plugin_specs([f])}
-    assert by_name == {"obj": b'{"b":[1,2],"a":"x y"}', "text": b"raw text: not JSON {", "none": b""}
+    # Istio sends an empty object as no configuration at all
+    assert by_name == {"obj": b'{"b":[1,2],"a":"x y"}', "text": b"raw text: not JSON {", "none": b"", "empty": b""}

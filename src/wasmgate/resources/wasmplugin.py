@@ -220,8 +220,8 @@ def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpe
     env: dict[str, str] = {}
     for var in (s.vm_config.env if s.vm_config else []):
         env[var.name] = var.value if var.value_from == "INLINE" else os.environ.get(var.name, "")
-    # Istio hands pluginConfig to the plugin as compact JSON text.
-    if s.plugin_config is None:
+    # Istio hands pluginConfig to the plugin as compact JSON text; an empty object as no configuration.
+    if not s.plugin_config:
         config = b""
     elif isinstance(s.plugin_config, str):
         config = s.plugin_config.encode()
