@@ -51,6 +51,8 @@ class EnvoyPlugin:
     vm_env: dict[str, str] = field(default_factory=dict)
     fail_open: bool = False
     root_id: str = ""  # Istio sets it from WasmPlugin.spec.pluginName
+    vm_id: str | None = None  # None: the plugin's name (a VM of its own); Istio sets none ("")
+    failure_policy: str = ""  # e.g. FAIL_RELOAD (Envoy's PluginConfig.failure_policy)
 
 
 def envoy_binary() -> Path:
@@ -92,26 +94,29 @@ def _socket_address(port: int) -> dict[str, Any]:
 
 def _wasm_filter(plugin: EnvoyPlugin) -> dict[str, Any]:
     vm_config: dict[str, Any] = {
-        "vm_id": plugin.name,
+        "vm_id": plugin.name if plugin.vm_id is None else plugin.vm_id,
         "runtime": "envoy.wasm.runtime.v8",
         "code": {"local": {"filename": str(Path(plugin.wasm).resolve())}},
     }
     if plugin.vm_env:
         vm_config["environment_variables"] = {"key_values": dict(plugin.vm_env)}
+    config: dict[str, Any] = {
+        "name": plugin.name,
+        "root_id": plugin.root_id,
+        "configuration": {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": plugin.config,
+        },
+        "fail_open": plugin.fail_open,
+        "vm_config": vm_config,
+    }
+    if plugin.failure_policy:
+        config["failure_policy"] = plugin.failure_policy
     return {
         "name": "envoy.filters.http.wasm",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": plugin.name,
-                "root_id": plugin.root_id,
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": plugin.config,
-                },
-                "fail_open": plugin.fail_open,
-                "vm_config": vm_config,
-            },
+            "config": config,
         },
     }
 

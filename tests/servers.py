@@ -183,7 +183,8 @@ class ProxyThread:
 
 
 def wasmplugin_yaml(directory: Path, name: str, wasm: Path, *, config: Any = None, phase: str = "",
-                    priority: int | None = None, fail_strategy: str = "", env: dict[str, str] | None = None) -> Path:
+                    priority: int | None = None, fail_strategy: str = "", env: dict[str, str] | None = None,
+                    annotations: dict[str, str] | None = None) -> Path:
     """Write one WasmPlugin resource and return its path."""
     spec: dict[str, Any] = {"url": f"file://{wasm}", "pluginName": name}
     if config is not None:
@@ -196,8 +197,10 @@ def wasmplugin_yaml(directory: Path, name: str, wasm: Path, *, config: Any = Non
         spec["failStrategy"] = fail_strategy
     if env:
         spec["vmConfig"] = {"env": [{"name": k, "value": v} for k, v in env.items()]}
-    doc = {"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
-           "metadata": {"name": name}, "spec": spec}
+    metadata: dict[str, Any] = {"name": name}
+    if annotations:
+        metadata["annotations"] = annotations
+    doc = {"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": metadata, "spec": spec}
     path = directory / f"{name}.yaml"
     path.write_text(json.dumps(doc))
     return path

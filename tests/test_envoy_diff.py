@@ -30,6 +30,8 @@ class Plugin:
     name: str
     wasm: Path
     config: dict[str, object] | None = None
+    vm_id: str | None = None  # None: a VM of its own on both sides
+    fail: str = ""  # failStrategy: FAIL_CLOSE (default), FAIL_OPEN
 
 
 @dataclass
@@ -95,14 +97,17 @@ class Pair:
         self._wasm_log.addHandler(self._records)
         # As Istio translates a WasmPlugin: root_id from pluginName, config as JSON text.
         envoy_plugins = [EnvoyPlugin(p.name, p.wasm, json.dumps(p.config, separators=(",", ":"))
-                                     if p.config is not None else "", root_id=p.name) for p in plugins]
+                                     if p.config is not None else "", root_id=p.name, vm_id=p.vm_id,
+                                     fail_open=p.fail == "FAIL_OPEN") for p in plugins]
         self.envoy = Envoy(envoy_plugins, self.upstream.port, workdir / "envoy", log_level="debug",
                            clusters={n: u.port for n, u in clusters.items()}, xds=xds, node=node)
         (workdir / "envoy").mkdir(exist_ok=True)
         try:
             self.envoy.start()
             # Priorities keep wasmgate's chain in list order, like Envoy's filter list.
-            files = [wasmplugin_yaml(workdir, p.name, p.wasm, config=p.config, priority=100 - i)
+            files = [wasmplugin_yaml(workdir, p.name, p.wasm, config=p.config, priority=100 - i,
+                                     fail_strategy=p.fail, annotations={"wasmgate.io/vm-id": p.vm_id}
+                                     if p.vm_id is not None else None)
                      for i, p in enumerate(plugins)]
             self.wasmgate = ProxyThread(files, self.upstream.url, clusters={n: u.url for n, u in clusters.items()},
                                         node=dict(node or {}), xds=XdsConfig(**(xds or {})).info())
@@ -413,3 +418,41 @@ def test_callback_sequence_and_plugin_logs_same_as_envoy(tmp_path: Path) -> None
         assert "lifecycle_active{} 0" in metrics_text
     finally:
         pair.stop()
+
+
+def test_vm_sharing_same_as_envoy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two plugins with one vm_id and module share a VM (its Go globals show it), each with
+    its own root context and timer; a trap fails the VM for both; a third plugin with
+    another vm_id is on a VM of its own. Same headers, statuses and plugin log lines."""
+    import re
+
+    wasm = PLUGIN_BUILD / "vmshare.wasm"
+    with caplog.at_level(logging.INFO, logger="wasmgate.wasm"):
+        pair = Pair([Plugin("a", wasm, {"tag": "a", "tick": 10}, vm_id="shared"),
+                     Plugin("b", wasm, {"tag": "b"}, vm_id="shared", fail="FAIL_OPEN"),
+                     Plugin("c", wasm, {"tag": "c"}, vm_id="own")], tmp_path,
+                    response_headers=("x-vmshare-a", "x-vmshare-b", "x-vmshare-c"))
+        try:
+            time.sleep(0.3)  # a's timer has ticked on both sides
+            first = pair.compare()
+            assert first.headers["x-vmshare-a"] == ("vm_starts=2 configures=2 roots=2 vm_requests=2 "
+                                                    "own_requests=1 ticking=yes ctx=3 root=1")
+            assert first.headers["x-vmshare-b"].endswith("ticking=no ctx=4 root=2")
+            assert first.headers["x-vmshare-c"].startswith("vm_starts=1 configures=1 roots=1 vm_requests=1")
+            pair.compare("POST", "/p", {}, b"body")
+            assert pair.compare(headers={"x-vmshare-trap": "b"}).status == 503
+            assert pair.compare().status == 503  # a fails closed: its VM failed with b's trap
+            ours = [r.getMessage() for r in caplog.records if "vmshare: " in r.getMessage()]
+            time.sleep(0.5)  # Envoy writes its log asynchronously
+            envoy_log = pair.envoy.log_text()
+        finally:
+            pair.stop()
+    # Envoy also runs each plugin in a canary VM and on its main thread: compare its
+    # worker's lines, the thread that served the requests.
+    worker = re.search(r"\]\[(\d+)\]\[info\]\[wasm\].*vmshare: trapping", envoy_log)
+    assert worker is not None
+    theirs = [line.split("] ", 2)[-1] for line in envoy_log.splitlines()
+              if f"][{worker.group(1)}][" in line and "vmshare: " in line]
+    assert ours[0] == "wasm log a shared: vmshare: root_create ctx=1 roots=1"
+    assert "wasm log b b shared: vmshare: trapping tag=b" in ours
+    assert ours == theirs

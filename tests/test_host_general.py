@@ -58,16 +58,21 @@ def test_log_each_level(g: Guest, wasm_logger: logging.Logger, caplog: pytest.Lo
     wlog.set_level("wasm", "trace")
     caplog.clear()
     assert _log(g, level, b"hello from wasm") == R.OK
-    assert _wasm_records(caplog) == [(py_level, "wasm log test-plugin: hello from wasm")]
+    assert _wasm_records(caplog) == [(py_level, "wasm log: hello from wasm")]
 
 
 def test_log_prefix_names_plugin_root_and_vm(tmp_path: Path, wasm_logger: logging.Logger,
                                              caplog: pytest.LogCaptureFixture) -> None:
+    # Envoy's prefixes: the root context's names its root id and vm id; a stream
+    # context's also the plugin (several plugins may share the root id's VM).
     g = Guest(new_vm(tmp_path, name="my-plugin", root_id="my-root", vm_id="my-vm"))
     wlog.set_level("wasm", "info")
     caplog.clear()
-    assert _log(g, 2, b"hi") == R.OK
-    assert _wasm_records(caplog) == [(logging.INFO, "wasm log my-plugin my-root my-vm: hi")]
+    assert _log(g, 2, b"from root") == R.OK
+    g.vm.effective = g.vm.create_http_context(Stream())
+    assert _log(g, 2, b"from stream") == R.OK
+    assert _wasm_records(caplog) == [(logging.INFO, "wasm log my-root my-vm: from root"),
+                                     (logging.INFO, "wasm log my-plugin my-root my-vm: from stream")]
 
 
 def test_log_empty_and_invalid_utf8(g: Guest, wasm_logger: logging.Logger, caplog: pytest.LogCaptureFixture) -> None:
@@ -75,8 +80,8 @@ def test_log_empty_and_invalid_utf8(g: Guest, wasm_logger: logging.Logger, caplo
     caplog.clear()
     assert g.call("proxy_log", 3, 0, 0) == R.OK
     assert _log(g, 3, b"caf\xc3\xa9 \xff") == R.OK
-    assert _wasm_records(caplog) == [(logging.WARNING, "wasm log test-plugin: "),
-                                     (logging.WARNING, "wasm log test-plugin: caf\u00e9 \ufffd")]
+    assert _wasm_records(caplog) == [(logging.WARNING, "wasm log: "),
+                                     (logging.WARNING, "wasm log: caf\u00e9 \ufffd")]
 
 
 @pytest.mark.parametrize("level", [6, 7, 100, 0xFFFFFFFF])
@@ -102,8 +107,8 @@ def test_log_suppressed_below_wasm_level(g: Guest, wasm_logger: logging.Logger,
     caplog.clear()
     for level in range(6):
         assert _log(g, level, f"level {level}".encode()) == R.OK
-    assert _wasm_records(caplog) == [(logging.ERROR, "wasm log test-plugin: level 4"),
-                                     (logging.CRITICAL, "wasm log test-plugin: level 5")]
+    assert _wasm_records(caplog) == [(logging.ERROR, "wasm log: level 4"),
+                                     (logging.CRITICAL, "wasm log: level 5")]
 
 
 # ---- proxy_get_log_level -------------------------------------------------------------

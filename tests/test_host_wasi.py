@@ -68,7 +68,7 @@ def test_fd_write_goes_to_log(g: Guest, logs: pytest.LogCaptureFixture, fd: int,
     logs.clear()
     assert g.call("fd_write", fd, iovs, n, RP) == ESUCCESS
     assert g.u32(RP) == 12
-    assert _wasm(logs) == [(level, "wasm log test-plugin: hello world")]
+    assert _wasm(logs) == [(level, "wasm log: hello world")]
 
 
 def test_fd_write_empty(g: Guest, logs: pytest.LogCaptureFixture) -> None:
@@ -86,7 +86,7 @@ def test_fd_write_invalid_utf8(g: Guest, logs: pytest.LogCaptureFixture) -> None
     iovs, n = _iovs(g, b"\xffok")
     logs.clear()
     assert g.call("fd_write", 2, iovs, n, RP) == ESUCCESS
-    assert _wasm(logs) == [(logging.ERROR, "wasm log test-plugin: \ufffdok")]
+    assert _wasm(logs) == [(logging.ERROR, "wasm log: \ufffdok")]
 
 
 @pytest.mark.parametrize("fd", [0, 3, 100, 0xFFFFFFFF])
@@ -384,5 +384,5 @@ def test_wasi_unstable_is_linked(tmp_path: Path, logs: pytest.LogCaptureFixture)
     iovs, n = _iovs(g, b"unstable\n")
     logs.clear()
     assert g.call("fd_write", 1, iovs, n, RP) == ESUCCESS
-    assert _wasm(logs) == [(logging.INFO, "wasm log test-plugin: unstable")]
+    assert _wasm(logs) == [(logging.INFO, "wasm log: unstable")]
     assert g.call("random_get", 0x1000, MiB + 1) == EINVAL

@@ -108,7 +108,9 @@ def test_plugins_with_one_vm_id_share_data_metrics_and_queues(tmp_path: Path, up
             assert got["x-hits"] == f"{2 * n}, {2 * n - 1}"
             assert got["x-requests"] == f"{2 * n}, {2 * n - 1}"
             # Both registered the queue; the one that registered last owns it and drains it.
-            assert sorted(got["x-drained"].split(", ")) == ["0", str(2 * n)]
+            # Same vm_id and module: one VM, so both read the same `drained` global, as
+            # Envoy shows for Istio's translation (vm_id "") of these two plugins.
+            assert got["x-drained"] == f"{2 * n}, {2 * n}"
         assert "sharedstate_requests{} 6\n" in stats(proxy.admin_port)
     finally:
         proxy.stop()

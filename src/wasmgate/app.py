@@ -12,7 +12,7 @@ from typing import Any
 
 from wasmgate.admin.server import AdminState, serve_admin
 from wasmgate.host.attributes import XdsInfo
-from wasmgate.plugin.manager import Chain, PluginHandle, PluginManager, chain_order, load_handle
+from wasmgate.plugin.manager import Chain, PluginHandle, PluginManager, VmPool, chain_order, load_handle
 from wasmgate.plugin.spec import PluginLimits, PluginSpec
 from wasmgate.plugin.vm import PluginError
 from wasmgate.proxy.callout import Callouts
@@ -92,12 +92,13 @@ def load_chain(paths: list[Path], scope: Scope | None = None) -> Chain:
 
 def chain_of(specs: list[PluginSpec]) -> Chain:
     plugins: list[PluginHandle] = []
+    pool = VmPool()  # plugins with the same VM key share an instance
     for spec in chain_order(specs):
         try:
-            plugins.append(load_handle(spec))
+            plugins.append(load_handle(spec, pool))
         except PluginError as e:
             raise StartupError(str(e)) from None
-    return Chain(plugins)
+    return Chain(plugins, pool)
 
 
 async def kube_chain(opts: RunOptions, scope: Scope) -> tuple[Chain, KubeSource]:

@@ -299,7 +299,7 @@ class PluginDriver:
             try:
                 module = compile_spec(self.spec)
                 vm = PluginVM(self.spec, engine(), module.compiled, PluginStats())
-                host_metrics._by_vm[vm] = VmMetrics(self.store)  # this driver's metrics only
+                host_metrics._by_vm[vm.shared] = VmMetrics(self.store)  # this driver's metrics only
                 vm.start()
             finally:
                 self.start_logs = cap.lines

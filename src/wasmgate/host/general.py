@@ -74,8 +74,9 @@ def proxy_done(vm: PluginVM) -> int:
 def proxy_set_effective_context(vm: PluginVM, context_id: int) -> int:
     if context_id == 0:
         return R.OK  # Envoy: 0 means the current context
-    ctx = vm.contexts.get(context_id)
+    ctx = vm.contexts.get(context_id)  # any context on the instance, as in Envoy
     if ctx is None:
         return R.BAD_ARGUMENT
-    vm.effective = ctx
+    ctx.vm.effective = ctx
+    vm.shared.current = ctx.vm  # later calls act for that context's plugin
     return R.OK

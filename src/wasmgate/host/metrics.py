@@ -1,6 +1,7 @@
 """Metrics: proxy_define_metric, proxy_increment_metric, proxy_record_metric, proxy_get_metric.
 
-Metric ids belong to the VM; the metrics themselves are process-wide (plugin/metrics.py).
+Metric ids belong to the module instance (shared by the plugins on it, as in Envoy); the
+metrics themselves are process-wide (plugin/metrics.py).
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ from wasmgate.host.registry import hostcall
 from wasmgate.plugin.metrics import VmMetrics
 
 if TYPE_CHECKING:
-    from wasmgate.plugin.vm import PluginVM
+    from wasmgate.plugin.vm import PluginVM, SharedVM
 
 R = WasmResult
 
-_by_vm: weakref.WeakKeyDictionary[PluginVM, VmMetrics] = weakref.WeakKeyDictionary()
+_by_vm: weakref.WeakKeyDictionary[SharedVM, VmMetrics] = weakref.WeakKeyDictionary()
 
 
 def vm_metrics(vm: PluginVM) -> VmMetrics:
-    """The VM's metric ids (created on first use)."""
-    m = _by_vm.get(vm)
+    """The metric ids of the VM's instance (created on first use)."""
+    m = _by_vm.get(vm.shared)
     if m is None:
-        m = _by_vm[vm] = VmMetrics()
+        m = _by_vm[vm.shared] = VmMetrics()
     return m
 
 

@@ -1,7 +1,8 @@
 """Registration of host functions by ABI name.
 
 Each ABI area module decorates plain functions ``fn(vm, *i32_args) -> status``;
-``bind`` turns them into engine ``HostFunc``s for one VM.
+``bind`` turns them into engine ``HostFunc``s for one module instance; each call goes to
+the plugin whose context is effective (plugins sharing an instance have their own).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from wasmgate.engine.wasm import HostFunc
 
 if TYPE_CHECKING:
-    from wasmgate.plugin.vm import PluginVM
+    from wasmgate.plugin.vm import SharedVM
 
 ENV = "env"
 WASI = "wasi_snapshot_preview1"
@@ -48,7 +49,7 @@ def hostcall(params: str, results: str = "i", *, module: str = ENV,
     return wrap
 
 
-def bind(vm: PluginVM) -> dict[tuple[str, str], HostFunc]:
+def bind(vm: SharedVM) -> dict[tuple[str, str], HostFunc]:
     out = {}
     for key, e in REGISTRY.items():
         fn = e.fn
@@ -56,8 +57,8 @@ def bind(vm: PluginVM) -> dict[tuple[str, str], HostFunc]:
     return out
 
 
-def _bound(fn: Callable[..., Any], vm: PluginVM) -> Callable[..., Any]:
+def _bound(fn: Callable[..., Any], vm: SharedVM) -> Callable[..., Any]:
     def call(*args: int) -> Any:
-        return fn(vm, *args)
+        return fn(vm.current, *args)
 
     return call

@@ -1,9 +1,13 @@
-"""Plugins over time: loading, Istio ordering, live swap, fail-reload and recycling.
+"""Plugins over time: loading, Istio ordering, VM sharing, live swap, fail-reload and recycling.
 
 A ``PluginHandle`` is one WasmPlugin resource. Its VM generations are ``Plugin``s:
 a stream takes the current one when it starts and gives it back when it ends, so
 a swap never touches in-flight requests; a replaced VM is torn down once its last
 stream is done. The ``Chain`` (ordered handles) is replaced as a whole.
+
+Plugins with the same VM key (Envoy's: vm_id, VM configuration and module) share one
+module instance per process (``VmPool``), each with its own root context, as Envoy
+shares one VM per worker thread.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from wasmgate.oci.fetch import ModuleCache, fetch_module
 from wasmgate.plugin.context import Stream
 from wasmgate.plugin.filter import PluginFilter
 from wasmgate.plugin.spec import FailStrategy, PluginSpec
-from wasmgate.plugin.vm import PluginError, PluginStats, PluginVM
+from wasmgate.plugin.vm import PluginError, PluginStats, PluginVM, SharedVM
 from wasmgate.proxy.callout import Callouts
 
 _log = logging.getLogger("wasmgate.wasm")
@@ -117,11 +121,13 @@ def compile_spec(spec: PluginSpec) -> Module:
         raise PluginError(f"{where}: plugin {spec.name}: {e}") from None
 
 
-def start_vm(spec: PluginSpec, module: Module, stats: PluginStats) -> PluginVM:
-    """Instantiate and start (vm_start, configure): the canary check before a swap."""
+def start_vm(spec: PluginSpec, module: Module, stats: PluginStats, shared: SharedVM | None = None) -> PluginVM:
+    """Start the plugin (context_create, vm_start, configure) on a new instance, or on
+    ``shared``, another plugin's (then on that instance's thread: the event loop's).
+    On a new instance this is also the canary check before a swap."""
     where = spec.source or spec.url or str(spec.module_path)
     try:
-        vm = PluginVM(spec, engine(), module.compiled, stats)
+        vm = PluginVM(spec, engine(), module.compiled, stats, shared=shared)
     except WasmError as e:
         raise PluginError(f"{where}: plugin {spec.name}: {e}") from None
     try:
@@ -129,6 +135,47 @@ def start_vm(spec: PluginSpec, module: Module, stats: PluginStats) -> PluginVM:
     except PluginError as e:
         raise PluginError(f"{where}: {e}") from None
     return vm
+
+
+def vm_key(spec: PluginSpec, sha256: str) -> str:
+    """Envoy's VM key (vm_id, VM configuration, code), plus the sandbox limits that belong
+    to an instance: plugins with other limits cannot share one."""
+    lim = spec.limits
+    parts = (spec.vm_id.encode(), spec.vm_config, sha256.encode(),
+             repr((lim.max_memory_bytes, lim.callback_deadline, lim.start_deadline, lim.max_random_bytes,
+                   lim.memory_recycle_bytes)).encode())
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
+
+
+class VmPool:
+    """One process's live instances by VM key: a plugin whose key matches joins one
+    (Envoy's per-worker VM cache). A failed or retiring instance is never joined."""
+
+    def __init__(self) -> None:
+        self._vms: dict[str, SharedVM] = {}
+
+    def find(self, key: str) -> SharedVM | None:
+        sv = self._vms.get(key)
+        if sv is not None and (sv.failed is not None or sv.retiring or not sv.plugins):
+            del self._vms[key]
+            return None
+        return sv
+
+    def add(self, key: str, vm: PluginVM) -> None:
+        """``vm`` started on a new instance: plugins with its key join that from now on."""
+        vm.shared.key = key
+        if self.find(key) is None:
+            self._vms[key] = vm.shared
+
+    def place(self, spec: PluginSpec, module: Module, stats: PluginStats) -> PluginVM:
+        """Start the plugin on the live instance for its key, or on a new one."""
+        key = vm_key(spec, module.sha256)
+        vm = start_vm(spec, module, stats, self.find(key))
+        self.add(key, vm)
+        return vm
 
 
 class Plugin:
@@ -211,15 +258,30 @@ class PluginHandle:
         if limit and plugin.vm.failed is None and not self.reloading and plugin.vm.memory_bytes() > limit:
             _log.warning("plugin %s: linear memory %d bytes is over %d; recycling its VM",
                          self.name, plugin.vm.memory_bytes(), limit)
-            self.recycles += 1
-            self._respawn()
+            self._recycle_vm(plugin.vm)
 
     # ---- VM generations ------------------------------------------------------------
+
+    @staticmethod
+    def _recycle_vm(vm: PluginVM) -> None:
+        """Replace the instance for every plugin on it (they share its memory)."""
+        vm.shared.retiring = True  # new and reloading plugins start a fresh one
+        for p in list(vm.shared.plugins):
+            if p.on_recycle is not None:
+                p.on_recycle(p)
+
+    def _recycled(self, vm: PluginVM) -> None:
+        cur = self.current
+        if self.reloading or cur is None or cur.vm is not vm or vm.failed is not None:
+            return  # not this handle's current version (a retired one still finishing streams)
+        self.recycles += 1
+        self._respawn()
 
     def _install(self, vm: PluginVM) -> None:
         old = self.current
         self.current = Plugin(self, vm)
         vm.on_failed = self._vm_failed
+        vm.on_recycle = self._recycled
         vm.activate()
         if old is not None:
             old.retired = True
@@ -227,6 +289,8 @@ class PluginHandle:
                 _teardown(old.vm)
 
     def _vm_failed(self, vm: PluginVM | None = None) -> None:
+        if vm is not None and (self.current is None or self.current.vm is not vm):
+            return  # a retired version failed (with the instance it shares): the current one is fine
         self.failures.append(time.monotonic())
         if self.spec.fail_strategy != FailStrategy.FAIL_RELOAD:
             return
@@ -261,6 +325,7 @@ class PluginHandle:
 
     def describe(self) -> dict[str, object]:
         vm = self.vm
+        shared = vm.shared if vm else None
         return {
             "name": self.name,
             "namespace": self.spec.namespace,
@@ -283,6 +348,12 @@ class PluginHandle:
             "failed_streams": self.stats.failed_streams,
             "reloads": self.reloads,
             "recycles": self.recycles,
+            # The instance: its key (shared by every plugin on it), its other plugins, this
+            # plugin's root context there.
+            "vm_key": shared.key[:16] if shared else None,
+            "vm_instance": shared.serial if shared else None,
+            "vm_shared_with": [n for n in shared.names() if n != self.name] if shared else [],
+            "root_context_id": vm.root.id if vm else None,
         }
 
 
@@ -294,25 +365,32 @@ def _teardown(vm: PluginVM) -> None:
 class Chain:
     """The active plugin chain; replaced as a whole so a stream sees one version."""
 
-    def __init__(self, plugins: list[PluginHandle]):
+    def __init__(self, plugins: list[PluginHandle], pool: VmPool | None = None):
         self.plugins = plugins
+        self.pool = pool or VmPool()  # the instances its plugins run on
 
     def filters(self, stream: Stream) -> list[PluginFilter]:
         return [PluginFilter(h, stream) for h in self.plugins]
 
 
-def load_handle(spec: PluginSpec) -> PluginHandle:
-    """Compile and start one plugin now (startup). Raises PluginError naming it,
-    except when a remote module cannot be fetched: that gives a handle with no version,
-    which serves its fail strategy until a later reload fetches it (as Istio does)."""
+def load_handle(spec: PluginSpec, pool: VmPool | None = None) -> PluginHandle:
+    """Compile and start one plugin now (startup), on the instance of ``pool`` for its VM
+    key if there is one. Raises PluginError naming it, except when a remote module cannot
+    be fetched: that gives a handle with no version, which serves its fail strategy until
+    a later reload fetches it (as Istio does)."""
     try:
         module = compile_spec(spec)
     except FetchFailed as e:
         _log.error("%s; serving its fail strategy until it can be fetched", e)
         return PluginHandle(spec, None, None, error=str(e))
-    vm = start_vm(spec, module, PluginStats())
-    _log.info("plugin %s loaded: abi %s, sha256 %s", spec.name, vm.abi.label, module.sha256[:12])
+    vm = (pool or VmPool()).place(spec, module, PluginStats())
+    _log.info("plugin %s loaded: abi %s, sha256 %s%s", spec.name, vm.abi.label, module.sha256[:12], _sharing(vm))
     return PluginHandle(spec, module, vm)
+
+
+def _sharing(vm: PluginVM) -> str:
+    others = [n for n in vm.shared.names() if n != vm.name]
+    return f", sharing its VM with {', '.join(others)}" if others else ""
 
 
 class PluginManager:
@@ -321,6 +399,7 @@ class PluginManager:
     def __init__(self, chain: Chain | None = None, callouts: Callouts | None = None,
                  xds: XdsInfo | None = None):
         self.chain = chain or Chain([])
+        self.pool = self.chain.pool
         self.callouts = callouts
         self.xds = xds or XdsInfo()  # node, listener, route, cluster: the xds.* attributes
         for h in self.chain.plugins:
@@ -354,7 +433,10 @@ class PluginManager:
                             not old.crash_looping:
                         handles.append(old)  # unchanged
                         continue
+                    # The canary: a new instance, off the loop. Joining a live instance
+                    # runs the plugin's start there, on the loop (its thread).
                     vm = await loop.run_in_executor(None, start_vm, spec, module, PluginStats())
+                    vm = self._share(spec, module, vm)
                     self._attach(vm)
                 except PluginError as e:
                     errors[spec.name] = str(e)
@@ -369,9 +451,9 @@ class PluginManager:
                 h = PluginHandle(spec, module, vm)
                 h._spawn = self._spawn
                 handles.append(h)
-                _log.info("plugin %s %s: abi %s, sha256 %s", spec.name, "swapped" if old else "loaded",
-                          vm.abi.label, module.sha256[:12])
-            new = Chain(chain_order_handles(handles))
+                _log.info("plugin %s %s: abi %s, sha256 %s%s", spec.name, "swapped" if old else "loaded",
+                          vm.abi.label, module.sha256[:12], _sharing(vm))
+            new = Chain(chain_order_handles(handles), self.pool)
             kept = {id(h) for h in new.plugins}
             old_chain, self.chain = self.chain, new  # the swap: new streams use the new chain
             self.swaps += 1
@@ -379,6 +461,17 @@ class PluginManager:
                 if id(h) not in kept:
                     h.replaced()
             return errors
+
+    def _share(self, spec: PluginSpec, module: Module, fresh: PluginVM) -> PluginVM:
+        """``fresh`` started on a new instance: join the live instance for its key instead
+        (dropping ``fresh`` unheard, as Envoy drops its canary), or make it that instance."""
+        key = vm_key(spec, module.sha256)
+        shared = self.pool.find(key)
+        if shared is None:
+            self.pool.add(key, fresh)
+            return fresh
+        fresh.discard()
+        return start_vm(spec, module, fresh.stats, shared)
 
     def _attach(self, vm: PluginVM) -> None:
         """What a VM reaches through host calls beyond its own plugin."""
@@ -393,7 +486,14 @@ class PluginManager:
         module = handle.module
         assert module is not None  # _respawn checked
         try:
-            vm = await asyncio.get_running_loop().run_in_executor(None, start_vm, handle.spec, module, handle.stats)
+            # Another plugin on the failed or recycled instance may have a fresh one already.
+            shared = self.pool.find(vm_key(handle.spec, module.sha256))
+            if shared is not None:
+                vm = start_vm(handle.spec, module, handle.stats, shared)
+            else:
+                vm = await asyncio.get_running_loop().run_in_executor(None, start_vm, handle.spec, module,
+                                                                      handle.stats)
+                vm = self._share(handle.spec, module, vm)
         except PluginError as e:
             handle.reloading = False
             handle.error = str(e)
@@ -408,7 +508,7 @@ class PluginManager:
         self._attach(vm)
         handle.reloads += 1
         handle._install(vm)
-        _log.info("plugin %s: new VM running", handle.name)
+        _log.info("plugin %s: new VM running%s", handle.name, _sharing(vm))
 
 
 def chain_order_handles(handles: list[PluginHandle]) -> list[PluginHandle]:

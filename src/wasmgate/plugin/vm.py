@@ -1,16 +1,20 @@
-"""One plugin VM: a module instance with its root context and stream contexts.
+"""Plugin VMs: a module instance (``SharedVM``) and, per plugin on it, a root context
+with its stream contexts (``PluginVM``).
 
-Lifecycle (as proxy-wasm-cpp-host does it): instantiate, ``_initialize`` (or
-``_start``), ``proxy_on_context_create(root, 0)``, ``proxy_on_vm_start``,
-``proxy_on_configure``. Streams: ``proxy_on_context_create(id, root)``, the
+Plugins with the same VM key share one instance, as in Envoy; each has its own root
+context, configuration, timer and callouts. Lifecycle (as proxy-wasm-cpp-host does it):
+instantiate and ``_initialize`` (or ``_start``) once per instance; per plugin
+``proxy_on_context_create(root, 0)``, ``proxy_on_vm_start``, ``proxy_on_configure`` on
+its own root context. Streams: ``proxy_on_context_create(id, root)``, the
 header/body/trailer callbacks, then ``proxy_on_done``, ``proxy_on_log``,
-``proxy_on_delete``.
+``proxy_on_delete``. A trap fails the instance, so every plugin on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -62,9 +66,44 @@ class PluginStats:
         self.failed_streams = 0  # streams the fail strategy handled
 
 
+_serials = itertools.count(1)
+
+
+class SharedVM:
+    """One module instance and what belongs to it rather than to a plugin: context ids,
+    callout tokens, the failure. Host functions act for ``current``, the plugin whose
+    context is the effective one."""
+
+    __slots__ = ("call_token", "current", "failed", "grpc_call_token", "grpc_stream_token", "initialized",
+                 "instance", "key", "next_id", "plugins", "contexts", "retiring", "serial", "__weakref__")
+
+    def __init__(self, current: PluginVM, key: str = ""):
+        self.serial = next(_serials)  # tells instances apart on /plugins (a key outlives its instances)
+        self.key = key  # the VM key it is shared under (the manager's pool); "" when not pooled
+        self.current = current
+        self.instance: Instance | None = None
+        self.contexts: dict[int, Context] = {}  # every context of every plugin: ids are per instance
+        self.plugins: list[PluginVM] = []  # plugins with a live root context here
+        self.initialized = False  # _initialize/_start ran
+        self.failed: str | None = None
+        self.retiring = False  # being replaced (memory watchdog): no new plugins join it
+        self.next_id = 1
+        # Callout tokens as Envoy numbers them, per instance: the low two bits tell the kind
+        # apart (0 HTTP call, 1 gRPC call, 2 gRPC stream), each kind counting up by 4.
+        self.call_token = 0
+        self.grpc_call_token = 1
+        self.grpc_stream_token = 2
+
+    def names(self) -> list[str]:
+        """The plugins on this instance, once each."""
+        return list(dict.fromkeys(p.name for p in self.plugins))
+
+
 class PluginVM:
+    """One plugin on a module instance: its root context, stream contexts and callbacks."""
+
     def __init__(self, spec: PluginSpec, engine: wasmtime.Engine, module: wasmtime.Module,
-                 stats: PluginStats | None = None):
+                 stats: PluginStats | None = None, *, shared: SharedVM | None = None):
         self.spec = spec
         self.abi = detect_abi(module)
         self.stats = stats or PluginStats()
@@ -84,24 +123,34 @@ class PluginVM:
         # close stays; its message is there only during proxy_on_grpc_close.
         self.status_code = 0
         self.status_message = b""
-        # Callout tokens as Envoy numbers them: the low two bits tell the kind apart
-        # (0 HTTP call, 1 gRPC call, 2 gRPC stream), each kind counting up by 4.
-        self._call_token = 0
-        self._grpc_call_token = 1
-        self._grpc_stream_token = 2
         self.configuring = False  # plugin configuration is readable only in on_configure
         self.starting = False  # VM configuration is readable only in on_vm_start
-        self._next_id = 1
         self._unknown_logged: set[str] = set()
-        self._log_prefix = " ".join(p for p in (spec.name, spec.root_id, spec.vm_id) if p)
+        # Envoy's log prefixes: "<name> <root_id> <vm_id>" in stream contexts, "<root_id> <vm_id>"
+        # in root contexts; empty parts left out.
+        self._log_prefix = "".join(" " + p for p in (spec.name, spec.root_id, spec.vm_id) if p)
+        self._root_log_prefix = "".join(" " + p for p in (spec.root_id, spec.vm_id) if p)
         self.wasi_env = [f"{k}={v}".encode() for k, v in spec.env.items()]
         self.on_failed: Callable[[PluginVM], None] | None = None  # set by the plugin's handle
-        limits = spec.limits
-        try:
-            self.instance = Instance(engine, module, host.bind(self), self._unknown_import,
-                                     max_memory_bytes=limits.max_memory_bytes, deadline=limits.start_deadline)
-        except WasmError as e:
-            raise PluginError(f"plugin {spec.name}: {e}") from None
+        self.on_recycle: Callable[[PluginVM], None] | None = None  # likewise: the memory watchdog's
+        if shared is None or shared.instance is None:
+            shared = SharedVM(self)
+            limits = spec.limits
+            try:
+                shared.instance = Instance(engine, module, host.bind(shared), self._unknown_import,
+                                           max_memory_bytes=limits.max_memory_bytes,
+                                           deadline=limits.start_deadline)
+            except WasmError as e:
+                raise PluginError(f"plugin {spec.name}: {e}") from None
+        elif shared.current.wasi_env != self.wasi_env:
+            # As Envoy: the environment is the instance's (vmConfig.env is not in the VM key).
+            _log.warning("plugin %s: its vmConfig.env is not applied: it shares the VM of %s, started with "
+                         "another environment", spec.name, shared.current.name)
+            self.wasi_env = shared.current.wasi_env
+        assert shared.instance is not None
+        self.shared = shared
+        self.instance: Instance = shared.instance
+        self.contexts = shared.contexts
         f = self.instance.func
         alloc = f("malloc") or f("proxy_on_memory_allocate")  # cpp-host's lookup order
         if alloc is None:
@@ -143,32 +192,48 @@ class PluginVM:
     # ---- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Run the module's init, then vm_start and configure on a new root context."""
+        """Run the module's init (once per instance), then context_create, vm_start and
+        configure on this plugin's new root context (as Envoy does for each plugin)."""
+        sv = self.shared
+        if sv.failed is not None:
+            raise PluginError(f"plugin {self.name}: its VM has failed: {sv.failed}")
+        sv.current = self
+        self.instance.set_deadline(self.spec.limits.start_deadline)
         try:
-            for init in ("_initialize", "_start"):
-                fn = self.instance.func(init)
-                if fn is not None:
-                    self._call(fn, None)
-                    break
+            if not sv.initialized:
+                for init in ("_initialize", "_start"):
+                    fn = self.instance.func(init)
+                    if fn is not None:
+                        self._call(fn, None)
+                        break
+                sv.initialized = True
             self.root = RootContext(self, self._new_id())
             self.contexts[self.root.id] = self.root
-            if self._on_context_create:
-                self._call(self._on_context_create, self.root, self.root.id, 0)
-            if self._on_vm_start:
-                self.starting = True
-                ok = self._call(self._on_vm_start, self.root, self.root.id, len(self.spec.vm_config))
-                self.starting = False
-                if not ok:
-                    raise PluginError(f"plugin {self.name}: proxy_on_vm_start returned false")
-            if self._on_configure:
-                self.configuring = True
-                ok = self._call(self._on_configure, self.root, self.root.id, len(self.spec.plugin_config))
-                self.configuring = False
-                if not ok:
-                    raise PluginError(f"plugin {self.name}: proxy_on_configure returned false")
-        except PluginFailed as e:
+            sv.plugins.append(self)  # from here a trap fails this plugin with the others
+            self._start_root()
+        except (PluginError, PluginFailed) as e:
+            self._leave()
+            if isinstance(e, PluginError):
+                raise
             raise PluginError(f"plugin {self.name}: {e}") from None
-        self.instance.set_deadline(self.spec.limits.callback_deadline)
+        finally:
+            self.instance.set_deadline(self.spec.limits.callback_deadline)
+
+    def _start_root(self) -> None:
+        if self._on_context_create:
+            self._call(self._on_context_create, self.root, self.root.id, 0)
+        if self._on_vm_start:
+            self.starting = True
+            ok = self._call(self._on_vm_start, self.root, self.root.id, len(self.spec.vm_config))
+            self.starting = False
+            if not ok:
+                raise PluginError(f"plugin {self.name}: proxy_on_vm_start returned false")
+        if self._on_configure:
+            self.configuring = True
+            ok = self._call(self._on_configure, self.root, self.root.id, len(self.spec.plugin_config))
+            self.configuring = False
+            if not ok:
+                raise PluginError(f"plugin {self.name}: proxy_on_configure returned false")
 
     def activate(self) -> None:
         """Start serving on the running event loop (arms the tick timer, takes queue notifications)."""
@@ -176,7 +241,8 @@ class PluginVM:
         shared.LISTENERS.activate(self)
 
     def shutdown(self) -> None:
-        """Retire the VM: stop its timer, then on_done/on_delete of the root context."""
+        """Retire this plugin: stop its timer and callouts, then on_done/on_delete of its
+        root context. The instance lives on while other plugins use it."""
         self.tick_period = 0
         self._schedule_tick()
         self._cancel_calls()
@@ -187,11 +253,30 @@ class PluginVM:
                 if self._on_delete is not None:
                     self._call(self._on_delete, self.root, self.root.id)
         self.failed = self.failed or "shut down"
-        self.contexts.clear()
+        self._leave()
+
+    def discard(self) -> None:
+        """Drop a canary without calling into it (Envoy kills its canary VM likewise)."""
+        self.tick_period = 0
+        self._schedule_tick()
+        self._cancel_calls()
+        self.failed = self.failed or "discarded"
+        self._leave()
+
+    def _leave(self) -> None:
+        """Take this plugin's contexts off the instance."""
+        sv = self.shared
+        with contextlib.suppress(ValueError):
+            sv.plugins.remove(self)
+        for cid in [cid for cid, ctx in self.contexts.items() if ctx.vm is self]:
+            del self.contexts[cid]
+        if sv.current is self and sv.plugins:
+            sv.current = sv.plugins[0]
 
     def _new_id(self) -> int:
-        cid = self._next_id
-        self._next_id += 1
+        sv = self.shared
+        cid = sv.next_id
+        sv.next_id += 1
         return cid
 
     def create_http_context(self, stream: Stream) -> HttpContext:
@@ -244,17 +329,19 @@ class PluginVM:
         return self._root_callback(self._on_http_call_response, ctx, cid, token, headers, body_size, trailers)
 
     def next_call_token(self) -> int:
-        """The token of a new HTTP call: 4, 8, 12, ..."""
-        self._call_token = (self._call_token + 4) & 0xFFFFFFFF or 4
-        return self._call_token
+        """The token of a new HTTP call: 4, 8, 12, ... (per instance, as in Envoy)."""
+        sv = self.shared
+        sv.call_token = (sv.call_token + 4) & 0xFFFFFFFF or 4
+        return sv.call_token
 
     def next_grpc_token(self, stream: bool) -> int:
         """The token of a new gRPC call (5, 9, 13, ...) or stream (6, 10, 14, ...)."""
+        sv = self.shared
         if stream:
-            self._grpc_stream_token = (self._grpc_stream_token + 4) & 0xFFFFFFFF
-            return self._grpc_stream_token
-        self._grpc_call_token = (self._grpc_call_token + 4) & 0xFFFFFFFF
-        return self._grpc_call_token
+            sv.grpc_stream_token = (sv.grpc_stream_token + 4) & 0xFFFFFFFF
+            return sv.grpc_stream_token
+        sv.grpc_call_token = (sv.grpc_call_token + 4) & 0xFFFFFFFF
+        return sv.grpc_call_token
 
     def deliver_http_call_response(self, ctx: Context, token: int, response: CallResponse) -> None:
         """Run proxy_on_http_call_response with the response readable meanwhile."""
@@ -352,6 +439,7 @@ class PluginVM:
         if self.failed is not None:
             raise PluginFailed(self.failed)
         self.effective = ctx
+        self.shared.current = self
         stats = self.stats
         stats.calls += 1
         t0 = time.perf_counter()
@@ -365,19 +453,29 @@ class PluginVM:
             stats.seconds += time.perf_counter() - t0
 
     def fail(self, trap: WasmTrap) -> None:
-        """Mark the VM failed (once); its handle applies the fail strategy from here."""
+        """Mark the instance failed (once), and with it every plugin on it, as Envoy fails
+        the whole VM; each plugin's handle applies its own fail strategy from here."""
         callback = trap.message.split(":", 1)[0]
         if trap.exit_code is not None:
-            self.failed = f"proc_exit({trap.exit_code}) in {callback}"
+            failed = f"proc_exit({trap.exit_code}) in {callback}"
         elif trap.message.endswith("interrupt"):
-            self.failed = f"{callback}: CPU deadline exceeded ({self.spec.limits.callback_deadline * 1000:.0f} ms)"
+            failed = f"{callback}: CPU deadline exceeded ({self.spec.limits.callback_deadline * 1000:.0f} ms)"
         else:
-            self.failed = trap.message
-        self.tick_period = 0
-        self._schedule_tick()
-        _log.error("plugin %s failed: %s", self.name, trap.describe() if trap.exit_code is None else self.failed)
-        if self.on_failed is not None:
-            self.on_failed(self)
+            failed = trap.message
+        sv = self.shared
+        sv.failed = failed
+        victims = [self, *(p for p in sv.plugins if p is not self and p.failed is None)]
+        for p in victims:
+            p.failed = failed
+            p.tick_period = 0
+            p._schedule_tick()
+        _log.error("plugin %s failed: %s", self.name, trap.describe() if trap.exit_code is None else failed)
+        if len(victims) > 1:
+            _log.error("plugins %s failed with it: they share its VM",
+                       ", ".join(dict.fromkeys(p.name for p in victims[1:])))
+        for p in victims:
+            if p.on_failed is not None:
+                p.on_failed(p)
 
     def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
         """Copy ``data`` into guest-allocated memory; write its pointer and size."""
@@ -393,8 +491,8 @@ class PluginVM:
     # ---- logging -------------------------------------------------------------------
 
     def log(self, level: LogLevel, message: str) -> None:
-        # Envoy's prefix: "wasm log <name> <root_id> <vm_id>: ", empty parts left out.
-        wasm_log.log(PY_LEVEL[level], "wasm log %s: %s", self._log_prefix, message)
+        prefix = self._log_prefix if isinstance(self.effective, HttpContext) else self._root_log_prefix
+        wasm_log.log(PY_LEVEL[level], "wasm log%s: %s", prefix, message)
 
     def _unknown_import(self, module: str, name: str, params: str, results: str) -> HostFunc:
         """Imports we don't provide still link; they fail softly and are logged once."""

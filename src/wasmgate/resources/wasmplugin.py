@@ -156,6 +156,7 @@ def resolve_url(url: str, base: Path, where: str) -> Path | None:
 
 
 ANNOTATION_PREFIX = "wasmgate.io/"
+VM_ID_ANNOTATION = ANNOTATION_PREFIX + "vm-id"  # Envoy's vm_id, which Istio leaves empty
 _LIMIT_ANNOTATIONS: dict[str, tuple[str, Callable[[str], float]]] = {
     "max-memory-bytes": ("max_memory_bytes", int),
     "callback-deadline-ms": ("callback_deadline", lambda v: int(v) / 1000),
@@ -177,9 +178,11 @@ def _limits(wp: WasmPlugin, defaults: PluginLimits, where: str) -> PluginLimits:
         if not str(key).startswith(ANNOTATION_PREFIX):
             continue
         name = str(key)[len(ANNOTATION_PREFIX):]
+        if key == VM_ID_ANNOTATION:
+            continue
         if name not in _LIMIT_ANNOTATIONS:
             raise ConfigError(f"{where}: metadata.annotations.{key}: unknown; known: "
-                              + ", ".join(ANNOTATION_PREFIX + k for k in _LIMIT_ANNOTATIONS))
+                              + ", ".join(ANNOTATION_PREFIX + k for k in (*_LIMIT_ANNOTATIONS, "vm-id")))
         field_name, convert = _LIMIT_ANNOTATIONS[name]
         try:
             parsed = convert(str(value))
@@ -235,11 +238,13 @@ def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpe
                               f"{s.image_pull_secret!r} in namespace {wp.metadata.namespace!r}")
         secret = found
     refs = [*([s.target_ref] if s.target_ref else []), *s.target_refs]
+    annotations = wp.metadata.model_extra.get("annotations") if wp.metadata.model_extra else None
     return PluginSpec(
         name=wp.metadata.name,
         namespace=wp.metadata.namespace,
         module_path=resolve_url(s.url, path.parent, where),
         root_id=s.plugin_name,
+        vm_id=str(dict(annotations or {}).get(VM_ID_ANNOTATION, "")),
         plugin_config=config,
         env=env,
         fail_strategy=s.fail_strategy,
