@@ -67,7 +67,8 @@ def resources(tmp: Path, reg: Registry) -> Path:
     write(d / "local.yaml",
           plugin("tag", meta={"labels": {"team": "edge"},
                               "annotations": {"wasmgate.io/max-memory-bytes": "1048576",
-                                              "wasmgate.io/callback-deadline-ms": "50", "owner": "platform"}},
+                                              "wasmgate.io/callback-deadline-ms": "50", "wasmgate.io/vm-id": "own",
+                                              "owner": "platform"}},
                  url=f"file://{tmp / 'tag.wasm'}", imagePullSecret="regcred", pluginName="tag", phase="STATS",
                  pluginConfig={"name": "x-tag", "nested": {"list": [1, 2.5, None, True]}}))
     write(d / "remote.yaml",
@@ -142,7 +143,7 @@ def test_export_validates_and_round_trips(tmp_path: Path, registry: Registry) ->
     for expected in ("metadata.annotations: dropped wasmgate.io/callback-deadline-ms, wasmgate.io/max-memory-bytes",
                      "spec.pluginConfig: the string holds a JSON object", "env[1].value: dropped",
                      "Secret unused: not exported", "ConfigMap other: skipped", "status: dropped",
-                     "is a loopback address"):
+                     "is a loopback address", "dropped wasmgate.io/vm-id: Istio sets no vm_id"):
         assert expected in notes
 
     # wasmgate's directory source reads the exported file back as the same plugins.
@@ -154,7 +155,7 @@ def test_export_validates_and_round_trips(tmp_path: Path, registry: Registry) ->
     cache = ModuleCache(tmp_path / "cache")
     for key, old in before.items():
         new = after[key]
-        expect = dataclasses.replace(old, source=new.source, limits=PluginLimits())
+        expect = dataclasses.replace(old, source=new.source, limits=PluginLimits(), vm_id="")
         if old.url.startswith("file://"):
             # Pushed: the exported url and sha256 fetch the very same module with the exported Secret.
             assert old.module_path is not None and new.module_path is None

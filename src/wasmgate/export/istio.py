@@ -24,6 +24,7 @@ from wasmgate.oci.errors import OciError
 from wasmgate.oci.reference import is_loopback_host, parse_reference
 from wasmgate.resources.wasmplugin import (
     ANNOTATION_PREFIX,
+    VM_ID_ANNOTATION,
     ConfigError,
     WasmPlugin,
     load_documents,
@@ -130,9 +131,13 @@ def _metadata(meta: dict[str, Any], namespace: str, where: str, p: _Problems,
                 p.errors.append(f"{where}: metadata.annotations.{k}: {v!r} is not a string (quote it)")
             else:
                 kept[k] = v
-        if dropped:
-            p.notes.append(f"{where}: metadata.annotations: dropped {', '.join(sorted(dropped))}: wasmgate's "
+        limits = sorted(d for d in dropped if d != VM_ID_ANNOTATION)
+        if limits:
+            p.notes.append(f"{where}: metadata.annotations: dropped {', '.join(limits)}: wasmgate's "
                            "sandbox limits, which Istio does not have (its proxies run the plugin without them)")
+        if VM_ID_ANNOTATION in dropped:
+            p.notes.append(f"{where}: metadata.annotations: dropped {VM_ID_ANNOTATION}: Istio sets no vm_id, so "
+                           "its proxies run WasmPlugins of the same module in one shared VM")
         if kept:
             out["annotations"] = kept
     extra = sorted(k for k in meta if k not in _KEPT_METADATA)
