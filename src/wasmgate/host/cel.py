@@ -36,7 +36,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 @cache
 def _env() -> Any:
-    from cel_expr_python import cel  # type: ignore[import-untyped]
+    from cel_expr_python import cel  # type: ignore[import-not-found, import-untyped, unused-ignore]
 
     return cel.NewEnv()
 
