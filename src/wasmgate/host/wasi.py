@@ -44,10 +44,11 @@ def fd_write(vm: PluginVM, fd: int, iovs: int, iovs_len: int, nwritten_ptr: int)
             return EFAULT
         chunks.append(data)
     out = b"".join(chunks)
-    text = out[:MAX_LOG_LINE].decode("utf-8", "replace").rstrip("\n")
-    if len(out) > MAX_LOG_LINE:
-        text += f"... [{len(out) - MAX_LOG_LINE} more bytes]"
-    if text:
+    if out:  # as Envoy: one line per non-empty write, its one trailing newline dropped ("\n" logs "")
+        line = out[:-1] if out.endswith(b"\n") else out
+        text = line[:MAX_LOG_LINE].decode("utf-8", "replace")
+        if len(line) > MAX_LOG_LINE:
+            text += f"... [{len(line) - MAX_LOG_LINE} more bytes]"
         vm.log(LogLevel.INFO if fd == 1 else LogLevel.ERROR, text)
     return ESUCCESS if vm.instance.write_u32(nwritten_ptr, len(out)) else EFAULT
 
