@@ -121,8 +121,39 @@ def _wasm_filter(plugin: EnvoyPlugin) -> dict[str, Any]:
     }
 
 
+def _tls_certificate(cert: str, key: str) -> dict[str, Any]:
+    return {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+
+
+def _downstream_tls(cert: str, key: str, tls: dict[str, Any]) -> dict[str, Any]:
+    """A DownstreamTlsContext for one certificate, with the client-certificate settings of
+    ``tls`` (wasmgate's config section: ``client_ca``, ``require_client_certificate``)."""
+    common: dict[str, Any] = {"tls_certificates": [_tls_certificate(cert, key)],
+                              "alpn_protocols": ["http/1.1"]}
+    ctx: dict[str, Any] = {"common_tls_context": common}
+    if tls.get("client_ca"):
+        common["validation_context"] = {"trusted_ca": {"filename": str(tls["client_ca"])}}
+        ctx["require_client_certificate"] = bool(tls.get("require_client_certificate"))
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext", **ctx}}
+
+
+def _upstream_tls(tls: dict[str, Any]) -> dict[str, Any]:
+    """An UpstreamTlsContext from wasmgate's ``upstream_tls`` section (``ca``, ``cert``, ``key``)."""
+    # Envoy's client default is TLS 1.2 at most; wasmgate's (OpenSSL's) goes up to 1.3.
+    common: dict[str, Any] = {"alpn_protocols": ["http/1.1"], "tls_params": {
+        "tls_minimum_protocol_version": "TLSv1_2", "tls_maximum_protocol_version": "TLSv1_3"}}
+    if tls.get("ca"):
+        common["validation_context"] = {"trusted_ca": {"filename": str(tls["ca"])}}
+    if tls.get("cert"):
+        common["tls_certificates"] = [_tls_certificate(tls["cert"], tls["key"])]
+    return {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": common}}
+
+
 def _cluster(name: str, port: int, http2: bool = False, metadata: dict[str, Any] | None = None,
-             host_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+             host_metadata: dict[str, Any] | None = None, tls: dict[str, Any] | None = None) -> dict[str, Any]:
     endpoint: dict[str, Any] = {"endpoint": {"address": _socket_address(port)}}
     if host_metadata is not None:
         endpoint["metadata"] = host_metadata
@@ -134,6 +165,8 @@ def _cluster(name: str, port: int, http2: bool = False, metadata: dict[str, Any]
     }
     if metadata is not None:
         cluster["metadata"] = metadata
+    if tls is not None:
+        cluster["transport_socket"] = _upstream_tls(tls)
     if http2:  # gRPC upstreams (plugins' gRPC calls) need HTTP/2
         cluster["typed_extension_protocol_options"] = {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -150,6 +183,8 @@ def bootstrap_config(
     http2_clusters: tuple[str, ...] = (),
     xds: dict[str, Any] | None = None,
     node: dict[str, Any] | None = None,
+    tls: dict[str, Any] | None = None,
+    upstream_tls: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The static bootstrap used by :class:`Envoy` (exposed for tests).
 
@@ -157,7 +192,11 @@ def bootstrap_config(
     those named in ``http2_clusters`` speak HTTP/2 upstream (for plugins' gRPC calls).
     ``xds`` takes wasmgate's config section of that name (route, virtual host, listener,
     cluster and host names and metadata) and ``node`` its ``node:`` (id, cluster, metadata),
-    so both proxies describe themselves alike.
+    so both proxies describe themselves alike. ``tls`` makes the listener terminate TLS,
+    given as wasmgate's config section of that name (``cert``, ``key``, ``sni`` entries
+    with ``server_names``, ``client_ca``, ``require_client_certificate``): each SNI entry
+    is a filter chain matching its server names (the TLS inspector reads the SNI, as in
+    Istio). ``upstream_tls`` (``ca``, ``cert``, ``key``) makes the upstream cluster speak TLS.
     """
     x = xds or {}
     http_filters = [_wasm_filter(p) for p in plugins]
@@ -192,14 +231,19 @@ def bootstrap_config(
         },
         "http_filters": http_filters,
     }
-    listener: dict[str, Any] = {
-        "name": "listener_0",
-        "address": _socket_address(port),
-        "filter_chains": [
-            {"filters": [{"name": _HCM_NAME, "typed_config": hcm}],
-             **({"name": x["filter_chain_name"]} if x.get("filter_chain_name") else {})}
-        ],
-    }
+    chain: dict[str, Any] = {"filters": [{"name": _HCM_NAME, "typed_config": hcm}],
+                             **({"name": x["filter_chain_name"]} if x.get("filter_chain_name") else {})}
+    listener: dict[str, Any] = {"name": "listener_0", "address": _socket_address(port), "filter_chains": [chain]}
+    if tls is not None:
+        chain["transport_socket"] = _downstream_tls(tls["cert"], tls["key"], tls)
+        listener["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]
+        for i, entry in enumerate(tls.get("sni") or []):
+            listener["filter_chains"].append({
+                "name": f"{chain.get('name', 'sni')}-{i}",
+                "filter_chain_match": {"server_names": list(entry["server_names"])},
+                "filters": chain["filters"],
+                "transport_socket": _downstream_tls(entry["cert"], entry["key"], tls)})
     if "listener_metadata" in x:
         listener["metadata"] = x["listener_metadata"]
     if x.get("listener_direction", "UNSPECIFIED") != "UNSPECIFIED":
@@ -210,7 +254,7 @@ def bootstrap_config(
             "listeners": [listener],
             "clusters": [
                 _cluster(x.get("cluster_name", "upstream"), upstream_port, metadata=x.get("cluster_metadata"),
-                         host_metadata=x.get("upstream_host_metadata")),
+                         host_metadata=x.get("upstream_host_metadata"), tls=upstream_tls),
                 *(_cluster(n, p, n in http2_clusters) for n, p in (clusters or {}).items()),
             ],
         },
@@ -241,9 +285,13 @@ class Envoy:
         http2_clusters: tuple[str, ...] = (),
         xds: dict[str, Any] | None = None,
         node: dict[str, Any] | None = None,
+        tls: dict[str, Any] | None = None,
+        upstream_tls: dict[str, Any] | None = None,
     ) -> None:
         self.xds = xds
         self.node = node
+        self.tls = tls
+        self.upstream_tls = upstream_tls
         self.clusters = dict(clusters or {})
         self.http2_clusters = tuple(http2_clusters)
         for level in (log_level, envoy_log_level):
@@ -268,7 +316,7 @@ class Envoy:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://127.0.0.1:{self.port}"
 
     def log_text(self) -> str:
         """Envoy's log (stdout and stderr) so far."""
@@ -319,7 +367,7 @@ class Envoy:
     def _launch(self) -> None:
         config = bootstrap_config(
             self.plugins, self.port, self.admin_port, self.upstream_port, self.clusters,
-            self.http2_clusters, self.xds, self.node,
+            self.http2_clusters, self.xds, self.node, self.tls, self.upstream_tls,
         )
         # JSON is valid YAML; avoids depending on a YAML library.
         self.config_path.write_text(json.dumps(config, indent=2))

@@ -11,7 +11,7 @@ import http.client
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,22 @@ def _differences(ours: Observed, theirs: Observed) -> str:
     return "; ".join(out)
 
 
+Connect = Callable[[int], http.client.HTTPConnection]
+
+
+def _tls_options(tls: dict[str, Any] | None, upstream_tls: dict[str, Any] | None) -> dict[str, Any]:
+    """RunOptions for wasmgate's ``tls`` and ``upstream_tls`` config sections."""
+    out: dict[str, Any] = {}
+    if tls is not None:
+        out.update(tls_cert=tls["cert"], tls_key=tls["key"], tls_sni=list(tls.get("sni") or []),
+                   tls_client_ca=tls.get("client_ca"),
+                   tls_require_client_certificate=bool(tls.get("require_client_certificate")))
+    if upstream_tls is not None:
+        out.update(upstream_ca=upstream_tls.get("ca"), upstream_cert=upstream_tls.get("cert"),
+                   upstream_key=upstream_tls.get("key"))
+    return out
+
+
 class Pair:
     """Envoy and wasmgate with the same plugin chain in front of one upstream.
 
@@ -83,9 +99,13 @@ class Pair:
 
     def __init__(self, plugins: list[Plugin], workdir: Path, clusters: dict[str, Upstream] | None = None,
                  response_headers: tuple[str, ...] = (), xds: dict[str, Any] | None = None,
-                 node: dict[str, Any] | None = None):
+                 node: dict[str, Any] | None = None, tls: dict[str, Any] | None = None,
+                 upstream: Upstream | None = None, upstream_tls: dict[str, Any] | None = None):
+        """``tls`` and ``upstream_tls`` are wasmgate's config sections of those names (paths
+        as strings); Envoy gets the same certificates. ``upstream`` (this pair's to stop)
+        replaces the plain recording upstream, e.g. by an HTTPS one."""
         self.response_headers = PLUGIN_HEADERS + response_headers  # compared on every response
-        self.upstream = start_upstream()
+        self.upstream = upstream or start_upstream()
         clusters = clusters or {}
         self.last_logs: list[str] = []
         # Metrics are process-wide here, per Envoy process there: start from none.
@@ -100,7 +120,8 @@ class Pair:
                                      if p.config is not None else "", root_id=p.name, vm_id=p.vm_id,
                                      fail_open=p.fail == "FAIL_OPEN") for p in plugins]
         self.envoy = Envoy(envoy_plugins, self.upstream.port, workdir / "envoy", log_level="debug",
-                           clusters={n: u.port for n, u in clusters.items()}, xds=xds, node=node)
+                           clusters={n: u.port for n, u in clusters.items()}, xds=xds, node=node, tls=tls,
+                           upstream_tls=upstream_tls)
         (workdir / "envoy").mkdir(exist_ok=True)
         try:
             self.envoy.start()
@@ -110,7 +131,8 @@ class Pair:
                                      if p.vm_id is not None else None)
                      for i, p in enumerate(plugins)]
             self.wasmgate = ProxyThread(files, self.upstream.url, clusters={n: u.url for n, u in clusters.items()},
-                                        node=dict(node or {}), xds=XdsConfig(**(xds or {})).info())
+                                        node=dict(node or {}), xds=XdsConfig(**(xds or {})).info(),
+                                        **_tls_options(tls, upstream_tls))
         except BaseException:
             self.envoy.stop()
             self._restore()
@@ -129,9 +151,10 @@ class Pair:
         finally:
             self._restore()
 
-    def observe(self, port: int, method: str, path: str, headers: dict[str, str], body: bytes | None) -> Observed:
+    def observe(self, port: int, method: str, path: str, headers: dict[str, str], body: bytes | None,
+                connect: Connect | None = None) -> Observed:
         before = len(self.upstream.seen)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn = connect(port) if connect is not None else http.client.HTTPConnection("127.0.0.1", port, timeout=20)
         conn.request(method, path, body=body, headers=headers)
         r = conn.getresponse()
         data = r.read()
@@ -167,10 +190,11 @@ class Pair:
             time.sleep(0.05)
 
     def compare(self, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
-                body: bytes | None = None) -> Observed:
+                body: bytes | None = None, connect: Connect | None = None) -> Observed:
+        """One request to each; ``connect`` makes the client connection to a port (default: plain HTTP)."""
         envoy_before, ours_before = len(self.envoy_messages()), len(self._records.messages)
-        expected = self.observe(self.envoy.port, method, path, headers or {}, body)
-        actual = self.observe(self.wasmgate.port, method, path, headers or {}, body)
+        expected = self.observe(self.envoy.port, method, path, headers or {}, body, connect)
+        actual = self.observe(self.wasmgate.port, method, path, headers or {}, body, connect)
         assert actual == expected, f"wasmgate differs from Envoy for {method} {path} {headers}: " + _differences(
             actual, expected)
         ours, theirs = self._settled(envoy_before, ours_before)

@@ -279,3 +279,54 @@ def test_bad_sni_and_ca_paths_in_config(pki: Pki, tmp_path: Path) -> None:
     cfg.write_text(json.dumps({"upstream": "https://127.0.0.1:1", "upstream_tls": {"ca": "no-ca.pem"}}))
     err = run_fails("-c", str(cfg), "--workers", "1")
     assert "upstream_tls.ca" in err and str(tmp_path / "no-ca.pem") in err
+
+
+def test_client_certificate_settings_errors(pki: Pki, tmp_path: Path) -> None:
+    cfg = tmp_path / "wasmgate.yaml"
+    base = {"cert": pki.cert("default"), "key": pki.key("default")}
+    cfg.write_text(json.dumps({"tls": {**base, "client_ca": "no-ca.pem"}}))
+    err = run_fails("-c", str(cfg), "--workers", "1")
+    assert "tls.client_ca" in err and str(tmp_path / "no-ca.pem") in err
+    cfg.write_text(json.dumps({"tls": {**base, "require_client_certificate": True}}))
+    assert "tls.require_client_certificate: needs tls.client_ca" in run_fails("-c", str(cfg), "--workers", "1")
+    cfg.write_text(json.dumps({"upstream": "https://127.0.0.1:1", "upstream_tls": {"cert": pki.cert("default")}}))
+    assert "upstream_tls.cert/upstream_tls.key: give both" in run_fails("-c", str(cfg), "--workers", "1")
+    cfg.write_text(json.dumps({"upstream": "https://127.0.0.1:1",
+                               "upstream_tls": {"cert": "gone.pem", "key": pki.key("default")}}))
+    err = run_fails("-c", str(cfg), "--workers", "2")
+    assert "upstream_tls.cert" in err and str(tmp_path / "gone.pem") in err
+
+
+def test_client_certificate_settings_reach_the_options(pki: Pki, tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path / "w.yaml", {
+        "tls": {"cert": "d.pem", "key": "d.key", "client_ca": "ca.pem", "require_client_certificate": True},
+        "upstream_tls": {"cert": "c.pem", "key": "c.key"}}))
+    assert cfg.tls is not None and cfg.tls.client_ca == tmp_path / "ca.pem" and cfg.tls.require_client_certificate
+    assert (cfg.upstream_tls.cert, cfg.upstream_tls.key) == (tmp_path / "c.pem", tmp_path / "c.key")
+    opts = RunOptions(upstream="https://127.0.0.1:1", tls_client_ca=str(pki.ca), tls_require_client_certificate=True,
+                      upstream_cert=pki.cert("a"), upstream_key=pki.key("a"), **_tls_opts(pki))
+    assert _options(json.loads(json.dumps(dataclasses.asdict(opts)))) == opts
+
+
+def _write(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_subject_of_a_malformed_name_stops_where_boringssl_does() -> None:
+    from wasmgate.proxy.dn import rfc2253
+
+    def attr(oid: bytes, tag: int, value: bytes) -> bytes:
+        inner = bytes([6, len(oid)]) + oid + bytes([tag, len(value)]) + value
+        return bytes([0x31, len(inner) + 2, 0x30, len(inner)]) + inner
+
+    cn, o = b"\x55\x04\x03", b"\x55\x04\x0a"
+    good = attr(o, 0x0C, b"Org")
+    bad = attr(cn, 0x0C, b"\xff")  # not UTF-8: BoringSSL stops after "CN="
+    name = good + bad
+    assert rfc2253(bytes([0x30, len(name)]) + name) == "CN="
+    name = bad + good
+    assert rfc2253(bytes([0x30, len(name)]) + name) == "O=Org,CN="
+    assert rfc2253(b"\x30\x05\x31") == ""  # truncated
+    bmp = attr(cn, 0x1E, b"\xd8\x3d\xde\x00")  # a surrogate pair: not UCS-2
+    assert rfc2253(bytes([0x30, len(bmp)]) + bmp) == "CN="

@@ -54,9 +54,13 @@ class RunOptions:
     tls_cert: str | None = None  # with tls_key: serve HTTPS
     tls_key: str | None = None
     tls_sni: list[dict[str, Any]] = field(default_factory=list)  # {server_names: [...], cert, key}
+    tls_client_ca: str | None = None  # ask clients for a certificate, verified against this CA
+    tls_require_client_certificate: bool = False
     # TLS to https:// upstreams and clusters.
     upstream_ca: str | None = None  # None: the system CA store
     upstream_insecure_skip_verify: bool = False
+    upstream_cert: str | None = None  # the client certificate presented to upstreams that ask
+    upstream_key: str | None = None
     # WasmPlugins and pull Secrets from the Kubernetes API instead of files (resources/kube.py).
     kube: bool = False
     kube_namespace: str | None = None  # None: all namespaces
@@ -72,11 +76,13 @@ def tls_contexts(opts: RunOptions) -> tuple[ssl.SSLContext | None, ssl.SSLContex
         if opts.tls_cert or opts.tls_key or opts.tls_sni:
             if not (opts.tls_cert and opts.tls_key):
                 raise TlsError("tls: cert and key are both required (--tls-cert, --tls-key)")
-            server = server_context(opts.tls_cert, opts.tls_key, opts.tls_sni)
+            server = server_context(opts.tls_cert, opts.tls_key, opts.tls_sni, opts.tls_client_ca,
+                                    opts.tls_require_client_certificate)
         urls = [opts.upstream or "", *opts.clusters.values()]
         client = None
         if any(u.lower().startswith("https://") for u in urls):
-            client = client_context(opts.upstream_ca, opts.upstream_insecure_skip_verify)
+            client = client_context(opts.upstream_ca, opts.upstream_insecure_skip_verify, opts.upstream_cert,
+                                    opts.upstream_key)
     except TlsError as e:
         raise StartupError(str(e)) from None
     return server, client

@@ -97,8 +97,12 @@ def _run(args: argparse.Namespace) -> int:
             opts.tls_cert, opts.tls_key = str(cfg.tls.cert), str(cfg.tls.key)
             opts.tls_sni = [{"server_names": e.server_names, "cert": str(e.cert), "key": str(e.key)}
                             for e in cfg.tls.sni]
+            opts.tls_client_ca = str(cfg.tls.client_ca) if cfg.tls.client_ca is not None else None
+            opts.tls_require_client_certificate = cfg.tls.require_client_certificate
         opts.upstream_ca = str(cfg.upstream_tls.ca) if cfg.upstream_tls.ca is not None else None
         opts.upstream_insecure_skip_verify = cfg.upstream_tls.insecure_skip_verify
+        opts.upstream_cert = str(cfg.upstream_tls.cert) if cfg.upstream_tls.cert is not None else None
+        opts.upstream_key = str(cfg.upstream_tls.key) if cfg.upstream_tls.key is not None else None
     opts.listen = args.listen or opts.listen
     opts.admin = args.admin or opts.admin
     opts.upstream = args.upstream or opts.upstream

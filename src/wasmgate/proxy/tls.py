@@ -12,6 +12,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from wasmgate.proxy import dn
+
 
 class TlsError(ValueError):
     """A certificate, key or CA that cannot be used; the message names the file and field."""
@@ -34,14 +36,25 @@ class ServerContext(ssl.SSLContext):
     local_der: bytes = b""
 
 
-def _server_ctx(cert: str, key: str, where: str) -> ServerContext:
+def _leaf_der(cert: str) -> bytes:
+    pem = Path(cert).read_text(errors="replace")
+    first = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", pem, re.S)
+    return ssl.PEM_cert_to_DER_cert(first.group(0)) if first else b""  # the leaf, first in the chain file
+
+
+def _server_ctx(cert: str, key: str, where: str, client_ca: str | None, require_client_cert: bool) -> ServerContext:
     ctx = ServerContext(ssl.PROTOCOL_TLS_SERVER)  # TLS 1.2 at least
     ctx.set_alpn_protocols(["http/1.1"])
     _load(ctx, cert, key, where)
-    pem = Path(cert).read_text(errors="replace")
-    first = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", pem, re.S)
-    if first:  # the leaf, first in the chain file
-        ctx.local_der = ssl.PEM_cert_to_DER_cert(first.group(0))
+    ctx.local_der = _leaf_der(cert)
+    if client_ca is not None:
+        # Every context (SNI ones too) verifies alike: OpenSSL keeps the first one's verify
+        # mode after an SNI switch but takes the CA store of the new one.
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (ssl.SSLError, OSError) as e:
+            raise TlsError(f"tls.client_ca: cannot load {client_ca}: {e}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return ctx
 
 
@@ -53,11 +66,18 @@ def requested_server_name(obj: ssl.SSLObject) -> str:
     return _requested.get(obj, "")
 
 
-def server_context(cert: str, key: str, sni: list[dict[str, Any]] | None = None) -> ssl.SSLContext:
+def server_context(cert: str, key: str, sni: list[dict[str, Any]] | None = None, client_ca: str | None = None,
+                   require_client_cert: bool = False) -> ssl.SSLContext:
     """The listener's context: ``cert``/``key`` by default; an ``sni`` entry
     (``{server_names: [a.example, *.b.example], cert, key}``) when the client asks for
-    one of its names. ``*.b.example`` matches one label (``x.b.example``), as in Envoy."""
-    default = _server_ctx(cert, key, "tls")
+    one of its names. ``*.b.example`` matches one label (``x.b.example``), as in Envoy.
+    With ``client_ca`` a client certificate is asked for and verified against it when
+    given (Envoy's ``validation_context``), and required with ``require_client_cert``."""
+    if client_ca is not None and not Path(client_ca).is_file():
+        raise TlsError(f"tls.client_ca: {client_ca}: no such file")
+    if require_client_cert and client_ca is None:
+        raise TlsError("tls.require_client_certificate: needs tls.client_ca to verify the certificates with")
+    default = _server_ctx(cert, key, "tls", client_ca, require_client_cert)
     exact: dict[str, ServerContext] = {}
     wildcard: dict[str, ServerContext] = {}
     for i, entry in enumerate(sni or []):
@@ -65,7 +85,7 @@ def server_context(cert: str, key: str, sni: list[dict[str, Any]] | None = None)
         names = entry.get("server_names") or []
         if not names or "cert" not in entry or "key" not in entry:
             raise TlsError(f"{where}: needs server_names, cert and key")
-        ctx = _server_ctx(str(entry["cert"]), str(entry["key"]), where)
+        ctx = _server_ctx(str(entry["cert"]), str(entry["key"]), where, client_ca, require_client_cert)
         for name in names:
             name = str(name).lower().rstrip(".")
             if name.startswith("*."):
@@ -93,7 +113,7 @@ def server_context(cert: str, key: str, sni: list[dict[str, Any]] | None = None)
 class CertInfo:
     """What Envoy's TLS attributes report about a certificate."""
 
-    subject: str  # RFC 2253 form, as Envoy prints it
+    subject: str  # RFC 2253 form, as Envoy prints it (dn.py)
     uri_sans: tuple[str, ...]
     dns_sans: tuple[str, ...]
     sha256: str  # hex digest of the DER encoding
@@ -104,28 +124,47 @@ def cert_info(der: bytes) -> CertInfo:
     from cryptography import x509
 
     sha = hashlib.sha256(der).hexdigest()
+    subject = dn.rfc2253(dn.subject_der(der))
     try:
         cert = x509.load_der_x509_certificate(der)
     except ValueError:
-        return CertInfo("", (), (), sha)
+        return CertInfo(subject, (), (), sha)
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
         dns = tuple(san.get_values_for_type(x509.DNSName))
     except (x509.ExtensionNotFound, ValueError):
         uris = dns = ()
-    return CertInfo(cert.subject.rfc4514_string(), uris, dns, sha)
+    return CertInfo(subject, uris, dns, sha)
 
 
-def client_context(ca: str | None = None, insecure_skip_verify: bool = False) -> ssl.SSLContext:
+class ClientContext(ssl.SSLContext):
+    """The upstream context; ``local_der`` is the client certificate it presents, if any
+    (the ``upstream.*_local_certificate`` attributes describe it)."""
+
+    local_der: bytes = b""
+
+
+def client_context(ca: str | None = None, insecure_skip_verify: bool = False, cert: str | None = None,
+                   key: str | None = None) -> ssl.SSLContext:
     """For ``https://`` upstreams: verify against ``ca`` (else the system store) and
-    the URL's host, unless ``insecure_skip_verify``."""
+    the URL's host, unless ``insecure_skip_verify``; present ``cert``/``key`` when the
+    upstream asks for a client certificate."""
     if ca is not None and not Path(ca).is_file():
         raise TlsError(f"upstream_tls.ca: {ca}: no such file")
+    if (cert is None) != (key is None):
+        raise TlsError("upstream_tls.cert/upstream_tls.key: give both or neither")
+    ctx = ClientContext(ssl.PROTOCOL_TLS_CLIENT)  # what create_default_context sets up
     try:
-        ctx = ssl.create_default_context(cafile=ca)
+        if ca is not None:
+            ctx.load_verify_locations(cafile=ca)
+        else:
+            ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     except (ssl.SSLError, OSError) as e:
         raise TlsError(f"upstream_tls.ca: cannot load {ca}: {e}") from None
+    if cert is not None and key is not None:
+        _load(ctx, cert, key, "upstream_tls")
+        ctx.local_der = _leaf_der(cert)
     if insecure_skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -13,8 +13,10 @@ Example::
     plugin_limits: {max_memory_bytes: 268435456, callback_deadline_ms: 500, memory_recycle_bytes: 0}
     watch: true                  # re-apply plugin files and modules when they change
     tls: {cert: server.pem, key: server.key,          # serve HTTPS; paths relative to this file
-          sni: [{server_names: [a.example, "*.b.example"], cert: a.pem, key: a.key}]}
-    upstream_tls: {ca: ca.pem, insecure_skip_verify: false}   # for https:// upstreams and clusters
+          sni: [{server_names: [a.example, "*.b.example"], cert: a.pem, key: a.key}],
+          client_ca: clients.pem, require_client_certificate: false}   # mTLS
+    upstream_tls: {ca: ca.pem, insecure_skip_verify: false,   # for https:// upstreams and clusters
+                   cert: client.pem, key: client.key}
     node: {id: sidecar~10.0.0.1~web.ns, cluster: web, metadata: {WORKLOAD_NAME: web}}   # xds.node
     xds: {route_name: default, route_metadata: {filter_metadata: {ns: {key: value}}}}   # xds.* attributes
 """
@@ -78,6 +80,8 @@ class TlsConfig(BaseModel):
     cert: Path
     key: Path
     sni: list[SniConfig] = []
+    client_ca: Path | None = None  # ask clients for a certificate and verify it against this CA
+    require_client_certificate: bool = False  # refuse clients without one (needs client_ca)
 
 
 class UpstreamTlsConfig(BaseModel):
@@ -86,6 +90,8 @@ class UpstreamTlsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ca: Path | None = None  # None: the system CA store
     insecure_skip_verify: bool = False
+    cert: Path | None = None  # a client certificate for upstreams that ask for one (mTLS)
+    key: Path | None = None
 
 
 class MetadataConfig(BaseModel):
@@ -186,6 +192,8 @@ def load_config(path: Path) -> ProxyConfig:
         cfg.tls.cert, cfg.tls.key = rel(cfg.tls.cert), rel(cfg.tls.key)
         for entry in cfg.tls.sni:
             entry.cert, entry.key = rel(entry.cert), rel(entry.key)
-    if cfg.upstream_tls.ca is not None:
-        cfg.upstream_tls.ca = rel(cfg.upstream_tls.ca)
+        if cfg.tls.client_ca is not None:
+            cfg.tls.client_ca = rel(cfg.tls.client_ca)
+    ut = cfg.upstream_tls
+    ut.ca, ut.cert, ut.key = (rel(p) if p is not None else None for p in (ut.ca, ut.cert, ut.key))
     return cfg
