@@ -1,16 +1,22 @@
 """The only module that touches wasmtime.
 
 Compilation and instantiation go through wasmtime-py's public API. Calls in both
-directions use the C API's *unchecked* entry points through ctypes: the public
-``Func.__call__`` costs ~20 us a call, the unchecked path ~1.5 us, and every
-request crosses the boundary a dozen times. We reach below wasmtime-py's public
-API here, so the wasmtime version is pinned in pyproject.toml.
+directions use the C API's *unchecked* entry points: the public ``Func.__call__``
+costs ~20 us a call, the unchecked path through ctypes ~1.5 us, and every request
+crosses the boundary several times. We reach below wasmtime-py's public API here,
+so the wasmtime version is pinned in pyproject.toml.
+
+The hot operations (guest calls, host-function dispatch, linear memory) have two
+implementations with the same behaviour: the compiled one in ``_glue.pyx`` (built
+by ``make setup``; no ctypes on the way) and the ctypes one below, used when the
+extension is missing or ``WASMGATE_PURE_PYTHON=1`` is set.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib
 import importlib.metadata
 import math
 import os
@@ -19,6 +25,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +64,18 @@ _WASM_PAGE = 65536
 _VALTYPES = {"i": wasmtime.ValType.i32, "I": wasmtime.ValType.i64}
 _SLOT_FMT = {"i": f"i{_VAL_SIZE - 4}x", "I": f"q{_VAL_SIZE - 8}x"}
 
+PURE_PYTHON_ENV = "WASMGATE_PURE_PYTHON"  # set (non-empty): use the ctypes path only
+_glue: Any = None  # wasmgate.engine._glue (see _glue.pyi), or None
+if not os.environ.get(PURE_PYTHON_ENV):
+    try:
+        _glue = importlib.import_module("wasmgate.engine._glue")
+    except ImportError:  # not built (no C compiler at install time): the ctypes path
+        _glue = None
+
+
+def _addr(fn: Any) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
 
 class WasmError(Exception):
     """A module failed to compile, link or instantiate."""
@@ -88,13 +108,26 @@ class ProcExit(HostError):
 
 @dataclass(frozen=True)
 class HostFunc:
-    """A host import. ``params``/``results`` use 'i' for i32 and 'I' for i64."""
+    """A host import. ``params``/``results`` use 'i' for i32 and 'I' for i64.
+
+    ``impl`` gets the guest's arguments as ints, after ``bound`` when that is not None
+    (after ``bound.<bound_attr>``, read at each call, when ``bound_attr`` is set).
+    """
 
     module: str
     name: str
     params: str
     results: str
     impl: Callable[..., int | None]
+    bound: Any = None
+    bound_attr: str = ""
+
+
+if _glue is not None:
+    _glue.setup(_addr(_call_unchecked), _addr(_mem_data), _addr(_mem_size), _addr(_set_deadline), _addr(_trap_new),
+                _addr(_dll["wasmtime_engine_increment_epoch"]), HostError)
+    _TRAMPOLINE = ctypes.c_void_p(_glue.trampoline_address())
+COMPILED = _glue is not None  # the compiled glue is in use (by default, for new instances)
 
 
 # Settings that change generated code; part of the compiled-module cache key.
@@ -131,6 +164,9 @@ class EpochTicker:
 
     @staticmethod
     def _run(engine: wasmtime.Engine) -> None:
+        if _glue is not None:
+            # Compiled guest calls keep the GIL: tick without it (this never returns).
+            _glue.run_epoch_ticker(engine, _addr(engine.ptr()), int(EPOCH_TICK * 1e6))
         while True:
             time.sleep(EPOCH_TICK)
             engine.increment_epoch()
@@ -210,7 +246,7 @@ def _sig_code(types: Iterable[wasmtime.ValType]) -> str | None:
 class GuestFunc:
     """A guest export prepared for unchecked calls."""
 
-    __slots__ = ("name", "nparams", "nresults", "_func", "ref", "slots")
+    __slots__ = ("name", "nparams", "nresults", "_func", "ref", "slots", "raw")
 
     def __init__(self, name: str, func: wasmtime.Func, nparams: int, nresults: int):
         self.name = name
@@ -219,6 +255,12 @@ class GuestFunc:
         self._func = func._func  # keeps the wasmtime_func_t alive for `ref`
         self.ref = ctypes.c_void_p(ctypes.addressof(self._func))
         self.slots = ctypes.c_size_t(max(nparams, nresults))
+        # What the compiled glue reads: one attribute, unpacked in C.
+        self.raw = (ctypes.addressof(self._func), nparams, nresults, max(nparams, nresults), name)
+
+
+# Instance methods the compiled glue provides (same names and behaviour).
+_CORE_METHODS = ("call", "call_reentrant", "read", "write", "write_u32", "write_u64", "memory_size", "copy_out")
 
 
 class Instance:
@@ -226,6 +268,9 @@ class Instance:
 
     Host functions raise ``HostError`` (or anything else) to trap the guest; the
     exception never unwinds through wasmtime's frames.
+
+    ``compiled``: use the compiled glue (default: when it is available); False forces
+    the ctypes path for this instance.
     """
 
     def __init__(
@@ -237,7 +282,12 @@ class Instance:
         *,
         max_memory_bytes: int = -1,
         deadline: float = 5.0,
+        compiled: bool | None = None,
     ):
+        if compiled and _glue is None:
+            raise WasmError("the compiled glue (wasmgate.engine._glue) is not available")
+        self.compiled = COMPILED if compiled is None else compiled
+        self._core: Any = None
         self.store = wasmtime.Store(engine)
         self._ctx = self.store._context()
         if max_memory_bytes >= 0:
@@ -288,6 +338,13 @@ class Instance:
         self._args_ref = ctypes.byref(buf)
         self._trap = ctypes.c_void_p()
         self._trap_ref = ctypes.byref(self._trap)
+        if self.compiled:
+            core = self._core = _glue.Core(self, _addr(self._ctx), ctypes.addressof(self._memory),
+                                           (self.store, self._ctx, self._memory), self._deadline.value)
+            # The compiled methods shadow the ctypes ones below, for this instance only
+            # (setattr: they are plain attributes of the instance from here on).
+            for name in _CORE_METHODS:
+                setattr(self, name, getattr(core, name))
 
     # ---- exports -------------------------------------------------------------------
 
@@ -315,9 +372,18 @@ class Instance:
             raise self._trap_from(err, self._trap.value, fn.name)
         return self._args32[0] if fn.nresults else 0
 
+    def keep_gil(self) -> None:
+        """Guest calls from now on keep the GIL: faster, for a VM serving on the event loop.
+        Until then they release it during guest code (as ctypes does), so a VM started in a
+        worker thread does not stall the loop. No-op on the ctypes path."""
+        if self._core is not None:
+            self._core.keep_gil = True
+
     def set_deadline(self, seconds: float) -> None:
         """The CPU-time budget of each top-level guest call from now on."""
         self._deadline = ctypes.c_uint64(deadline_ticks(seconds))
+        if self._core is not None:
+            self._core.deadline = self._deadline.value
 
     def call_reentrant(self, fn: GuestFunc, *args: int) -> int:
         """Like ``call`` but from inside a host function: own buffers, and linear
@@ -384,7 +450,7 @@ class Instance:
             return None
         return view[ptr:ptr + size].tobytes()
 
-    def write(self, ptr: int, data: bytes) -> bool:
+    def write(self, ptr: int, data: bytes | bytearray | memoryview) -> bool:
         view = self._refresh() if self._stale else self._view
         ptr &= 0xFFFFFFFF
         end = ptr + len(data)
@@ -404,16 +470,54 @@ class Instance:
     def write_u64(self, ptr: int, value: int) -> bool:
         return self.write(ptr, struct.pack("<Q", value & 0xFFFFFFFFFFFFFFFF))
 
+    def copy_out(self, alloc: GuestFunc, data: bytes, ptr_ptr: int, size_ptr: int) -> bool:
+        """From a host function: allocate ``len(data)`` bytes in the guest with ``alloc``,
+        copy ``data`` there and write its pointer and size; False on a bad address."""
+        ptr = 0
+        if data:
+            ptr = self.call_reentrant(alloc, len(data)) & 0xFFFFFFFF
+            if ptr == 0 or not self.write(ptr, data):
+                return False
+        return self.write_u32(ptr_ptr, ptr) and self.write_u32(size_ptr, len(data))
+
     # ---- host functions --------------------------------------------------------------
 
     def _define(self, linker: wasmtime.Linker, hf: HostFunc) -> None:
-        fmt = "<" + "".join(_SLOT_FMT[c] for c in hf.params)
-        unpack = struct.Struct(fmt).unpack
+        label = f"{hf.module}.{hf.name}"
+        cb: Any
+        env: Any = None
+        if self.compiled:
+            # One C trampoline for all imports; the binding (its env) says how to call impl.
+            binding = _glue.HostBinding(hf.impl, hf.bound, hf.bound_attr, hf.params, hf.results, self, label)
+            self._callbacks.append(binding)
+            cb, env = _TRAMPOLINE, ctypes.c_void_p(id(binding))
+        else:
+            cb = _HOST_CB(self._ctypes_callback(hf, label))
+            self._callbacks.append(cb)
+        functype = wasmtime.FuncType(
+            [_VALTYPES[c]() for c in hf.params], [_VALTYPES[c]() for c in hf.results]
+        )
+        self._callbacks.append(functype)
+        mod, name = hf.module.encode(), hf.name.encode()
+        err = _define_unchecked(
+            linker.ptr(), mod, ctypes.c_size_t(len(mod)), name, ctypes.c_size_t(len(name)),
+            functype.ptr(), cb, env, _NO_FINALIZER,
+        )
+        if err:
+            e = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _wasmtime_error_t_p))
+            raise WasmError(f"cannot define {label}: {e}")
+
+    def _ctypes_callback(self, hf: HostFunc, label: str) -> Callable[[int, int, int, int], int]:
+        """The ctypes path's host callback: arguments unpacked from the raw value buffer
+        with one struct call."""
+        unpack = struct.Struct("<" + "".join(_SLOT_FMT[c] for c in hf.params)).unpack
         span = len(hf.params) * _VAL_SIZE
         impl = hf.impl
+        bound = hf.bound
+        if hf.bound_attr:  # the first argument is read from `bound` at each call
+            impl = partial(_via_attr, hf.impl, attrgetter(hf.bound_attr))
         result_i64 = hf.results == "I"
         has_result = bool(hf.results)
-        label = f"{hf.module}.{hf.name}"
         string_at = ctypes.string_at
         i32_at = ctypes.c_int32.from_address
         i64_at = ctypes.c_int64.from_address
@@ -421,7 +525,10 @@ class Instance:
         def callback(_env: int, _caller: int, args: int, _n: int) -> int:
             self._stale = True  # the guest ran since we last looked at memory
             try:
-                r = impl(*unpack(string_at(args, span))) if span else impl()
+                if bound is not None:
+                    r = impl(bound, *unpack(string_at(args, span))) if span else impl(bound)
+                else:
+                    r = impl(*unpack(string_at(args, span))) if span else impl()
                 if has_result:
                     (i64_at if result_i64 else i32_at)(args).value = r or 0
                 return 0
@@ -431,20 +538,11 @@ class Instance:
                 raw = msg.encode("utf-8", "replace")
                 return _trap_new(raw, ctypes.c_size_t(len(raw))) or 0
 
-        cb = _HOST_CB(callback)
-        self._callbacks.append(cb)
-        functype = wasmtime.FuncType(
-            [_VALTYPES[c]() for c in hf.params], [_VALTYPES[c]() for c in hf.results]
-        )
-        self._callbacks.append(functype)
-        mod, name = hf.module.encode(), hf.name.encode()
-        err = _define_unchecked(
-            linker.ptr(), mod, ctypes.c_size_t(len(mod)), name, ctypes.c_size_t(len(name)),
-            functype.ptr(), cb, None, _NO_FINALIZER,
-        )
-        if err:
-            e = wasmtime.WasmtimeError._from_ptr(ctypes.cast(err, _wasmtime_error_t_p))
-            raise WasmError(f"cannot define {label}: {e}")
+        return callback
+
+
+def _via_attr(impl: Callable[..., int | None], get: Callable[[Any], Any], bound: Any, *args: int) -> int | None:
+    return impl(get(bound), *args)
 
 
 def _parse_error_text(text: str) -> tuple[str, list[str]]:

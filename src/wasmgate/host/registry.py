@@ -50,15 +50,6 @@ def hostcall(params: str, results: str = "i", *, module: str = ENV,
 
 
 def bind(vm: SharedVM) -> dict[tuple[str, str], HostFunc]:
-    out = {}
-    for key, e in REGISTRY.items():
-        fn = e.fn
-        out[key] = HostFunc(e.module, e.name, e.params, e.results, _bound(fn, vm))
-    return out
-
-
-def _bound(fn: Callable[..., Any], vm: SharedVM) -> Callable[..., Any]:
-    def call(*args: int) -> Any:
-        return fn(vm.current, *args)
-
-    return call
+    """Every registered function as an import of ``vm``'s instance, called as
+    fn(vm.current, *args): for the plugin whose context is the effective one."""
+    return {key: HostFunc(e.module, e.name, e.params, e.results, e.fn, vm, "current") for key, e in REGISTRY.items()}

@@ -237,6 +237,7 @@ class PluginVM:
 
     def activate(self) -> None:
         """Start serving on the running event loop (arms the tick timer, takes queue notifications)."""
+        self.instance.keep_gil()
         self._schedule_tick()
         shared.LISTENERS.activate(self)
 
@@ -479,14 +480,8 @@ class PluginVM:
 
     def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
         """Copy ``data`` into guest-allocated memory; write its pointer and size."""
-        ptr = 0
-        if data:
-            ptr = self.instance.call_reentrant(self._alloc, len(data)) & 0xFFFFFFFF
-            if ptr == 0 or not self.instance.write(ptr, data):
-                return WasmResult.INVALID_MEMORY_ACCESS
-        if not self.instance.write_u32(ptr_ptr, ptr) or not self.instance.write_u32(size_ptr, len(data)):
-            return WasmResult.INVALID_MEMORY_ACCESS
-        return WasmResult.OK
+        ok = self.instance.copy_out(self._alloc, data, ptr_ptr, size_ptr)
+        return WasmResult.OK if ok else WasmResult.INVALID_MEMORY_ACCESS
 
     # ---- logging -------------------------------------------------------------------
 
