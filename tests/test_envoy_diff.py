@@ -19,9 +19,16 @@ from typing import Any
 import pytest
 
 from envoy_harness import Envoy, EnvoyPlugin
+from plugin_checks import (
+    PluginLogs,
+    assert_same_logs,
+    assert_same_metrics,
+    envoy_messages,
+    plugin_metrics,
+    settled,
+    stats,
+)
 from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
-from test_shared_state import plugin_metric_lines, stats
-from wasmgate.plugin import metrics
 from wasmgate.resources.config import XdsConfig
 
 
@@ -45,23 +52,6 @@ class Observed:
 
 PLUGIN_HEADERS = ("x-wasmgate-denied", "x-chain-resp", "x-wasm", "content-type")
 PLUGIN_REQUEST_HEADERS = ("x-chain", "x-resumed", "x-replace", "allow", "x-auth")
-
-
-def plugin_message(line: str) -> str | None:
-    """The message of a plugin's log line ("... wasm log <name> <root_id> <vm_id>: <message>")."""
-    _, sep, rest = line.partition("wasm log ")
-    return rest.split(": ", 1)[1] if sep and ": " in rest else None
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = plugin_message(record.getMessage())
-        if msg is not None:
-            self.messages.append(msg)
 
 
 def _differences(ours: Observed, theirs: Observed) -> str:
@@ -108,13 +98,7 @@ class Pair:
         self.upstream = upstream or start_upstream()
         clusters = clusters or {}
         self.last_logs: list[str] = []
-        # Metrics are process-wide here, per Envoy process there: start from none.
-        self._saved_store, metrics.STORE = metrics.STORE, metrics.MetricStore()
-        self._wasm_log = logging.getLogger("wasmgate.wasm")
-        self._saved_level = self._wasm_log.level
-        self._records = _Records()
-        self._wasm_log.setLevel(logging.DEBUG)
-        self._wasm_log.addHandler(self._records)
+        self.logs = PluginLogs()
         # As Istio translates a WasmPlugin: root_id from pluginName, config as JSON text.
         envoy_plugins = [EnvoyPlugin(p.name, p.wasm, json.dumps(p.config, separators=(",", ":"))
                                      if p.config is not None else "", root_id=p.name, vm_id=p.vm_id,
@@ -139,9 +123,7 @@ class Pair:
             raise
 
     def _restore(self) -> None:
-        self._wasm_log.removeHandler(self._records)
-        self._wasm_log.setLevel(self._saved_level)
-        metrics.STORE = self._saved_store
+        self.logs.close()
         self.upstream.server.shutdown()
 
     def stop(self) -> None:
@@ -171,44 +153,25 @@ class Pair:
                         up_body)
 
     def envoy_messages(self) -> list[str]:
-        return [m for m in map(plugin_message, self.envoy.log_text().splitlines()) if m is not None]
-
-    def _settled(self, envoy_before: int, ours_before: int) -> tuple[list[str], list[str]]:
-        """The log lines both wrote since the marks, once neither has written any for a while
-        (Envoy writes its log asynchronously; wasmgate calls on_log after the response)."""
-        last: tuple[int, int] = (-1, -1)
-        quiet_since = time.monotonic()
-        deadline = quiet_since + 5
-        while True:
-            theirs = self.envoy_messages()[envoy_before:]
-            ours = self._records.messages[ours_before:]
-            now = time.monotonic()
-            if (len(theirs), len(ours)) != last:
-                last, quiet_since = (len(theirs), len(ours)), now
-            elif now - quiet_since >= 0.3 or now > deadline:
-                return ours, theirs
-            time.sleep(0.05)
+        return envoy_messages(self.envoy)
 
     def compare(self, method: str = "GET", path: str = "/", headers: dict[str, str] | None = None,
                 body: bytes | None = None, connect: Connect | None = None) -> Observed:
         """One request to each; ``connect`` makes the client connection to a port (default: plain HTTP)."""
-        envoy_before, ours_before = len(self.envoy_messages()), len(self._records.messages)
+        envoy_before, ours_before = len(self.envoy_messages()), len(self.logs.messages)
         expected = self.observe(self.envoy.port, method, path, headers or {}, body, connect)
         actual = self.observe(self.wasmgate.port, method, path, headers or {}, body, connect)
         assert actual == expected, f"wasmgate differs from Envoy for {method} {path} {headers}: " + _differences(
             actual, expected)
-        ours, theirs = self._settled(envoy_before, ours_before)
-        assert ours == theirs, f"plugin log lines differ for {method} {path} {headers}: " + "; ".join(
-            f"{a!r} (Envoy: {b!r})" for a, b in zip(ours, theirs, strict=False) if a != b)
+        ours, theirs = settled((lambda: self.logs.messages, ours_before), (self.envoy_messages, envoy_before))
+        assert_same_logs(ours, theirs, f"{method} {path} {headers}")
         self.last_logs = ours
         self.compare_metrics()
         return actual
 
     def compare_metrics(self) -> None:
-        """Plugin counters and gauges on /stats/prometheus (histograms need Envoy's 5 s flush)."""
-        theirs = plugin_metric_lines(stats(self.envoy.admin_port, "/stats/prometheus"))
-        ours = plugin_metric_lines(stats(self.wasmgate.admin_port, "/stats/prometheus"))
-        assert ours == theirs, "plugin metrics differ"
+        """Plugin metrics on /stats/prometheus (histograms without values: Envoy shows them after its 5 s flush)."""
+        assert_same_metrics(plugin_metrics(self.wasmgate.admin_port), plugin_metrics(self.envoy.admin_port), "")
 
 
 @pytest.fixture(scope="module")

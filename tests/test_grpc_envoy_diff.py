@@ -2,7 +2,8 @@
 (tests/plugins/grpccall), same gRPC server, same requests, in the same order.
 
 Compared per request: status, body, the x-grpc-* response headers, and the x-grpc-*
-headers the upstream received. The plugin's x-grpc-trace holds every host-call status,
+headers the upstream received; over the whole run, the plugin's log lines and metrics
+(tests/plugin_checks.py). The plugin's x-grpc-trace holds every host-call status,
 every callback (on which context, with which token kind), what proxy_get_status said,
 and callbacks that arrived for tokens nobody waited for.
 """
@@ -20,6 +21,7 @@ import pytest
 
 from envoy_harness import Envoy, EnvoyPlugin
 from grpc_server import GrpcServer
+from plugin_checks import PluginLogs, assert_same_logs, assert_same_metrics, envoy_messages, plugin_metrics, settled
 from servers import PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
 
 WASM = PLUGIN_BUILD / "grpccall.wasm"
@@ -103,21 +105,36 @@ def run_cases(port: int, upstream: Upstream) -> list[Seen]:
 
 
 def test_grpc_callouts_same_as_envoy(tmp_path: Path, grpc_server: GrpcServer) -> None:
+    """Envoy runs every case, then wasmgate; then the exchanges, the plugin's log lines
+    (every gRPC callback and outcome, in order) and its metrics are compared."""
     upstream = start_upstream()
+    logs = PluginLogs()
     try:
         with Envoy([EnvoyPlugin("grpccall", WASM, root_id="grpccall")], upstream.port, tmp_path / "envoy",
-                   clusters={"grpc": grpc_server.port, "dead": 1}, http2_clusters=("grpc", "dead")) as envoy:
+                   log_level="debug", clusters={"grpc": grpc_server.port, "dead": 1},
+                   http2_clusters=("grpc", "dead")) as envoy:
+            mark = len(envoy_messages(envoy))
             expected = run_cases(envoy.port, upstream)
+            [envoy_lines] = settled((lambda: envoy_messages(envoy), mark))
+            envoy_metrics = plugin_metrics(envoy.admin_port)
         proxy = ProxyThread([wasmplugin_yaml(tmp_path, "grpccall", WASM)], upstream.url,
                             clusters={"grpc": f"http://127.0.0.1:{grpc_server.port}", "dead": "http://127.0.0.1:1"})
         try:
+            mark = len(logs.messages)
             actual = run_cases(proxy.port, upstream)
+            [our_lines] = settled((lambda: logs.messages, mark))
+            our_metrics = plugin_metrics(proxy.admin_port)
         finally:
             proxy.stop()
     finally:
+        logs.close()
         upstream.server.shutdown()
     for case, want, got in zip(CASES, expected, actual, strict=True):
         assert got == want, f"wasmgate differs from Envoy for {case}"
+    assert_same_logs([_without_accept_encoding(m) for m in our_lines],
+                     [_without_accept_encoding(m) for m in envoy_lines], "the gRPC cases")
+    assert_same_metrics(our_metrics, envoy_metrics, "after the gRPC cases")
+    assert any(m.startswith("grpccall: on_grpc_close@root kind=1 arg=14") for m in envoy_lines)
     # The run exercised what it should have (Envoy's side, so a broken harness shows).
     traces = " | ".join(s.headers.get("x-grpc-trace", "") + s.upstream.get("x-grpc-trace", "") for s in expected)
     for needle in ("receive@root=echo:hello/0", "close@root=7", "close@root=14", "trailing@root=2/0",

@@ -12,13 +12,22 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from envoy_harness import Envoy, EnvoyPlugin
+from plugin_checks import (
+    PluginLogs,
+    assert_same_logs,
+    assert_same_metrics,
+    envoy_messages,
+    plugin_metric_lines,
+    plugin_metrics,
+    settled,
+    stats,
+)
 from servers import PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
 from wasmgate.plugin import metrics, shared
 
@@ -62,21 +71,6 @@ def get(port: int, headers: dict[str, str] | None = None, path: str = "/abc") ->
 
 def ops(port: int, script: str) -> str:
     return get(port, {"x-ops": script})["x-ops-result"]
-
-
-def stats(admin_port: int, path: str = "/stats") -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}{path}", timeout=10) as r:
-        return str(r.read().decode("latin-1"))
-
-
-def plugin_metric_lines(text: str) -> list[str]:
-    """The lines of plugin-defined metrics: neither Envoy's (envoy_*) nor wasmgate's own.
-
-    A metric with an empty name is ``envoy_wasmcustom``, like one of Envoy's own.
-    """
-    own = ("envoy_", "# TYPE envoy_", "wasmgate_", "# TYPE wasmgate_", "# HELP")
-    empty_name = ("envoy_wasmcustom{", "# TYPE envoy_wasmcustom ")
-    return [line for line in text.splitlines() if line and (not line.startswith(own) or line.startswith(empty_name))]
 
 
 # ---- wasmgate alone --------------------------------------------------------------------
@@ -132,26 +126,38 @@ def test_cas_increment_from_many_clients(tmp_path: Path, upstream: Upstream, fre
 
 
 class Pair:
-    """The sharedstate plugin in Envoy and in wasmgate, in front of one upstream."""
+    """The sharedstate plugin in Envoy and in wasmgate, in front of one upstream. Each
+    ``compare`` also checks the plugin's log lines and its counters and gauges
+    (tests/plugin_checks.py, as test_envoy_diff.py's Pair)."""
 
     def __init__(self, workdir: Path, upstream: Upstream):
         self.envoy = Envoy([EnvoyPlugin("sharedstate", WASM, root_id="sharedstate")], upstream.port,
-                           workdir / "envoy")
-        self.envoy.start()
+                           workdir / "envoy", log_level="debug")
+        self.logs = PluginLogs()
         try:
+            self.envoy.start()
             self.wasmgate = ProxyThread([wasmplugin_yaml(workdir, "sharedstate", WASM)], upstream.url)
         except BaseException:
             self.envoy.stop()
+            self.logs.close()
             raise
 
     def stop(self) -> None:
-        self.wasmgate.stop()
-        self.envoy.stop()
+        try:
+            self.wasmgate.stop()
+            self.envoy.stop()
+        finally:
+            self.logs.close()
 
     def compare(self, headers: dict[str, str] | None = None, path: str = "/abc") -> dict[str, str]:
+        marks = len(self.logs.messages), len(envoy_messages(self.envoy))
         expected = get(self.envoy.port, headers, path)
         actual = get(self.wasmgate.port, headers, path)
         assert actual == expected, f"wasmgate differs from Envoy for {headers}"
+        ours, theirs = settled((lambda: self.logs.messages, marks[0]), (lambda: envoy_messages(self.envoy), marks[1]))
+        assert_same_logs(ours, theirs, str(headers))
+        assert_same_metrics(plugin_metrics(self.wasmgate.admin_port), plugin_metrics(self.envoy.admin_port),
+                            f"after {headers}")
         return actual
 
     def ops(self, script: str) -> str:

@@ -19,6 +19,9 @@
 // reply 503 "grpc error CODE: MESSAGE". Either way x-grpc-trace lists every
 // step with the statuses the host returned. Callbacks for tokens nobody waits
 // for are kept and reported by x-grpc-op: strays.
+//
+// Every gRPC callback, and every outcome, is also logged (info) with the context it
+// ran on, so the plugin's log lines can be compared with Envoy's.
 package main
 
 import (
@@ -71,6 +74,13 @@ func grpcService(cluster string) string {
 	return string(append([]byte{0x0a, byte(len(inner))}, inner...))
 }
 
+func logf(msg string) { abi.Log(abi.LogInfo, "grpccall: "+msg) }
+
+// callback logs a gRPC callback: its name, context, token kind and argument.
+func callback(name string, ctxID, token, arg uint32) {
+	logf(name + "@" + who(ctxID) + " kind=" + itoa(token%4) + " arg=" + itoa(arg))
+}
+
 func finish(w *waiter, ok bool, code uint32, msg string) {
 	st := abi.SetEffectiveContext(w.stream)
 	if st != abi.OK {
@@ -78,6 +88,7 @@ func finish(w *waiter, ok bool, code uint32, msg string) {
 		return
 	}
 	trace := strings.Join(w.trace, " ")
+	logf("finish ctx" + itoa(w.stream) + " ok=" + strconv.FormatBool(ok) + " code=" + itoa(code) + ": " + trace)
 	if ok {
 		abi.ReplaceHeader(abi.RequestHeaders, "x-grpc-response", hex.EncodeToString(w.response))
 		abi.ReplaceHeader(abi.RequestHeaders, "x-grpc-status", itoa(code))
@@ -90,6 +101,7 @@ func finish(w *waiter, ok bool, code uint32, msg string) {
 }
 
 func done(ctxID uint32, trace []string) abi.Action {
+	logf("done ctx" + itoa(ctxID) + ": " + strings.Join(trace, " "))
 	abi.ReplaceHeader(abi.RequestHeaders, "x-grpc-trace", strings.Join(trace, " "))
 	return abi.Continue
 }
@@ -211,6 +223,8 @@ func who(ctxID uint32) string {
 
 //go:wasmexport proxy_on_grpc_receive_initial_metadata
 func onGrpcReceiveInitialMetadata(ctxID, token, headers uint32) {
+	// (not the size: Envoy's holds transport headers grpcio does not show, docs/abi-support.md)
+	logf("on_grpc_receive_initial_metadata@" + who(ctxID) + " kind=" + itoa(token%4))
 	w, ok := waiting[token]
 	if !ok {
 		strays = append(strays, "initial:"+itoa(token%4))
@@ -225,6 +239,7 @@ func onGrpcReceiveInitialMetadata(ctxID, token, headers uint32) {
 
 //go:wasmexport proxy_on_grpc_receive
 func onGrpcReceive(ctxID, token, size uint32) {
+	callback("on_grpc_receive", ctxID, token, size)
 	w, ok := waiting[token]
 	if !ok {
 		strays = append(strays, "receive:"+itoa(token%4))
@@ -257,6 +272,7 @@ func onGrpcReceive(ctxID, token, size uint32) {
 
 //go:wasmexport proxy_on_grpc_receive_trailing_metadata
 func onGrpcReceiveTrailingMetadata(ctxID, token, trailers uint32) {
+	callback("on_grpc_receive_trailing_metadata", ctxID, token, trailers)
 	w, ok := waiting[token]
 	if !ok {
 		strays = append(strays, "trailing:"+itoa(token%4))
@@ -271,6 +287,7 @@ func onGrpcReceiveTrailingMetadata(ctxID, token, trailers uint32) {
 
 //go:wasmexport proxy_on_grpc_close
 func onGrpcClose(ctxID, token, status uint32) {
+	callback("on_grpc_close", ctxID, token, status)
 	w, ok := waiting[token]
 	if !ok {
 		strays = append(strays, "close:"+itoa(token%4)+"/"+itoa(status))

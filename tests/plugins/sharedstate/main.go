@@ -23,6 +23,10 @@
 //	reg NAME | resolve VMID NAME | enq TOKEN VALUE | deq TOKEN
 //
 // Each result is STATUS or STATUS=VALUE (sget: STATUS=VALUE/CAS), joined by ','.
+//
+// It logs (info) each request's hits and counter, each script with its results, and
+// each item proxy_on_queue_ready takes off the queue, so the order of those callbacks
+// can be compared with Envoy's.
 package main
 
 import (
@@ -85,13 +89,16 @@ func onQueueReady(rootID, token uint32) {
 		}
 		drained++
 		lastItem = string(item)
+		logf("on_queue_ready token=" + itoa(uint64(token)) + " item=" + lastItem)
 	}
 }
 
 //go:wasmexport proxy_on_request_headers
 func onRequestHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
 	if ops, st := abi.GetHeader(abi.RequestHeaders, "x-ops"); st == abi.OK {
-		pending[ctxID] = [][2]string{{"x-ops-result", runOps(ops)}}
+		result := runOps(ops)
+		logf("ops " + ops + " = " + result)
+		pending[ctxID] = [][2]string{{"x-ops-result", result}}
 		return abi.Continue
 	}
 	if st := abi.IncrementMetric(requestsID, 1); st != abi.OK {
@@ -114,6 +121,7 @@ func onRequestHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
 		logf("enqueue_shared_queue failed status=" + itoa(uint64(st)))
 	}
 	requests, _ := abi.GetMetric(requestsID)
+	logf("request hits=" + itoa(hits) + " requests=" + itoa(requests))
 	pending[ctxID] = [][2]string{{"x-hits", itoa(hits)}, {"x-requests", itoa(requests)}}
 	return abi.Continue
 }
