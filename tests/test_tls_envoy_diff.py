@@ -55,16 +55,18 @@ class Pki:
     def path(self, name: str, kind: str = "pem") -> str:
         return str(self.dir / f"{name}.{kind}")
 
-    def client_context(self, cert: str | None = None) -> ssl.SSLContext:
+    def client_context(self, cert: str | None = None, tls12: bool = False) -> ssl.SSLContext:
         """A client that trusts the CA (any host name: SNI picks names no certificate has)."""
         ctx = ssl.create_default_context(cafile=self.path("ca"))
         ctx.check_hostname = False
+        if tls12:
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         if cert is not None:
             ctx.load_cert_chain(self.path(cert), self.path(cert, "key"))
         return ctx
 
-    def connect(self, server_name: str | None, cert: str | None = None) -> Connect:
-        ctx = self.client_context(cert)
+    def connect(self, server_name: str | None, cert: str | None = None, tls12: bool = False) -> Connect:
+        ctx = self.client_context(cert, tls12)
 
         def connect(port: int) -> http.client.HTTPConnection:
             return _SniConnection(port, ctx, server_name)
@@ -185,13 +187,15 @@ def _value(got: dict[str, str], path: str, at_request: bool = False) -> str:
     return got[f"x-prop-{'req-' if at_request else ''}{path}"]
 
 
-@pytest.mark.parametrize(("server_name", "client_cert"), [(None, None), ("a.example", None),
-                                                          ("other.example", "client"), ("a.example", "client"),
-                                                          ("b.example", "client"), ("names.example", None)])
+@pytest.mark.parametrize(("server_name", "client_cert", "tls12"), [
+    (None, None, False), ("a.example", None, False), ("other.example", "client", False),
+    ("a.example", "client", False), ("b.example", "client", False), ("names.example", None, False),
+    ("a.example", "client", True)])
 def test_tls_attributes_same_as_envoy(pair: Pair, pki: Pki, server_name: str | None, client_cert: str | None,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                      tls12: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(http.client, "_MAXHEADERS", 1000)  # a header per attribute read
-    got = pair.compare(path="/tls", connect=pki.connect(server_name, client_cert)).headers
+    got = pair.compare(path="/tls", connect=pki.connect(server_name, client_cert, tls12)).headers
+    assert _value(got, "connection.tls_version") == (b"TLSv1.2" if tls12 else b"TLSv1.3").hex()
     # The comparison is only worth something if the attributes say what they should.
     assert _value(got, "request.scheme", True) == b"https".hex()
     assert _value(got, "connection.requested_server_name") == (server_name or "").encode().hex()
