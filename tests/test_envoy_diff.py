@@ -443,3 +443,21 @@ def test_vm_sharing_same_as_envoy(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     assert ours[0] == "wasm log a shared: vmshare: root_create ctx=1 roots=1"
     assert "wasm log b b shared: vmshare: trapping tag=b" in ours
     assert ours == theirs
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_body_resize_without_content_length_same_as_envoy(tmp_path: Path, hold: bool) -> None:
+    """A plugin that changes body sizes and removes content-length first, as the SDK
+    examples advise: well-defined in Envoy too (chunked there; wasmgate frames a whole
+    body with its length). Envoy never fixes a content-length left in place: see
+    tests/test_body_length.py and docs/abi-support.md, Body length."""
+    pair = Pair([Plugin("resize", PLUGIN_BUILD / "resize.wasm")], tmp_path)
+    base = {"x-resize-drop-length": "1", **({"x-resize-hold": "headers"} if hold else {})}
+    try:
+        for op, want in (("append", b"0123456789+appended"), ("shrink", b"01234"), ("replace", b"replaced")):
+            assert pair.compare("POST", "/r", {"x-resize-req": op, **base}, b"0123456789").upstream_body == want
+            body = pair.compare("POST", "/r", {"x-resize-resp": op, **base}, b"0123456789").body
+            assert body == b"replaced" if op == "replace" else body.endswith(b"+appended") if op == "append" else \
+                body.startswith(b'{"method"') and not body.endswith(b"}")
+    finally:
+        pair.stop()

@@ -173,6 +173,8 @@ class PluginVM:
                                           self._on_request_trailers))
         self.has_response_callbacks = any((self._on_response_headers, self._on_response_body,
                                            self._on_response_trailers))
+        self.has_request_body_callbacks = self._on_request_body is not None  # may resize the request body
+        self.has_response_body_callbacks = self._on_response_body is not None
         self.has_body_callbacks = bool(self._on_request_body or self._on_response_body)
         self._on_http_call_response = f("proxy_on_http_call_response")
         self._on_queue_ready = f("proxy_on_queue_ready")

@@ -81,6 +81,14 @@ class Exchange:
         self.upstream: UpstreamConnection | None = None
         self._pending_upstream: list[bytes] | None = None  # written once connected
         self._upstream_chunked = False
+        # A plugin may change the body's length (proxy_set_buffer_bytes): the head waits for
+        # the body (docs/abi-support.md, Body length). Per direction: may resize, head waiting.
+        self._req_may_resize = False
+        self._req_head_pending = False
+        self._resp_may_resize = False
+        self._resp_head_pending = False
+        self._req_held: _Held | None = None  # body bytes held while that head waits
+        self._resp_held: _Held | None = None
         self._upstream_done = False  # request fully sent upstream
         self._response_started = False  # response head written downstream
         self._downstream_chunked = False
@@ -114,6 +122,7 @@ class Exchange:
         req_filters = self._req_filters = [f for f in filters if f.wants(True)]
         request: Flow = _UpstreamSink(self)
         if req_filters:
+            self._req_may_resize = self.has_body and _may_resize(req_filters, True)
             request = Direction([f.request for f in req_filters], request, self._request_header_count,
                                 self._request_trailer_count, self._check)
         self.request = request
@@ -126,6 +135,7 @@ class Exchange:
         wanting: list[FilterCallbacks] = [f.response for f in reversed(filters) if f.wants(False)]
         if not wanting:
             return _DownstreamSink(self)
+        self._resp_may_resize = _may_resize(filters, False)
         return Direction(wanting, _DownstreamSink(self), self._response_header_count, self._response_trailer_count,
                          self._check)
 
@@ -250,13 +260,61 @@ class Exchange:
         req = self.stream.request_headers
         assert req is not None
         self._upstream_sent_at = time.monotonic()
-        self._upstream_chunked = not eos and req.get(b"content-length") is None
         conn = self.conn
-        self._pending_upstream = [http.request_head(req, self._upstream_chunked,
-                                                    self.upgrade if self.upgrade_ok else None, conn.peer_ip_bytes)]
+        if not eos and self._req_may_resize:
+            # Framed once the body's first bytes have passed every plugin (_frame_request).
+            self._req_head_pending = True
+            self._req_held = _Held()
+            self._pending_upstream = []
+        else:
+            self._upstream_chunked = not eos and req.get(b"content-length") is None
+            self._pending_upstream = [http.request_head(req, self._upstream_chunked,
+                                                        self.upgrade if self.upgrade_ok else None,
+                                                        conn.peer_ip_bytes)]
         self._upstream_done = eos
         self.stream.attempts = 1
         conn.app.cluster.acquire(self._connected)
+
+    def _frame_request(self, body_length: int | None) -> None:
+        """Write the held request head: with the body's exact length when it is whole
+        (``body_length``), else chunked, since a plugin may still change later chunks."""
+        self._req_head_pending = False
+        req = self.stream.request_headers
+        assert req is not None
+        if body_length is not None:
+            req = HeaderMap(req.pairs)  # on the wire only: plugins keep seeing the client's (as in Envoy)
+            req.replace(b"content-length", b"%d" % body_length)
+        self._upstream_chunked = body_length is None
+        head = http.request_head(req, self._upstream_chunked, self.upgrade if self.upgrade_ok else None,
+                                 self.conn.peer_ip_bytes)
+        pending = self._pending_upstream
+        if pending is None:
+            return  # the upstream request was dropped meanwhile
+        pending.insert(0, head)
+        if self.upstream is not None:  # connected while the head waited
+            self._pending_upstream = None
+            self.upstream.write(b"".join(pending))
+
+    def _hold(self, held: _Held | None, body: bytes, eos: bool, flush: Callable[[], None]) -> bytes | None:
+        """Hold body bytes while the head waits: the whole body once it has ended, else
+        None (what came in this event-loop step is flushed after it, framed as streaming)."""
+        assert held is not None
+        held.chunks.append(body)
+        if eos:
+            return held.take()
+        if not held.scheduled:
+            held.scheduled = True
+            self.conn.app.defer(flush)
+        return None
+
+    def _flush_request(self) -> None:
+        """The request body goes on streaming: send the head chunked, then what was held."""
+        if not self._req_head_pending or self._finished:
+            return
+        self._frame_request(None)
+        data = self._req_held.take() if self._req_held else b""
+        if data:
+            self.send_upstream(http.chunk(data))
 
     def send_upstream(self, data: bytes) -> None:
         pending = self._pending_upstream
@@ -284,6 +342,8 @@ class Exchange:
         self.stream.upstream_conn = conn
         self.stream.upstream_tx_ns = time.monotonic_ns()
         conn.start(self, self.method == b"HEAD", self.conn)
+        if self._req_head_pending:
+            return  # written by _frame_request
         pending, self._pending_upstream = self._pending_upstream or [], None
         conn.write(pending[0] if len(pending) == 1 else b"".join(pending))
         self.conn.pause_reading(False, "connect")
@@ -419,6 +479,35 @@ class Exchange:
         if self.conn.closing or self.conn.draining:
             self.keep_alive = False
         body_ok = self._body_ok = http.body_allowed(status, self.method)
+        if not eos and body_ok and self._resp_may_resize:
+            self._resp_head_pending = True  # framed by _frame_response once the body comes
+            self._resp_held = _Held()
+            return
+        self._write_head(headers, eos, body_ok, status)
+
+    def _frame_response(self, body_length: int | None) -> None:
+        """Write the held response head: with the body's exact length when it is whole
+        (``body_length``), else chunked (HTTP/1.0: ended by closing the connection)."""
+        self._resp_head_pending = False
+        headers = self.stream.response_headers
+        assert headers is not None
+        headers = HeaderMap(headers.pairs)  # on the wire only: on_log sees the upstream's (as in Envoy)
+        if body_length is not None:
+            headers.replace(b"content-length", b"%d" % body_length)
+        else:
+            headers.remove(b"content-length")
+        self._write_head(headers, False, True, self.status)
+
+    def _flush_response(self) -> None:
+        """The response body goes on streaming: send the head chunked, then what was held."""
+        if not self._resp_head_pending or self._finished:
+            return
+        self._frame_response(None)
+        data = self._resp_held.take() if self._resp_held else b""
+        if data:
+            self.write_body(data, False)
+
+    def _write_head(self, headers: HeaderMap, eos: bool, body_ok: bool, status: int) -> None:
         framed = headers.get(b"content-length") is not None
         if eos and body_ok and not framed:
             headers.add(b"content-length", b"0")
@@ -434,6 +523,12 @@ class Exchange:
                 self.complete()
 
     def write_body(self, data: bytes, eos: bool) -> None:
+        if self._resp_head_pending:
+            whole = self._hold(self._resp_held, data, eos, self._flush_response)
+            if whole is None:
+                return
+            self._frame_response(len(whole))
+            data = whole
         if not self._body_ok:
             if eos:
                 self._response_eos_sent = True
@@ -448,6 +543,8 @@ class Exchange:
             self.complete()
 
     def write_trailers(self) -> None:
+        if self._resp_head_pending:
+            self._flush_response()
         if self._downstream_chunked:
             self.conn.write(http.last_chunk(self.stream.response_trailers))
         self._response_eos_sent = True
@@ -473,6 +570,8 @@ class Exchange:
         """End the exchange without a (complete) response: close both connections."""
         if self._finished:
             return
+        if self._resp_head_pending:
+            self._flush_response()  # its head had passed every plugin: the client sees it cut off, as in Envoy
         self._finished = True
         _log.debug("stream aborted: %s", why)
         self._drop_upstream()
@@ -491,6 +590,32 @@ class Exchange:
         for f in self.filters:
             f.finish()
         self.stream.downstream = self.stream.upstream_conn = None  # read by attributes until here
+
+
+class _Held:
+    """Body bytes held while their direction's head waits for its framing."""
+
+    __slots__ = ("chunks", "scheduled")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.scheduled = False  # a flush after this event-loop step
+
+    def take(self) -> bytes:
+        self.scheduled = False
+        data = b"".join(self.chunks)
+        self.chunks.clear()
+        return data
+
+
+def _may_resize(filters: list[PluginFilter], request: bool) -> bool:
+    """Whether a plugin among ``filters`` has body callbacks for that direction, so may
+    change the body's length with proxy_set_buffer_bytes."""
+    for f in filters:
+        p = f.plugin
+        if p is not None and (p.vm.has_request_body_callbacks if request else p.vm.has_response_body_callbacks):
+            return True
+    return False
 
 
 def _local_reply_headers(reply: LocalReply) -> HeaderMap:
@@ -561,6 +686,12 @@ class _UpstreamSink(_Sink):
 
     def data(self, body: bytes, eos: bool) -> None:
         ex = self.ex
+        if ex._req_head_pending:
+            whole = ex._hold(ex._req_held, body, eos, ex._flush_request)
+            if whole is None:
+                return
+            ex._frame_request(len(whole))
+            body = whole
         if ex._upstream_chunked:
             ex.send_upstream(http.chunk(body) + (http.last_chunk() if eos else b""))
         elif body:
@@ -570,6 +701,8 @@ class _UpstreamSink(_Sink):
 
     def trailers(self) -> None:
         ex = self.ex
+        if ex._req_head_pending:
+            ex._flush_request()
         if ex._upstream_chunked:
             ex.send_upstream(http.last_chunk(ex.stream.request_trailers))
         ex._upstream_done = True
