@@ -30,12 +30,12 @@ VMSHARE = PLUGIN_BUILD / "vmshare.wasm"
 
 
 def plugin_file(directory: Path, name: str, *, tick: int = 0, wasm: Path = VMSHARE, fail: str = "",
-                vm_id: str = "shared", tag: str | None = None, **annotations: str) -> Path:
+                vm_id: str = "shared", tag: str | None = None, annotations: dict[str, str] | None = None) -> Path:
     config: dict[str, Any] = {"tag": tag or name}
     if tick:
         config["tick"] = tick
     return wasmplugin_yaml(directory, name, wasm, config=config, fail_strategy=fail,
-                           annotations={"wasmgate.io/vm-id": vm_id, **annotations})
+                           annotations={"wasmgate.io/vm-id": vm_id, **(annotations or {})})
 
 
 def state(headers: dict[str, str], tag: str) -> dict[str, str]:
@@ -85,7 +85,7 @@ def test_same_vm_id_and_module_share_one_vm(tmp_path: Path, upstream: Upstream) 
 def test_another_vm_key_gets_its_own_vm(tmp_path: Path, upstream: Upstream, what: str) -> None:
     b = {"vm_id": plugin_file(tmp_path, "b", vm_id="other"),
          "module": plugin_file(tmp_path, "b", wasm=other_module(tmp_path)),
-         "limits": plugin_file(tmp_path, "b", **{"wasmgate.io/max-memory-bytes": str(64 << 20)})}[what]
+         "limits": plugin_file(tmp_path, "b", annotations={"wasmgate.io/max-memory-bytes": str(64 << 20)})}[what]
     proxy = ProxyThread([plugin_file(tmp_path, "a"), b], upstream.url)
     try:
         _, headers, _ = request(proxy.port)
@@ -208,7 +208,7 @@ def test_fail_open_plugins_on_a_failed_vm_are_skipped(tmp_path: Path, upstream: 
 
 def test_fail_reload_recreates_the_shared_vm(tmp_path: Path, upstream: Upstream) -> None:
     fast = {"wasmgate.io/reload-backoff-ms": "20"}
-    files = [plugin_file(tmp_path, n, fail="FAIL_RELOAD", **fast) for n in "ab"]
+    files = [plugin_file(tmp_path, n, fail="FAIL_RELOAD", annotations=fast) for n in "ab"]
     proxy = ProxyThread(files, upstream.url)
     try:
         request(proxy.port)
@@ -229,7 +229,7 @@ def test_fail_reload_recreates_the_shared_vm(tmp_path: Path, upstream: Upstream)
 
 def test_fail_reload_next_to_fail_close(tmp_path: Path, upstream: Upstream) -> None:
     """Envoy's answer too: the reloading plugin gets a fresh VM of its own; the other stays failed."""
-    files = [plugin_file(tmp_path, "a", fail="FAIL_RELOAD", **{"wasmgate.io/reload-backoff-ms": "20"}),
+    files = [plugin_file(tmp_path, "a", fail="FAIL_RELOAD", annotations={"wasmgate.io/reload-backoff-ms": "20"}),
              plugin_file(tmp_path, "b", fail="FAIL_CLOSE")]
     proxy = ProxyThread(files, upstream.url)
     try:
