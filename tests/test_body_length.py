@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ TAG = PLUGIN_BUILD / "tag.wasm"
 UPSTREAM_BODY = b"hello world, this is the upstream"
 REQUEST_BODY = b"0123456789"
 
-EXPECTED = {  # what each operation makes of a body
+EXPECTED: dict[str, Callable[[bytes], bytes]] = {  # what each operation makes of a body
     "append": lambda b: b + b"+appended",
     "prepend": lambda b: b"prepended+" + b,
     "replace": lambda b: b"replaced",
