@@ -64,18 +64,12 @@ class HeaderMap:
     def replace(self, key: bytes, value: bytes) -> None:
         """Set ``key`` to ``value``: the first entry keeps its place, repeats go."""
         key = key.lower()
-        out: list[Pair] = []
-        done = False
-        for k, v in self.pairs:
-            if k == key:
-                if not done:
-                    out.append((k, value))
-                    done = True
-            else:
-                out.append((k, v))
-        self.pairs = out
-        if not done:
-            self.add(key, value)
+        pairs = self.pairs
+        for i in range(len(pairs)):
+            if pairs[i][0] == key:
+                self.pairs = [*pairs[:i], (key, value), *(p for p in pairs[i + 1:] if p[0] != key)]
+                return
+        self.add(key, value)
 
     def remove(self, key: bytes) -> None:
         key = key.lower()

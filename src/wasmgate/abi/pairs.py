@@ -35,16 +35,15 @@ def decode_pairs(data: bytes) -> Pairs:
     end_of_sizes = 4 + 8 * count
     if end_of_sizes > len(data):
         raise PairsError(f"pairs buffer too short for {count} entries")
-    sizes = struct.unpack_from(f"<{2 * count}I", data, 4)
+    sizes = iter(struct.unpack_from(f"<{2 * count}I", data, 4))
     pos = end_of_sizes
+    n = len(data)
     out: Pairs = []
-    for i in range(count):
-        klen, vlen = sizes[2 * i], sizes[2 * i + 1]
-        if pos + klen + vlen + 2 > len(data):
+    for klen, vlen in zip(sizes, sizes, strict=True):  # (key length, value length) per entry
+        vpos = pos + klen + 1
+        end = vpos + vlen
+        if end >= n:  # each of key and value is followed by a NUL
             raise PairsError("pairs buffer truncated")
-        key = data[pos : pos + klen]
-        pos += klen + 1
-        value = data[pos : pos + vlen]
-        pos += vlen + 1
-        out.append((key, value))
+        out.append((data[pos : vpos - 1], data[vpos:end]))
+        pos = end + 1
     return out

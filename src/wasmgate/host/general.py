@@ -15,13 +15,14 @@ if TYPE_CHECKING:
 
 R = WasmResult
 MAX_LOG_LINE = 16 * 1024  # longer plugin log lines are cut, not written whole
+_PY_LEVELS = tuple(PY_LEVEL[lvl] for lvl in LogLevel)  # by proxy-wasm level (0..5), no Enum call per line
 
 
 @hostcall("iii")
 def proxy_log(vm: PluginVM, level: int, ptr: int, size: int) -> int:
-    if not LogLevel.TRACE <= level <= LogLevel.CRITICAL:
+    if not 0 <= level <= 5:  # LogLevel.TRACE .. LogLevel.CRITICAL
         return R.BAD_ARGUMENT
-    if not wasm_log.isEnabledFor(PY_LEVEL[LogLevel(level)]):
+    if not wasm_log.isEnabledFor(_PY_LEVELS[level]):
         # Below the wasm level: still check the pointers, skip the copy.
         in_bounds = (ptr & 0xFFFFFFFF) + (size & 0xFFFFFFFF) <= vm.instance.memory_size()
         return R.OK if in_bounds else R.INVALID_MEMORY_ACCESS

@@ -22,7 +22,10 @@ _GRPC_MAPS = (MapType.GRPC_RECEIVE_INITIAL_METADATA, MapType.GRPC_RECEIVE_TRAILI
 
 def _map(vm: PluginVM, map_type: int) -> HeaderMap | None:
     """The map if this context may touch it now (see HttpContext.header_map)."""
-    if map_type in (MapType.GRPC_RECEIVE_INITIAL_METADATA, MapType.GRPC_RECEIVE_TRAILING_METADATA):
+    if 0 <= map_type <= 3:  # the stream's own headers and trailers: the common case first
+        ctx = vm.effective
+        return ctx.header_map(map_type) if isinstance(ctx, HttpContext) else None
+    if map_type in _GRPC_MAPS:
         receive = vm.grpc_receive  # only during the matching proxy_on_grpc_receive_*_metadata
         if receive is None:
             return None

@@ -26,7 +26,8 @@ class Halted(Exception):
 
 
 class FilterCallbacks(Protocol):
-    buffer_limit: int  # most body bytes this filter may hold stopped; 0: no own limit
+    @property
+    def buffer_limit(self) -> int: ...  # most body bytes this filter may hold stopped; 0: no own limit
 
     def headers(self, count: int, eos: bool) -> int: ...
     def data(self, body: bytearray, eos: bool) -> int: ...
@@ -62,7 +63,10 @@ class _Slot:
 class Direction:
     def __init__(self, filters: list[FilterCallbacks], sink: Sink, header_count: Callable[[], int],
                  trailer_count: Callable[[], int], check: Callable[[], None]):
-        self._slots = [_Slot(f) for f in filters]
+        slots: list[_Slot] = []
+        self._slots = slots
+        for f in filters:  # (a comprehension is one more frame per stream on Python 3.11)
+            slots.append(_Slot(f))
         self._sink = sink
         self._header_count = header_count
         self._trailer_count = trailer_count

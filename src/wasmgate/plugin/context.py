@@ -73,9 +73,9 @@ class Stream:
         self.upstream_rx_ns = 0
 
     def header_map(self, map_type: int) -> HeaderMap | None:
-        if map_type == MapType.REQUEST_HEADERS:
+        if map_type == 0:  # MapType.REQUEST_HEADERS (a plain int: no Enum lookup per call)
             return self.request_headers
-        if map_type == MapType.RESPONSE_HEADERS:
+        if map_type == 2:  # MapType.RESPONSE_HEADERS
             return self.response_headers
         if map_type == MapType.REQUEST_TRAILERS:
             if self.request_trailers is None and self.request_headers is not None:
@@ -125,7 +125,9 @@ class HttpContext(Context):
     __slots__ = ("_stream", "alive", "open_maps", "logging")
 
     def __init__(self, vm: PluginVM, context_id: int, root_id: int, stream: Stream):
-        super().__init__(vm, context_id, root_id)
+        self.id = context_id  # Context.__init__'s three, inline: one per request
+        self.vm = vm
+        self.root_id = root_id
         self._stream = stream
         self.alive = True
         self.open_maps = 0  # bit per MapType

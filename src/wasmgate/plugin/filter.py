@@ -41,8 +41,8 @@ class PluginFilter:
         self.plugin: Plugin | None = handle.checkout()  # this stream's VM, kept to its end
         self.ctx: HttpContext | None = None
         self.skip = False
-        self.request = _Side(self, True)
-        self.response = _Side(self, False)
+        self.request = _Side(self)
+        self.response = _ResponseSide(self)
 
     def wants(self, request: bool) -> bool:
         """Whether this plugin needs to see that direction of the stream."""
@@ -114,14 +114,17 @@ class PluginFilter:
 class _Side:
     """The chain's view of one direction of a ``PluginFilter``."""
 
-    __slots__ = ("buffer_limit", "f", "headers_bit", "is_request", "trailers_bit")
+    __slots__ = ("f",)
+    is_request = True  # _ResponseSide: False; per class, so a side costs one attribute per stream
+    headers_bit = _REQ_HEADERS
+    trailers_bit = _REQ_TRAILERS
 
-    def __init__(self, f: PluginFilter, is_request: bool):
+    def __init__(self, f: PluginFilter):
         self.f = f
-        self.is_request = is_request
-        self.buffer_limit = f.handle.spec.limits.max_buffered_body
-        self.headers_bit = _REQ_HEADERS if is_request else _RESP_HEADERS
-        self.trailers_bit = _REQ_TRAILERS if is_request else _RESP_TRAILERS
+
+    @property
+    def buffer_limit(self) -> int:
+        return self.f.handle.spec.limits.max_buffered_body
 
     def unlink(self) -> None:
         if hasattr(self, "f"):  # not finished already
@@ -178,3 +181,10 @@ class _Side:
             return ctx.vm.on_response_trailers(ctx, count)
         except PluginFailed as e:
             return f.fail(str(e))
+
+
+class _ResponseSide(_Side):
+    __slots__ = ()
+    is_request = False
+    headers_bit = _RESP_HEADERS
+    trailers_bit = _RESP_TRAILERS

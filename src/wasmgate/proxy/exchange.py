@@ -52,6 +52,37 @@ class Flow(Protocol):
 
 
 class Exchange:
+    # Per-exchange state starts at these class-level values; an instance gets its own
+    # only when one changes (cheaper than setting ~20 attributes per request). The two
+    # lists are replaced, never changed in place.
+    filters: list[PluginFilter] = []
+    _req_filters: list[PluginFilter] = []
+    request: Flow | None = None
+    response: Flow | None = None
+    upstream: UpstreamConnection | None = None
+    _pending_upstream: list[bytes] | None = None  # written once connected
+    _upstream_chunked = False
+    # A plugin may change the body's length (proxy_set_buffer_bytes): the head waits for
+    # the body (docs/abi-support.md, Body length). Per direction: may resize, head waiting.
+    _req_may_resize = False
+    _req_head_pending = False
+    _resp_may_resize = False
+    _resp_head_pending = False
+    _req_held: _Held | None = None  # body bytes held while that head waits
+    _resp_held: _Held | None = None
+    _upstream_done = False  # request fully sent upstream
+    _response_started = False  # response head written downstream
+    _downstream_chunked = False
+    _body_ok = True  # the response may have a body (not HEAD, 1xx, 204, 304)
+    _response_eos_sent = False
+    _finished = False
+    _in_chain = 0  # inside a chain step: its own check sees local replies
+    upgrade_ok = False  # the client asked to upgrade and no plugin needs the body, so we tunnel
+    tunneling = False  # after 101: raw bytes both ways
+    _upstream_upgrade = b""
+    _upstream_sent_at = 0.0
+    status = 0
+
     def __init__(self, conn: HttpConnection, method: bytes, target: bytes, req: http.DownstreamRequest,
                  *, keep_alive: bool, http10: bool, upgrade: bytes | None = None):
         self.conn = conn
@@ -74,34 +105,7 @@ class Exchange:
             headers.pairs.append((b"x-forwarded-proto", req.scheme))
         if not req.has_request_id:
             headers.pairs.append((b"x-request-id", _request_id()))
-        self.filters: list[PluginFilter] = []
-        self._req_filters: list[PluginFilter] = []
-        self.request: Flow | None = None
-        self.response: Flow | None = None
-        self.upstream: UpstreamConnection | None = None
-        self._pending_upstream: list[bytes] | None = None  # written once connected
-        self._upstream_chunked = False
-        # A plugin may change the body's length (proxy_set_buffer_bytes): the head waits for
-        # the body (docs/abi-support.md, Body length). Per direction: may resize, head waiting.
-        self._req_may_resize = False
-        self._req_head_pending = False
-        self._resp_may_resize = False
-        self._resp_head_pending = False
-        self._req_held: _Held | None = None  # body bytes held while that head waits
-        self._resp_held: _Held | None = None
-        self._upstream_done = False  # request fully sent upstream
-        self._response_started = False  # response head written downstream
-        self._downstream_chunked = False
-        self._body_ok = True  # the response may have a body (not HEAD, 1xx, 204, 304)
-        self._response_eos_sent = False
-        self._finished = False
-        self._in_chain = 0  # inside a chain step: its own check sees local replies
         self.upgrade = upgrade  # the client asked to switch protocols (Upgrade: ...)
-        self.upgrade_ok = False  # ... and no plugin needs the body, so we tunnel
-        self.tunneling = False  # after 101: raw bytes both ways
-        self._upstream_upgrade = b""
-        self._upstream_sent_at = 0.0
-        self.status = 0
 
     # ---- request side: fed by HttpConnection -----------------------------------------
 
@@ -112,19 +116,24 @@ class Exchange:
             self.upgrade_ok = self.upgrade is not None
             sink = self.request = _UpstreamSink(self)
             self.response = _DownstreamSink(self)
-            self._guard(sink.headers, True, not self.has_body)
+            sink.headers(not self.has_body)  # no plugin can halt it: no _guard
             return
         # An upgraded connection carries no HTTP body a plugin could see: only tunnel
         # when no plugin in the chain has body callbacks.
         self.upgrade_ok = self.upgrade is not None and not any(f.wants_body() for f in filters)
         # A plugin with no callbacks for a direction is left out of it (a healthy VM only:
         # a failed one must still be met, to apply its fail strategy).
-        req_filters = self._req_filters = [f for f in filters if f.wants(True)]
+        req_filters: list[PluginFilter] = []
+        sides: list[FilterCallbacks] = []
+        for f in filters:  # loops, not comprehensions: each of those is a frame on Python 3.11
+            if f.wants(True):
+                req_filters.append(f)
+                sides.append(f.request)
+        self._req_filters = req_filters
         request: Flow = _UpstreamSink(self)
-        if req_filters:
+        if sides:
             self._req_may_resize = self.has_body and _may_resize(req_filters, True)
-            request = Direction([f.request for f in req_filters], request, self._request_header_count,
-                                self._request_trailer_count, self._check)
+            request = Direction(sides, request, self._request_header_count, self._request_trailer_count, self._check)
         self.request = request
         self.response = self._response_direction(filters)
         stream.on_continue = self._on_continue
@@ -132,7 +141,10 @@ class Exchange:
         self._guard(request.headers, True, not self.has_body)
 
     def _response_direction(self, filters: list[PluginFilter]) -> Flow:
-        wanting: list[FilterCallbacks] = [f.response for f in reversed(filters) if f.wants(False)]
+        wanting: list[FilterCallbacks] = []
+        for f in reversed(filters):
+            if f.wants(False):
+                wanting.append(f.response)
         if not wanting:
             return _DownstreamSink(self)
         self._resp_may_resize = _may_resize(filters, False)
@@ -144,7 +156,10 @@ class Exchange:
         if request is None or self._finished:
             return
         self.stream.request_bytes += len(data)
-        self._guard(request.data, True, data, False)
+        if isinstance(request, _Sink):
+            request.data(data, False)
+        else:
+            self._guard(request.data, True, data, False)
         if (request.over_limit or request.buffered > self.conn.app.limits.max_buffered_body) \
                 and not self._finished:
             # Envoy answers an over-full request buffer with 413.
@@ -157,6 +172,8 @@ class Exchange:
         if trailers:
             self.stream.request_trailers = HeaderMap((k.lower(), v) for k, v in trailers)
             self._guard(request.trailers, True)
+        elif isinstance(request, _Sink):
+            request.data(b"", True)
         else:
             self._guard(request.data, True, b"", True)
 
@@ -379,20 +396,28 @@ class Exchange:
             self._upstream_upgrade = next((v for k, v in headers if k == b"upgrade"), b"")
         hop = http.HOP_BY_HOP
         pairs = [(b":status", http.status_bytes(status))]
-        pairs += [kv for kv in headers if kv[0] not in hop]
+        for kv in headers:
+            if kv[0] not in hop:
+                pairs.append(kv)
         # Envoy's router adds this before the response filters run; plugins count on it.
         pairs.append((b"x-envoy-upstream-service-time",
                       b"%d" % int((time.monotonic() - self._upstream_sent_at) * 1000)))
         self.stream.response_headers = HeaderMap.of(pairs)
         self.stream.code_details = "via_upstream"
-        if self.response is not None:
-            self._guard(self.response.headers, False, no_body)
+        response = self.response
+        if isinstance(response, _Sink):
+            response.headers(no_body)
+        elif response is not None:
+            self._guard(response.headers, False, no_body)
 
     def upstream_body(self, data: bytes) -> None:
         response = self.response
         if response is None or self._finished:
             return
         self.stream.response_bytes += len(data)
+        if isinstance(response, _Sink):
+            response.data(data, False)
+            return
         self._guard(response.data, False, data, False)
         if (response.over_limit or response.buffered > self.conn.app.limits.max_buffered_body) \
                 and not self._finished:
@@ -419,7 +444,10 @@ class Exchange:
             self.stream.response_trailers = HeaderMap((k.lower(), v) for k, v in trailers)
             self._guard(response.trailers, False)
         elif self.stream.response_headers is not None and not self._response_eos_sent:
-            self._guard(response.data, False, b"", True)
+            if isinstance(response, _Sink):
+                response.data(b"", True)
+            else:
+                self._guard(response.data, False, b"", True)
 
     def upstream_failed(self, reason: str) -> None:
         self.upstream = None
@@ -464,7 +492,8 @@ class Exchange:
         headers = self.stream.response_headers
         assert headers is not None
         self._response_started = True
-        if headers.get(b":status") == b"101":
+        raw_status = headers.get(b":status")
+        if raw_status == b"101":
             if not self.upgrade_ok:
                 self.abort("101 Switching Protocols for a request that did not upgrade")
                 return
@@ -473,12 +502,15 @@ class Exchange:
             self.conn.write(http.switching_protocols_head(headers, self._upstream_upgrade or self.upgrade or b""))
             return
         try:
-            status = self.status = int(headers.get(b":status") or b"0")
+            status = self.status = int(raw_status or b"0")
         except ValueError:
             status = self.status = 0
-        if self.conn.closing or self.conn.draining:
+        conn = self.conn
+        if conn.closing or conn.draining:
             self.keep_alive = False
-        body_ok = self._body_ok = http.body_allowed(status, self.method)
+        body_ok = http.body_allowed(status, self.method)
+        if not body_ok:
+            self._body_ok = False
         if not eos and body_ok and self._resp_may_resize:
             self._resp_head_pending = True  # framed by _frame_response once the body comes
             self._resp_held = _Held()
@@ -508,15 +540,16 @@ class Exchange:
             self.write_body(data, False)
 
     def _write_head(self, headers: HeaderMap, eos: bool, body_ok: bool, status: int) -> None:
-        framed = headers.get(b"content-length") is not None
-        if eos and body_ok and not framed:
-            headers.add(b"content-length", b"0")
-            framed = True
-        self._downstream_chunked = body_ok and not framed and not self.http10
-        if body_ok and not framed and self.http10:
-            self.keep_alive = False  # HTTP/1.0 without a length: the body ends at close
-        self.conn.write(http.response_head(headers, chunked=self._downstream_chunked, keep_alive=self.keep_alive,
-                                           http10=self.http10, status=status or None))
+        chunked = False
+        if body_ok and headers.get(b"content-length") is None:
+            if eos:
+                headers.add(b"content-length", b"0")
+            elif self.http10:
+                self.keep_alive = False  # HTTP/1.0 without a length: the body ends at close
+            else:
+                chunked = self._downstream_chunked = True
+        self.conn.write(http.response_head(headers, chunked=chunked, keep_alive=self.keep_alive, http10=self.http10,
+                                           status=status or None))
         if eos or not body_ok:
             self._response_eos_sent = eos
             if eos:
@@ -620,13 +653,13 @@ def _may_resize(filters: list[PluginFilter], request: bool) -> bool:
 
 def _local_reply_headers(reply: LocalReply) -> HeaderMap:
     """As Envoy builds them: the plugin's headers, then length and type if there is a body."""
-    headers = HeaderMap([(b":status", str(reply.status).encode())])
+    headers = HeaderMap.of([(b":status", http.status_bytes(reply.status))])
     for k, v in reply.headers:
         headers.add(k, v)
     if reply.body:
-        headers.replace(b"content-length", str(len(reply.body)).encode())
+        headers.replace(b"content-length", b"%d" % len(reply.body))
         if headers.get(b"content-type") is None:
-            headers.add(b"content-type", b"text/plain")
+            headers.pairs.append((b"content-type", b"text/plain"))
     return headers
 
 

@@ -138,10 +138,10 @@ def request_head(headers: HeaderMap, chunked: bool, upgrade: bytes | None = None
     """Upstream request line and headers. ``chunked`` replaces any Content-Length;
     ``upgrade`` asks the upstream to switch protocols (WebSocket and the like);
     ``client_ip`` is appended to X-Forwarded-For."""
-    method = path = authority = xff = None
     skip = (_SKIP_CHUNKED_XFF if chunked else _SKIP_XFF) if client_ip else (_SKIP_CHUNKED if chunked else HOP_BY_HOP)
+    method = path = authority = xff = None
     out = [b""]  # the request line and host, filled in below
-    for k, v in headers.pairs:
+    for k, v in headers.pairs:  # one loop: faster than comprehensions plus lookups here
         if k[:1] == b":":
             if k == b":method":
                 if method is None:
@@ -184,7 +184,9 @@ def response_head(headers: HeaderMap, *, chunked: bool, keep_alive: bool, http10
             status = 502
     skip = _SKIP_CHUNKED if chunked else HOP_BY_HOP
     lines = [_status_line(status, http10)]
-    lines += [k + b": " + v for k, v in headers.pairs if k[:1] != b":" and k not in skip]
+    for k, v in headers.pairs:  # a loop: a comprehension is one more frame on Python 3.11
+        if k[:1] != b":" and k not in skip:
+            lines.append(k + b": " + v)
     if chunked:
         lines.append(b"transfer-encoding: chunked")
     if not keep_alive:

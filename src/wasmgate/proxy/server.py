@@ -239,18 +239,22 @@ class HttpConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._reading_head = False
-        if self._deadline_fn is not None or self.app.limits.request_timeout > 0:
+        if self.app.limits.request_timeout > 0:
             self._arm(self.app.limits.request_timeout, self._request_timeout)
+        else:
+            self._deadline_fn = None  # the header timeout ends here; the lazy timer lets it go
         p = self._parser
         self._in_body = True
         self.app.stats.requests += 1
         req = http.DownstreamRequest(self._headers, self.app.scheme)
+        version = p.get_http_version()
         # Expect: 100-continue, as Envoy does by default: answer 100 ourselves and drop
         # Expect, so the client sends its body while plugins and the upstream see a plain request.
-        if req.expect_continue and req.has_body and p.get_http_version() == "1.1" and self._active is None:
+        if req.expect_continue and req.has_body and version == "1.1" and self._active is None:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        ex = Exchange(self, p.get_method(), self._url, req, keep_alive=p.should_keep_alive(),
-                      http10=p.get_http_version() == "1.0", upgrade=req.upgrade if p.should_upgrade() else None)
+        upgrade = req.upgrade if req.upgrade is not None and p.should_upgrade() else None
+        ex = Exchange(self, p.get_method(), self._url, req, keep_alive=p.should_keep_alive(), http10=version == "1.0",
+                      upgrade=upgrade)
         if self._active is None:
             self._start(ex)
             self._receiving = ex
