@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Self
 if TYPE_CHECKING:
     from types import TracebackType
 
-__all__ = ["Envoy", "EnvoyPlugin", "EnvoyStartError", "envoy_binary", "free_port"]
+__all__ = ["Envoy", "EnvoyPlugin", "EnvoyStartError", "EnvoyTcpProxy", "envoy_binary", "free_port"]
 
 _HCM_NAME = "envoy.filters.network.http_connection_manager"
 _BIND_ERROR = "Address already in use"
@@ -53,6 +53,15 @@ class EnvoyPlugin:
     root_id: str = ""  # Istio sets it from WasmPlugin.spec.pluginName
     vm_id: str | None = None  # None: the plugin's name (a VM of its own); Istio sets none ("")
     failure_policy: str = ""  # e.g. FAIL_RELOAD (Envoy's PluginConfig.failure_policy)
+
+
+@dataclass
+class EnvoyTcpProxy:
+    """A listener of ``envoy.filters.network.wasm`` filters in front of ``tcp_proxy`` to
+    the named cluster (one of ``Envoy(clusters=...)``)."""
+
+    cluster: str
+    plugins: list[EnvoyPlugin] = field(default_factory=list)
 
 
 def envoy_binary() -> Path:
@@ -92,7 +101,7 @@ def _socket_address(port: int) -> dict[str, Any]:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def _wasm_filter(plugin: EnvoyPlugin) -> dict[str, Any]:
+def _wasm_filter(plugin: EnvoyPlugin, network: bool = False) -> dict[str, Any]:
     vm_config: dict[str, Any] = {
         "vm_id": plugin.name if plugin.vm_id is None else plugin.vm_id,
         "runtime": "envoy.wasm.runtime.v8",
@@ -112,10 +121,11 @@ def _wasm_filter(plugin: EnvoyPlugin) -> dict[str, Any]:
     }
     if plugin.failure_policy:
         config["failure_policy"] = plugin.failure_policy
+    kind = "network" if network else "http"
     return {
-        "name": "envoy.filters.http.wasm",
+        "name": f"envoy.filters.{kind}.wasm",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "@type": f"type.googleapis.com/envoy.extensions.filters.{kind}.wasm.v3.Wasm",
             "config": config,
         },
     }
@@ -185,6 +195,7 @@ def bootstrap_config(
     node: dict[str, Any] | None = None,
     tls: dict[str, Any] | None = None,
     upstream_tls: dict[str, Any] | None = None,
+    tcp_proxies: list[tuple[EnvoyTcpProxy, int]] | None = None,
 ) -> dict[str, Any]:
     """The static bootstrap used by :class:`Envoy` (exposed for tests).
 
@@ -197,6 +208,7 @@ def bootstrap_config(
     with ``server_names``, ``client_ca``, ``require_client_certificate``): each SNI entry
     is a filter chain matching its server names (the TLS inspector reads the SNI, as in
     Istio). ``upstream_tls`` (``ca``, ``cert``, ``key``) makes the upstream cluster speak TLS.
+    ``tcp_proxies`` adds TCP proxy listeners (each with its port).
     """
     x = xds or {}
     http_filters = [_wasm_filter(p) for p in plugins]
@@ -231,6 +243,24 @@ def bootstrap_config(
         },
         "http_filters": http_filters,
     }
+    tcp_listeners = [
+        {
+            "name": f"tcp_{i}",
+            "address": _socket_address(tcp_port),
+            "filter_chains": [{"filters": [
+                *(_wasm_filter(p, network=True) for p in tcp.plugins),
+                {
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": f"tcp_{i}",
+                        "cluster": tcp.cluster,
+                    },
+                },
+            ]}],
+        }
+        for i, (tcp, tcp_port) in enumerate(tcp_proxies or [])
+    ]
     chain: dict[str, Any] = {"filters": [{"name": _HCM_NAME, "typed_config": hcm}],
                              **({"name": x["filter_chain_name"]} if x.get("filter_chain_name") else {})}
     listener: dict[str, Any] = {"name": "listener_0", "address": _socket_address(port), "filter_chains": [chain]}
@@ -251,7 +281,7 @@ def bootstrap_config(
     config: dict[str, Any] = {
         "admin": {"address": _socket_address(admin_port)},
         "static_resources": {
-            "listeners": [listener],
+            "listeners": [listener, *tcp_listeners],
             "clusters": [
                 _cluster(x.get("cluster_name", "upstream"), upstream_port, metadata=x.get("cluster_metadata"),
                          host_metadata=x.get("upstream_host_metadata"), tls=upstream_tls),
@@ -287,12 +317,15 @@ class Envoy:
         node: dict[str, Any] | None = None,
         tls: dict[str, Any] | None = None,
         upstream_tls: dict[str, Any] | None = None,
+        tcp_proxies: list[EnvoyTcpProxy] | None = None,
     ) -> None:
         self.xds = xds
         self.node = node
         self.tls = tls
         self.upstream_tls = upstream_tls
         self.clusters = dict(clusters or {})
+        self.tcp_proxies = list(tcp_proxies or [])
+        self.tcp_ports: list[int] = []
         self.http2_clusters = tuple(http2_clusters)
         for level in (log_level, envoy_log_level):
             if level is not None and level not in _LOG_LEVELS:
@@ -363,11 +396,18 @@ class Envoy:
         self.admin_port = free_port()
         while self.admin_port == self.port:
             self.admin_port = free_port()
+        self.tcp_ports = []
+        for _ in self.tcp_proxies:
+            port = free_port()
+            while port in (self.port, self.admin_port, *self.tcp_ports):
+                port = free_port()
+            self.tcp_ports.append(port)
 
     def _launch(self) -> None:
         config = bootstrap_config(
             self.plugins, self.port, self.admin_port, self.upstream_port, self.clusters,
             self.http2_clusters, self.xds, self.node, self.tls, self.upstream_tls,
+            list(zip(self.tcp_proxies, self.tcp_ports, strict=True)),
         )
         # JSON is valid YAML; avoids depending on a YAML library.
         self.config_path.write_text(json.dumps(config, indent=2))

@@ -184,9 +184,14 @@ class ProxyThread:
 
 def wasmplugin_yaml(directory: Path, name: str, wasm: Path, *, config: Any = None, phase: str = "",
                     priority: int | None = None, fail_strategy: str = "", env: dict[str, str] | None = None,
-                    annotations: dict[str, str] | None = None) -> Path:
+                    annotations: dict[str, str] | None = None, plugin_type: str = "",
+                    match: list[dict[str, Any]] | None = None) -> Path:
     """Write one WasmPlugin resource and return its path."""
     spec: dict[str, Any] = {"url": f"file://{wasm}", "pluginName": name}
+    if plugin_type:
+        spec["type"] = plugin_type
+    if match is not None:
+        spec["match"] = match
     if config is not None:
         spec["pluginConfig"] = config
     if phase:
@@ -251,3 +256,93 @@ class EchoUpgrade:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class TcpEcho:
+    """A TCP echo upstream that records, per connection, every byte it received and
+    whether the peer ended its stream. It closes a connection once the peer has, or
+    (after answering) when it receives ``bye``."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.received: list[bytearray] = []  # per connection, in accept order
+        self.ended: list[bool] = []  # the peer shut down its side (or closed)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.received.append(bytearray())
+            self.ended.append(False)
+            threading.Thread(target=self._serve, args=(conn, len(self.received) - 1), daemon=True).start()
+
+    def _serve(self, conn: socket.socket, index: int) -> None:
+        with conn:
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except OSError:
+                    return
+                if not data:
+                    self.ended[index] = True
+                    return
+                self.received[index] += data
+                try:
+                    conn.sendall(data)
+                except OSError:
+                    return
+                if b"bye" in data:
+                    time.sleep(0.1)
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+Step = tuple[str, bytes] | tuple[str]
+
+
+def tcp_session(port: int, steps: list[Step], *, pause: float = 0.2, timeout: float = 3.0) -> list[object]:
+    """Run a scripted TCP client against ``port``; returns what each reading step saw.
+
+    Steps: ``("send", data)`` (then waits ``pause`` so each send is read on its own),
+    ``("recv",)`` one read (``"timeout"`` if nothing came), ``("shut",)`` shutdown of
+    writing, ``("eof",)`` read to the end (``("eof", data)``, or ``("reset", data)``,
+    ``("timeout", data)``), ``("close",)``.
+    """
+    seen: list[object] = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        for step in steps:
+            kind = step[0]
+            if kind == "send":
+                s.sendall(step[1])  # type: ignore[misc]
+                time.sleep(pause)
+            elif kind == "recv":
+                try:
+                    seen.append(s.recv(65536))
+                except TimeoutError:
+                    seen.append("timeout")
+            elif kind == "shut":
+                s.shutdown(socket.SHUT_WR)
+            elif kind == "eof":
+                data = b""
+                try:
+                    while chunk := s.recv(65536):
+                        data += chunk
+                    seen.append(("eof", data))
+                except TimeoutError:
+                    seen.append(("timeout", data))
+                except ConnectionResetError:
+                    seen.append(("reset", data))
+            elif kind == "close":
+                break
+    return seen

@@ -15,6 +15,7 @@ import pytest
 
 from envoy_harness import free_port
 from servers import ALLOW_HEADER_WASM, Upstream, wasmplugin_yaml
+from servers import ALLOW_HEADER_YAML as ALLOW_HEADER_YAML_PATH
 from test_e2e import request
 
 WASMGATE = [sys.executable, "-m", "wasmgate"]
@@ -127,6 +128,15 @@ def test_bad_config_file_field(tmp_path: Path) -> None:
     cfg.write_text("listen: nowhere\n")
     err = run_fails("-c", str(cfg))
     assert str(cfg) in err and "listen" in err
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--tcp-proxy", "127.0.0.1:1"], "--tcp-proxy: expected LISTEN=CLUSTER, got '127.0.0.1:1'"),
+    (["--tcp-proxy", "127.0.0.1:1=nope"], "tcp_proxies[0].cluster: no cluster named 'nope' (clusters: none)"),
+    (["--cluster", "db=127.0.0.1:1", "--tcp-proxy", "nohost=db"], "tcp_proxies[0].listen must be HOST:PORT"),
+])
+def test_bad_tcp_proxy_flags(args: list[str], error: str) -> None:
+    assert error in run_fails("--plugins", str(ALLOW_HEADER_YAML_PATH), *args)
 
 
 def test_help_lists_run_options() -> None:

@@ -82,11 +82,13 @@ _PATTERNS = [0, OOB, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 0x1000]
 
 
 @pytest.mark.parametrize("imp", [i for i in HOST_IMPORTS if i[1] != "proc_exit"], ids=lambda i: f"{i[0]}.{i[1]}")
-@pytest.mark.parametrize("context", ["root", "http", "logging"])
+@pytest.mark.parametrize("context", ["root", "http", "logging", "network"])
 def test_hostile_arguments_never_raise(tmp_path: Path, imp: Import, context: str) -> None:
     """Every host function answers garbage arguments with a status, never a trap."""
     g = Guest.new(tmp_path)
-    if context != "root":
+    if context == "network":
+        g.network().downstream_data = bytearray(b"data")
+    elif context != "root":
         s = Stream()
         s.request_headers = HeaderMap([(b":path", b"/")])
         s.request_body = bytearray(b"body")

@@ -166,12 +166,19 @@ def test_continue_abi_0_1_0(g: Guest, ctx: HttpContext, calls: list[tuple[HttpCo
 # ---- proxy_close_stream --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stream_type", [0, 1, 2, 3])
+@pytest.mark.parametrize("stream_type", [0, 1])
 def test_close_resets_stream(g: Guest, ctx: HttpContext, calls: list[tuple[HttpContext, int]],
                              stream_type: int) -> None:
     assert g.call("proxy_close_stream", stream_type) == R.OK
     assert ctx.stream.reset is True
     assert calls == []
+
+
+@pytest.mark.parametrize("stream_type", [2, 3])
+def test_close_connection_types_do_nothing_in_http(g: Guest, ctx: HttpContext, stream_type: int) -> None:
+    # Envoy: an HTTP filter has no network filter callbacks; OK and nothing happens.
+    assert g.call("proxy_close_stream", stream_type) == R.OK
+    assert ctx.stream.reset is False
 
 
 @pytest.mark.parametrize("stream_type", [4, 0xFFFFFFFF])

@@ -44,6 +44,23 @@ def test_match_ports_and_mode(tmp_path: Path) -> None:
     assert names(load_plugin_specs([f], Scope(port=8080))) == ["p8080", "server"]
 
 
+def test_network_plugins_keep_their_ports_for_the_tcp_listeners(tmp_path: Path) -> None:
+    f = write(tmp_path / "p.yaml",
+              plugin("http"),
+              plugin("any", type="NETWORK"),
+              plugin("db", type="NETWORK", match=[{"mode": "SERVER", "ports": [{"number": 5432}]},
+                                                  {"ports": [{"number": 6543}]}, {"mode": "CLIENT"}]),
+              plugin("wide", type="NETWORK", match=[{"ports": [{"number": 1}]}, {"mode": "CLIENT_AND_SERVER"}]),
+              plugin("client", type="NETWORK", match=[{"mode": "CLIENT", "ports": [{"number": 5432}]}]))
+    specs = {s.name: s for s in load_plugin_specs([f], Scope(port=8080))}  # the HTTP port does not matter
+    assert sorted(specs) == ["any", "db", "http", "wide"]
+    assert not specs["http"].network
+    assert (specs["any"].network, specs["any"].ports) == (True, ())
+    assert specs["db"].ports == (5432, 6543)
+    assert specs["wide"].ports == ()  # an entry without ports: every listener
+    assert [specs["db"].applies_to_port(p) for p in (5432, 6543, 9000, 0)] == [True, True, False, True]
+
+
 def test_istio_ordering(tmp_path: Path) -> None:
     f = write(tmp_path / "p.yaml",
               plugin("z-unset-authn", phase="AUTHN"),

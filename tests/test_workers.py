@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from envoy_harness import free_port
-from servers import ALLOW_HEADER_YAML, PLUGIN_BUILD, Upstream, wasmplugin_yaml
+from servers import ALLOW_HEADER_YAML, PLUGIN_BUILD, TcpEcho, Upstream, tcp_session, wasmplugin_yaml
 from test_e2e import request
 
 WASMGATE = [sys.executable, "-m", "wasmgate"]
@@ -104,6 +104,29 @@ def test_shared_data_cas_is_exact_across_workers(upstream: Upstream, tmp_path: P
         stats = admin_get(admin, "/stats")
         counter = [ln for ln in stats.splitlines() if ln.startswith("sharedstate_requests")]
         assert counter and float(counter[0].split()[-1]) == 100  # the plugin's counter, summed over workers
+
+
+def test_tcp_proxy_in_every_worker(upstream: Upstream, tmp_path: Path) -> None:
+    echo = TcpEcho()
+    tcp_port = free_port()
+    plugin = wasmplugin_yaml(tmp_path, "netfilter", PLUGIN_BUILD / "netfilter.wasm", plugin_type="NETWORK")
+    try:
+        with workers("--plugins", str(plugin), "--upstream", upstream.url, "--cluster", f"echo=127.0.0.1:{echo.port}",
+                     "--tcp-proxy", f"127.0.0.1:{tcp_port}=echo") as (_, admin, _):
+            for i in range(10):
+                got = tcp_session(tcp_port, [("send", b"upper:%d" % i), ("recv",), ("shut",), ("eof",)], pause=0.05)
+                assert got == [b"UPPER:%d" % i, ("eof", b"")]
+            deadline = time.monotonic() + 10
+            while True:  # the last close may still be on its way through a worker
+                stats = admin_get(admin, "/stats")
+                if metric(stats, "wasmgate_tcp_connections_active") == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            assert metric(stats, "wasmgate_tcp_connections_total") == 10
+            assert metric(stats, "tcp_connections{}") == 10  # the plugin's counter, summed over workers
+            assert metric(stats, "tcp_downstream_bytes{}") == 70
+    finally:
+        echo.close()
 
 
 def test_crashed_worker_is_restarted(upstream: Upstream) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import wasmtime
 
 from wasmgate.engine.wasm import compile_module, wat_to_wasm
-from wasmgate.plugin.context import HttpContext, Stream
+from wasmgate.plugin.context import HttpContext, NetConnection, NetworkContext, Stream
 from wasmgate.plugin.manager import engine
 from wasmgate.plugin.spec import PluginSpec
 from wasmgate.plugin.vm import PluginVM
@@ -327,5 +327,11 @@ class Guest:
         ctx = self.vm.create_http_context(stream or Stream())
         ctx.open_maps = open_maps
         ctx.logging = logging
+        self.vm.effective = ctx
+        return ctx
+
+    def network(self, conn: NetConnection | None = None) -> NetworkContext:
+        """A new TCP connection context, made the effective context."""
+        ctx = self.vm.create_network_context(conn or NetConnection())
         self.vm.effective = ctx
         return ctx

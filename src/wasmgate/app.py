@@ -18,6 +18,7 @@ from wasmgate.plugin.vm import PluginError
 from wasmgate.proxy.callout import Callouts
 from wasmgate.proxy.demo import start_demo_upstream
 from wasmgate.proxy.server import Limits, ProxyApp, serve
+from wasmgate.proxy.tcp import TcpListener
 from wasmgate.proxy.tls import TlsError, client_context, server_context
 from wasmgate.proxy.upstream import Cluster
 from wasmgate.resources.config import parse_address
@@ -66,6 +67,8 @@ class RunOptions:
     kube_namespace: str | None = None  # None: all namespaces
     kube_selector: dict[str, str] = field(default_factory=dict)  # label selector for WasmPlugins
     kubeconfig: str | None = None  # None: in-cluster config, else $KUBECONFIG or ~/.kube/config
+    # TCP proxy listeners for network plugins: {name, listen, cluster, connect_timeout, idle_timeout}.
+    tcp_proxies: list[dict[str, Any]] = field(default_factory=list)
 
 
 def tls_contexts(opts: RunOptions) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -134,8 +137,10 @@ class Running:
     """A started proxy; ``stop()`` drains it."""
 
     def __init__(self, app: ProxyApp, admin: AdminState, servers: list[asyncio.Server],
-                 proxy: asyncio.Server, upstream_url: str, watcher: ResourceSource | None):
+                 proxy: asyncio.Server, upstream_url: str, watcher: ResourceSource | None,
+                 tcp: list[TcpListener] | None = None):
         self.app = app
+        self.tcp = tcp or []
         self.watcher = watcher
         self.admin = admin
         self.servers = servers
@@ -147,6 +152,11 @@ class Running:
         return int(self.proxy.sockets[0].getsockname()[1])
 
     @property
+    def tcp_ports(self) -> list[int]:
+        """The bound ports of the TCP proxy listeners, in config order."""
+        return [t.bound_port for t in self.tcp]
+
+    @property
     def admin_port(self) -> int:
         return int(self.servers[1].sockets[0].getsockname()[1])  # when it serves the admin API
 
@@ -154,6 +164,9 @@ class Running:
         """Stop accepting, let in-flight requests finish, then close everything."""
         self.admin.draining = True
         self.proxy.close()
+        for t in self.tcp:
+            if t.server is not None:
+                t.server.close()
         if self.watcher is not None:
             await self.watcher.stop()
         for c in list(self.app.connections):
@@ -163,6 +176,8 @@ class Running:
             await asyncio.sleep(0.02)
         for c in list(self.app.connections):
             c._close()
+        for t in self.tcp:
+            t.close_all()  # network plugins hear of the close before their VMs go
         for h in self.app.chain.plugins:
             h.replaced()  # root contexts get on_done/on_delete; fetched modules are unpinned
         for s in self.servers:
@@ -181,6 +196,7 @@ async def start(opts: RunOptions) -> Running:
         raise StartupError(str(e)) from None
     scope = Scope(opts.plugin_limits, dict(opts.labels), lport)
     server_tls, client_tls = tls_contexts(opts)
+    check_tcp_proxies(opts)
     kube: KubeSource | None = None
     if opts.kube:
         chain, kube = await kube_chain(opts, scope)
@@ -201,11 +217,14 @@ async def start(opts: RunOptions) -> Running:
     manager = PluginManager(chain, callouts, XdsInfo(node=opts.node, **opts.xds))
     app = ProxyApp(manager, cluster, opts.limits, server_tls)
     admin = AdminState(app)
+    tcp = tcp_listeners(opts, callouts, manager)
     try:
         proxy = await serve(app, lhost, lport, reuse_port=opts.reuse_port)
         servers.append(proxy)
         if opts.admin:
             servers.append(await serve_admin(admin, ahost, aport))
+        for t, (thost, tport) in tcp:
+            servers.append(await t.serve(thost, tport, reuse_port=opts.reuse_port))
     except (OSError, ValueError) as e:
         for s in servers:
             s.close()
@@ -223,14 +242,47 @@ async def start(opts: RunOptions) -> Running:
         watcher = PluginWatcher(plugin_paths, manager, scope)
     if watcher is not None:
         watcher.start()
-    running = Running(app, admin, servers, proxy, upstream, watcher)
+    running = Running(app, admin, servers, proxy, upstream, watcher, [t for t, _ in tcp])
     _log.info("listening on %s%s:%d, admin on %s, upstream %s%s, plugins: %s",
               "https://" if server_tls else "", lhost, running.port,
               f"{ahost}:{running.admin_port}" if opts.admin else "the supervisor", upstream,
               " (demo)" if demo else "", ", ".join(p.name for p in chain.plugins) or "none")
     if kube is not None:
         _log.info("plugins from the Kubernetes API (%s)%s", kube.where(), ", watched" if opts.watch else "")
+    for t in running.tcp:
+        _log.info("tcp proxy %s on %s:%d to cluster %s, network plugins: %s", t.name, t.server.sockets[0]
+                  .getsockname()[0] if t.server else "", t.bound_port, t.cluster.name,
+                  ", ".join(h.name for h in t.handles()) or "none")
     return running
+
+
+def check_tcp_proxies(opts: RunOptions) -> list[tuple[str, int]]:
+    """The TCP proxy listen addresses; StartupError names the entry and field at fault."""
+    out = []
+    for i, t in enumerate(opts.tcp_proxies):
+        where = f"tcp_proxies[{i}]"
+        try:
+            out.append(parse_address(str(t.get("listen", "")), f"{where}.listen"))
+        except ValueError as e:
+            raise StartupError(str(e)) from None
+        name = str(t.get("cluster", ""))
+        if name not in opts.clusters:
+            raise StartupError(f"{where}.cluster: no cluster named {name!r} (clusters: "
+                               f"{', '.join(sorted(opts.clusters)) or 'none'})")
+    return out
+
+
+def tcp_listeners(opts: RunOptions, callouts: Callouts,
+                  manager: PluginManager) -> list[tuple[TcpListener, tuple[str, int]]]:
+    """The TCP proxy listeners to serve, each with its address (not bound yet)."""
+    out = []
+    for t, (host, port) in zip(opts.tcp_proxies, check_tcp_proxies(opts), strict=True):
+        cluster = callouts.clusters[str(t["cluster"])]
+        out.append((TcpListener(str(t.get("name") or f"tcp_{port}"), port, cluster, manager,
+                                buffer_limit=opts.limits.max_buffered_body,
+                                connect_timeout=float(t.get("connect_timeout", 5.0)),
+                                idle_timeout=float(t.get("idle_timeout", 3600.0))), (host, port)))
+    return out
 
 
 async def run_forever(opts: RunOptions) -> None:

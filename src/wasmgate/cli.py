@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="this proxy's labels, matched by WasmPlugin spec.selector.matchLabels")
     run.add_argument("--cluster", action="append", default=[], metavar="NAME=URL",
                      help="an upstream cluster plugins may call with proxy_http_call (repeatable)")
+    run.add_argument("--tcp-proxy", action="append", default=[], metavar="LISTEN=CLUSTER",
+                     help="a TCP proxy listener to a --cluster, for network plugins (repeatable)")
     run.add_argument("--tls-cert", metavar="PATH", help="serve HTTPS with this certificate chain (PEM)")
     run.add_argument("--tls-key", metavar="PATH", help="the private key for --tls-cert (PEM)")
     run.add_argument("--no-watch", action="store_true", help="do not re-apply plugin files when they change")
@@ -103,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         opts.upstream_insecure_skip_verify = cfg.upstream_tls.insecure_skip_verify
         opts.upstream_cert = str(cfg.upstream_tls.cert) if cfg.upstream_tls.cert is not None else None
         opts.upstream_key = str(cfg.upstream_tls.key) if cfg.upstream_tls.key is not None else None
+        opts.tcp_proxies = [t.to_options() for t in cfg.tcp_proxies]
     opts.listen = args.listen or opts.listen
     opts.admin = args.admin or opts.admin
     opts.upstream = args.upstream or opts.upstream
@@ -110,6 +113,11 @@ def _run(args: argparse.Namespace) -> int:
         opts.plugins = args.plugins
     opts.labels.update(_pairs(args.labels, "--labels"))
     opts.clusters.update(_pairs(args.cluster, "--cluster"))
+    for item in args.tcp_proxy:
+        listen, sep, cluster = item.rpartition("=")
+        if not sep or not listen or not cluster:
+            raise StartupError(f"--tcp-proxy: expected LISTEN=CLUSTER, got {item!r}")
+        opts.tcp_proxies.append({"listen": listen, "cluster": cluster})
     opts.tls_cert = args.tls_cert or opts.tls_cert
     opts.tls_key = args.tls_key or opts.tls_key
     if args.kube:

@@ -35,7 +35,15 @@ from typing import Any
 
 from wasmgate.admin import stats
 from wasmgate.admin.server import AdminState, serve_admin, set_levels
-from wasmgate.app import RunOptions, StartupError, default_plugins, kube_chain, load_chain, tls_contexts
+from wasmgate.app import (
+    RunOptions,
+    StartupError,
+    check_tcp_proxies,
+    default_plugins,
+    kube_chain,
+    load_chain,
+    tls_contexts,
+)
 from wasmgate.plugin.shared import LocalStore
 from wasmgate.proxy.demo import start_demo_upstream
 from wasmgate.resources.config import parse_address
@@ -203,6 +211,7 @@ class Supervisor:
         # Check the plugins once here, so a bad file or module stops startup with its
         # error instead of sending every worker into a restart loop.
         tls_contexts(self.opts)
+        check_tcp_proxies(self.opts)
         scope = Scope(self.opts.plugin_limits, dict(self.opts.labels), lport)
         if self.opts.kube:  # each worker then lists and watches the API itself
             chain, kube = await kube_chain(self.opts, scope)

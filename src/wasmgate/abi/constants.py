@@ -51,6 +51,14 @@ class StreamType(IntEnum):
     UPSTREAM = 3
 
 
+class PeerType(IntEnum):
+    """Who closed a TCP connection (proxy_on_*_connection_close); Envoy's CloseType."""
+
+    UNKNOWN = 0
+    LOCAL = 1
+    REMOTE = 2
+
+
 class Action(IntEnum):
     """Return value of stream callbacks: headers use 0/1, bodies also 2/3."""
 

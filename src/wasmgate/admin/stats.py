@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from wasmgate.plugin import metrics
+from wasmgate.proxy import tcp
 
 if TYPE_CHECKING:
     from wasmgate.proxy.server import ProxyApp
@@ -37,6 +38,7 @@ def snapshot(app: ProxyApp) -> Snapshot:
                              "up": 1 if p.state == "running" else 0, "reloads": p.reloads,
                              "recycles": p.recycles} for p in app.chain.plugins},
         "metrics": metrics.STORE.snapshot(),
+        "tcp": tcp.STATS.snapshot(),
     }
 
 
@@ -79,7 +81,23 @@ class _Collector:
                                 value=s.get("connections", 0))
         yield CounterMetricFamily("wasmgate_upstream_failures", "Upstream connect failures and resets.",
                                   value=s.get("upstream_failures", 0))
+        yield from _tcp_metrics(s.get("tcp", {}))
         yield from _plugin_metrics(s.get("plugins", {}))
+
+
+_TCP_FAMILIES = (
+    ("connections", CounterMetricFamily, "wasmgate_tcp_connections", "TCP proxy connections accepted."),
+    ("active", GaugeMetricFamily, "wasmgate_tcp_connections_active", "Open TCP proxy connections."),
+    ("upstream_failures", CounterMetricFamily, "wasmgate_tcp_upstream_failures",
+     "TCP proxy upstream connect failures and timeouts."),
+    ("bytes_received", CounterMetricFamily, "wasmgate_tcp_received_bytes", "Bytes received from TCP clients."),
+    ("bytes_sent", CounterMetricFamily, "wasmgate_tcp_sent_bytes", "Bytes sent to TCP clients."),
+)
+
+
+def _tcp_metrics(figures: dict[str, int]) -> Iterator[Metric]:
+    for key, family, name, doc in _TCP_FAMILIES:
+        yield family(name, doc, value=figures.get(key, 0))
 
 
 _PLUGIN_FAMILIES = (

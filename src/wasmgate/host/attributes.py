@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from wasmgate.abi.constants import MapType
 from wasmgate.host import envoy_pb
-from wasmgate.plugin.context import HttpContext, Stream
+from wasmgate.plugin.context import HttpContext, NetConnection, NetworkContext, Stream
 
 if TYPE_CHECKING:
     from wasmgate.headers import HeaderMap
@@ -447,6 +447,109 @@ class XdsInfo:
         return msg
 
 
+class _Connection:
+    """The attributes of one TCP proxy connection (a network plugin's context), as Envoy
+    answers them from the connection's stream info: no headers, byte counts for sizes,
+    the tcp_proxy's cluster once it has started and its host once connected."""
+
+    def __init__(self, ctx: NetworkContext):
+        self.c: NetConnection = ctx.conn
+
+    def request(self, key: bytes) -> Any:
+        c = self.c
+        if key == b"headers":
+            return Headers()
+        if key == b"time":
+            return Timestamp(c.start_ns) if c.start_ns else None
+        if key in (b"size", b"total_size"):
+            return c.bytes_received
+        return None
+
+    def response(self, key: bytes) -> Any:
+        if key in (b"headers", b"trailers"):
+            return Headers()
+        if key == b"flags":
+            return 0
+        if key in (b"size", b"total_size"):
+            return self.c.bytes_sent
+        return None
+
+    def connection(self, key: bytes) -> Any:
+        if key == b"id":
+            return U64(self.c.connection_id) if self.c.connection_id else None
+        if key == b"mtls":
+            return False
+        if key == b"requested_server_name":
+            return b""
+        return None  # plain TCP: no TLS attributes
+
+    def upstream(self, key: bytes) -> Any:
+        c = self.c
+        if key == b"request_attempt_count":
+            return U64(1 if c.upstream_cluster else 0)
+        if key == b"transport_failure_reason":
+            return b""
+        if key == b"locality":
+            return envoy_pb.locality() if c.upstream_addr[0] else None
+        if key == b"local_address":
+            return self.peer(c.upstream_local, b"address")
+        return self.peer(c.upstream_addr, key)
+
+    @staticmethod
+    def peer(addr: tuple[str, int], key: bytes) -> Any:
+        if not addr[0]:
+            return None
+        if key == b"address":
+            return f"{addr[0]}:{addr[1]}".encode()
+        if key == b"port":
+            return addr[1]
+        return None
+
+    def xds(self, vm: PluginVM, key: bytes) -> Any:
+        c = self.c
+        if key == b"node":
+            return vm.xds.node_message()
+        if key == b"filter_chain_name":
+            return b""
+        if key == b"listener_direction":
+            return 0
+        if key == b"listener_metadata":
+            return envoy_pb.metadata(None)
+        if not c.upstream_cluster:
+            return None
+        if key == b"cluster_name":
+            return c.upstream_cluster.encode()
+        if key == b"cluster_metadata":
+            return envoy_pb.metadata(None)
+        if key == b"upstream_host_metadata":
+            return NULL if c.upstream_addr[0] else None
+        return None  # no route or virtual host on a TCP connection
+
+
+def _connection_top(vm: PluginVM, cn: _Connection, name: bytes) -> Any:
+    c = cn.c
+    if name == b"request":
+        return Attrs(cn.request, REQUEST_KEYS)
+    if name == b"response":
+        return Attrs(cn.response, RESPONSE_KEYS)
+    if name == b"connection":
+        return Attrs(cn.connection, CONNECTION_KEYS)
+    if name == b"upstream":
+        return Attrs(cn.upstream, UPSTREAM_KEYS)
+    if name in (b"source", b"destination"):
+        addr = c.downstream_addr if name == b"source" else c.local_addr
+        return Attrs(lambda k: cn.peer(addr, k), PEER_KEYS)
+    if name == b"metadata":
+        return envoy_pb.metadata(None)
+    if name == b"filter_state":
+        return Attrs(lambda k: filter_state_value(vm, c, k), tuple(c.filter_state))
+    if name == b"upstream_filter_state":
+        return Attrs(lambda k: None) if c.upstream_cluster else None
+    if name == b"xds":
+        return Attrs(lambda k: cn.xds(vm, k), XDS_KEYS)
+    return None
+
+
 # ---- top level -----------------------------------------------------------------------------
 
 STREAM_TOP = (b"request", b"response", b"connection", b"upstream", b"source", b"destination", b"metadata",
@@ -458,6 +561,14 @@ def find(vm: PluginVM, name: bytes) -> Any:
     """The value of top-level attribute ``name`` for the VM's current (effective) context."""
     ctx = vm.effective
     st = _Stream(ctx) if isinstance(ctx, HttpContext) else None
+    if isinstance(ctx, NetworkContext):
+        cn = _Connection(ctx)
+        if name in STREAM_TOP or name == b"xds":
+            return _connection_top(vm, cn, name)
+        if name == b"connection_id":
+            return cn.connection(b"id")
+        if name not in TOP:
+            return filter_state_value(vm, cn.c, b"wasm." + name)
     if name == b"xds":
         return Attrs(lambda k: _xds(vm, st, k), XDS_KEYS)
     if st is not None and name in STREAM_TOP:
@@ -475,7 +586,7 @@ def find(vm: PluginVM, name: bytes) -> Any:
     return filter_state_value(vm, st.s, b"wasm." + name)
 
 
-def filter_state_value(vm: PluginVM, s: Stream, key: bytes) -> Any:
+def filter_state_value(vm: PluginVM, s: Stream | NetConnection, key: bytes) -> Any:
     value = s.filter_state.get(key)
     if value is None:
         return None

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from wasmgate.abi.constants import BufferType, WasmResult
 from wasmgate.host.registry import hostcall
+from wasmgate.plugin.context import NetworkContext
 
 if TYPE_CHECKING:
     from wasmgate.plugin.vm import PluginVM
@@ -28,8 +29,18 @@ def _buffer(vm: PluginVM, buffer_type: int) -> bytes | bytearray | None:
         receive = vm.grpc_receive
         return receive.message if receive is not None and receive.message is not None else b""
     ctx = vm.effective
+    if buffer_type in _NETWORK:
+        # A TCP connection's data; Envoy offers any context an empty, read-only buffer
+        # when there is none (outside the data callback, or after the plugin continued).
+        buf = None
+        if isinstance(ctx, NetworkContext) and ctx.alive:
+            buf = ctx.downstream_data if buffer_type == BufferType.DOWNSTREAM_DATA else ctx.upstream_data
+        return b"" if buf is None else buf
     stream = ctx.stream if ctx is not None else None
     return stream.body(buffer_type) if stream is not None else None
+
+
+_NETWORK = (BufferType.DOWNSTREAM_DATA, BufferType.UPSTREAM_DATA)
 
 
 @hostcall("iiiii")

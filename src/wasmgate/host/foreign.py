@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from wasmgate.abi.constants import WasmResult
 from wasmgate.host.registry import hostcall
-from wasmgate.plugin.context import HttpContext
+from wasmgate.plugin.context import HttpContext, NetworkContext
 
 if TYPE_CHECKING:
     from wasmgate.plugin.vm import PluginVM
@@ -102,7 +102,9 @@ def _set_envoy_filter_state(vm: PluginVM, arg: bytes) -> bytes:
     path, value = fields.get(1, b""), fields.get(2, b"")
     if not isinstance(path, bytes) or not isinstance(value, bytes) or not path:
         raise ForeignError(R.BAD_ARGUMENT)
-    _stream_context(vm).stream.filter_state[path] = value
+    ctx = vm.effective
+    state = ctx.conn.filter_state if isinstance(ctx, NetworkContext) else _stream_context(vm).stream.filter_state
+    state[path] = value
     return b""
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from wasmgate.abi.constants import WasmResult
 from wasmgate.host import attributes
 from wasmgate.host.registry import hostcall
-from wasmgate.plugin.context import HttpContext
+from wasmgate.plugin.context import HttpContext, NetworkContext
 
 if TYPE_CHECKING:
     from wasmgate.plugin.vm import PluginVM
@@ -54,11 +54,14 @@ def proxy_set_property(vm: PluginVM, pp: int, ps: int, vp: int, vs: int) -> int:
     if path is None or value is None:
         return R.INVALID_MEMORY_ACCESS
     ctx = vm.effective
-    if not isinstance(ctx, HttpContext):
+    if isinstance(ctx, NetworkContext):
+        state = ctx.conn.filter_state  # a TCP connection's own filter state
+    elif isinstance(ctx, HttpContext):
+        state = ctx.stream.filter_state
+    else:
         return R.NOT_FOUND  # Envoy: no stream, no filter state
     path = path.rstrip(b"\0")
     key = b"wasm." + path
-    state = ctx.stream.filter_state
     declared = vm.declared_properties.get(path)
     if declared is not None and declared[1] and key in state:
         return R.BAD_ARGUMENT  # a read-only declared property is set once

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from wasmgate.abi.constants import StreamType, WasmResult
 from wasmgate.abi.pairs import PairsError, decode_pairs
 from wasmgate.host.registry import hostcall
-from wasmgate.plugin.context import HttpContext, LocalReply
+from wasmgate.plugin.context import HttpContext, LocalReply, NetworkContext
 
 if TYPE_CHECKING:
     from wasmgate.plugin.vm import PluginVM
@@ -24,13 +24,15 @@ def _http(vm: PluginVM) -> HttpContext | None:
 def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, bodyp: int, bodys: int,
                               hp: int, hs: int, grpc_status: int) -> int:
     ctx = _http(vm)
-    if ctx is None:
+    if ctx is None and _network(vm) is None:
         return R.BAD_ARGUMENT
     details = vm.instance.read(detp, dets)
     body = vm.instance.read(bodyp, bodys)
     raw_headers = vm.instance.read(hp, hs)
     if details is None or body is None or raw_headers is None:
         return R.INVALID_MEMORY_ACCESS
+    if ctx is None:
+        return R.OK  # Envoy: a TCP connection has no HTTP reply to send; nothing happens
     try:
         headers = [(k.lower(), v) for k, v in decode_pairs(raw_headers)]
     except PairsError:
@@ -45,7 +47,15 @@ def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, b
     return R.OK
 
 
+def _network(vm: PluginVM) -> NetworkContext | None:
+    ctx = vm.effective
+    return ctx if isinstance(ctx, NetworkContext) and ctx.alive else None
+
+
 def _continue(vm: PluginVM, stream_type: int) -> int:
+    net = _network(vm)
+    if net is not None:
+        return _continue_network(net, stream_type)
     ctx = _http(vm)
     if ctx is None or not 0 <= stream_type <= StreamType.UPSTREAM:
         return R.BAD_ARGUMENT
@@ -57,6 +67,17 @@ def _continue(vm: PluginVM, stream_type: int) -> int:
     if hook is not None:
         hook(ctx, stream_type)
     return R.OK  # Envoy returns OK even when nothing was stopped
+
+
+def _continue_network(ctx: NetworkContext, stream_type: int) -> int:
+    # Envoy: the request/response kinds do nothing on a connection; upstream has no continue.
+    if stream_type == StreamType.DOWNSTREAM:
+        if ctx.conn.on_continue is not None:
+            ctx.conn.on_continue(ctx)
+        return R.OK
+    if stream_type == StreamType.UPSTREAM:
+        return R.UNIMPLEMENTED
+    return R.OK if 0 <= stream_type < StreamType.DOWNSTREAM else R.BAD_ARGUMENT
 
 
 @hostcall("i")
@@ -75,9 +96,20 @@ def proxy_continue_response(vm: PluginVM) -> int:  # ABI 0.1.0
 
 
 def _close(vm: PluginVM, stream_type: int) -> int:
+    net = _network(vm)
+    if net is not None:
+        if not 0 <= stream_type <= StreamType.UPSTREAM:
+            return R.BAD_ARGUMENT
+        # Either side closes the client connection (Envoy's read and write filter
+        # callbacks share it); tcp_proxy then closes the upstream one.
+        if stream_type >= StreamType.DOWNSTREAM and net.conn.on_close is not None:
+            net.conn.on_close(net, stream_type)
+        return R.OK
     ctx = _http(vm)
     if ctx is None or not 0 <= stream_type <= StreamType.UPSTREAM:
         return R.BAD_ARGUMENT
+    if stream_type >= StreamType.DOWNSTREAM:
+        return R.OK  # Envoy: an HTTP filter has no connection of its own to close
     ctx.stream.reset = True  # Envoy resets the stream; on HTTP/1.1 that closes the connection
     if ctx.stream.on_end is not None:
         ctx.stream.on_end(ctx)

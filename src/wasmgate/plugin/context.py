@@ -141,3 +141,42 @@ class HttpContext(Context):
         if self.logging or self.open_maps & (1 << map_type):
             return self._stream.header_map(map_type)
         return None
+
+
+class NetConnection:
+    """One proxied TCP connection as network plugins see it (Envoy's connection stream
+    info): addresses, the connection id, filter state, and the hooks of its filter chain."""
+
+    __slots__ = ("downstream_addr", "local_addr", "upstream_addr", "upstream_local", "upstream_cluster",
+                 "connection_id", "filter_state", "start_ns", "bytes_received", "bytes_sent", "on_continue",
+                 "on_close")
+
+    def __init__(self) -> None:
+        self.downstream_addr: tuple[str, int] = ("", 0)  # the client
+        self.local_addr: tuple[str, int] = ("", 0)  # our listener
+        self.upstream_cluster = ""  # set when tcp_proxy starts connecting
+        self.upstream_addr: tuple[str, int] = ("", 0)  # set once the upstream is connected
+        self.upstream_local: tuple[str, int] = ("", 0)  # our end of the upstream connection
+        self.connection_id = 0
+        self.filter_state: dict[bytes, bytes] = {}
+        self.start_ns = 0
+        self.bytes_received = 0  # from the client
+        self.bytes_sent = 0  # to the client
+        # Set by the network filter chain: proxy_continue_stream / proxy_close_stream.
+        self.on_continue: Callable[[NetworkContext], None] | None = None
+        self.on_close: Callable[[NetworkContext, int], None] | None = None
+
+
+class NetworkContext(Context):
+    """A TCP connection's context. ``downstream_data``/``upstream_data`` are the
+    connection's buffers while this plugin's data callback runs, and for as long as it
+    holds them paused (Envoy keeps the pointer until the plugin continues)."""
+
+    __slots__ = ("conn", "alive", "downstream_data", "upstream_data")
+
+    def __init__(self, vm: PluginVM, context_id: int, root_id: int, conn: NetConnection):
+        super().__init__(vm, context_id, root_id)
+        self.conn = conn
+        self.alive = True
+        self.downstream_data: bytearray | None = None
+        self.upstream_data: bytearray | None = None

@@ -366,12 +366,14 @@ class Chain:
     """The active plugin chain; replaced as a whole so a stream sees one version."""
 
     def __init__(self, plugins: list[PluginHandle], pool: VmPool | None = None):
-        self.plugins = plugins
+        self.plugins = plugins  # every plugin, HTTP and network
         self.pool = pool or VmPool()  # the instances its plugins run on
+        self.http = [h for h in plugins if not h.spec.network]
+        self.network = [h for h in plugins if h.spec.network]  # for the TCP proxy listeners
 
     def filters(self, stream: Stream) -> list[PluginFilter]:
         out = []
-        for h in self.plugins:  # per request: a loop is cheaper than a comprehension on Python 3.11
+        for h in self.http:  # per request: a loop is cheaper than a comprehension on Python 3.11
             out.append(PluginFilter(h, stream))
         return out
 

@@ -59,7 +59,13 @@ class PluginSpec:
     pull_policy: str = ""  # imagePullPolicy
     pull_secret: bytes = b""  # .dockerconfigjson of the imagePullSecret, if any
     target_refs: tuple[str, ...] = ()  # reported only: a standalone proxy is its own target
+    network: bool = False  # type: NETWORK: runs on the TCP proxy listeners, not on HTTP
+    ports: tuple[int, ...] = ()  # network plugins: the TCP listener ports it applies to (empty: all)
 
     @property
     def remote(self) -> bool:
         return self.module_path is None
+
+    def applies_to_port(self, port: int) -> bool:
+        """Whether a network plugin runs on the TCP listener configured with ``port`` (0: any)."""
+        return not self.ports or not port or port in self.ports

@@ -28,7 +28,7 @@ from wasmgate.engine.wasm import GuestFunc, HostFunc, Instance, WasmError, WasmT
 from wasmgate.host.attributes import XdsInfo
 from wasmgate.log import PY_LEVEL, wasm_log
 from wasmgate.plugin import shared
-from wasmgate.plugin.context import Context, HttpContext, RootContext, Stream
+from wasmgate.plugin.context import Context, HttpContext, NetConnection, NetworkContext, RootContext, Stream
 from wasmgate.plugin.spec import PluginSpec
 
 if TYPE_CHECKING:
@@ -183,6 +183,12 @@ class PluginVM:
         self._on_grpc_receive = f("proxy_on_grpc_receive")
         self._on_grpc_receive_trailing_metadata = f("proxy_on_grpc_receive_trailing_metadata")
         self._on_grpc_close = f("proxy_on_grpc_close")
+        # Network (TCP) plugins: the same callbacks in every ABI version.
+        self._on_new_connection = f("proxy_on_new_connection")
+        self._on_downstream_data = f("proxy_on_downstream_data")
+        self._on_upstream_data = f("proxy_on_upstream_data")
+        self._on_downstream_connection_close = f("proxy_on_downstream_connection_close")
+        self._on_upstream_connection_close = f("proxy_on_upstream_connection_close")
         self._tick_handle: asyncio.TimerHandle | None = None
         self.tick_period = 0.0  # seconds; 0 = no timer
         self.root = RootContext(self, 0)
@@ -312,6 +318,52 @@ class PluginVM:
     def on_response_trailers(self, ctx: HttpContext, count: int) -> int:
         fn = self._on_response_trailers
         return self._call(fn, ctx, ctx.id, count) if fn else 0
+
+    # ---- network (TCP) connections: see plugin/network.py -------------------------------
+
+    def create_network_context(self, conn: NetConnection) -> NetworkContext:
+        ctx = NetworkContext(self, self._new_id(), self.root.id, conn)
+        self.contexts[ctx.id] = ctx
+        if self._on_context_create:
+            self._call(self._on_context_create, ctx, ctx.id, self.root.id)
+        return ctx
+
+    def on_new_connection(self, ctx: NetworkContext) -> int:
+        fn = self._on_new_connection
+        return self._call(fn, ctx, ctx.id) if fn else 0
+
+    def on_downstream_data(self, ctx: NetworkContext, size: int, eos: bool) -> int:
+        fn = self._on_downstream_data
+        return self._call(fn, ctx, ctx.id, size, eos) if fn else 0
+
+    def on_upstream_data(self, ctx: NetworkContext, size: int, eos: bool) -> int:
+        fn = self._on_upstream_data
+        return self._call(fn, ctx, ctx.id, size, eos) if fn else 0
+
+    def on_downstream_connection_close(self, ctx: NetworkContext, peer: int) -> None:
+        fn = self._on_downstream_connection_close
+        if fn is not None:
+            self._call(fn, ctx, ctx.id, peer)
+
+    def on_upstream_connection_close(self, ctx: NetworkContext, peer: int) -> None:
+        fn = self._on_upstream_connection_close
+        if fn is not None:
+            self._call(fn, ctx, ctx.id, peer)
+
+    def finish_connection(self, ctx: NetworkContext) -> None:
+        """on_done, on_log, on_delete: Envoy's order when a TCP connection closes."""
+        if not ctx.alive:
+            return
+        try:
+            if self.failed is None:
+                for fn in (self._on_done, self._on_log, self._on_delete):
+                    if fn is not None:
+                        self._call(fn, ctx, ctx.id)
+        except PluginFailed:
+            pass
+        finally:
+            ctx.alive = False  # after: the connection's buffers stay readable in these callbacks
+            self.contexts.pop(ctx.id, None)
 
     # ---- root-context callbacks for callouts, queues and foreign functions ----------------
     # Each runs on the context that asked (the root context unless a stream did) and

@@ -19,6 +19,7 @@ Example::
                    cert: client.pem, key: client.key}
     node: {id: sidecar~10.0.0.1~web.ns, cluster: web, metadata: {WORKLOAD_NAME: web}}   # xds.node
     xds: {route_name: default, route_metadata: {filter_metadata: {ns: {key: value}}}}   # xds.* attributes
+    tcp_proxies: [{name: db, listen: "127.0.0.1:15432", cluster: db}]   # TCP listeners for network plugins
 """
 
 from __future__ import annotations
@@ -135,6 +136,26 @@ class XdsConfig(BaseModel):
         if "listener_direction" in out:
             out["listener_direction"] = ["UNSPECIFIED", "INBOUND", "OUTBOUND"].index(self.listener_direction)
         return out
+class TcpProxyConfig(BaseModel):
+    """A TCP proxy listener: bytes from ``listen`` to the cluster named ``cluster``,
+    through the WasmPlugins of type NETWORK (Envoy's tcp_proxy)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = ""  # default tcp_<port>
+    listen: str
+    cluster: str  # a name in clusters:
+    connect_timeout_ms: int = 5000
+    idle_timeout_s: float = 3600.0  # Envoy's tcp_proxy default (1 h); 0: none
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        parse_address(v)
+        return v
+
+    def to_options(self) -> dict[str, Any]:
+        return {"name": self.name, "listen": self.listen, "cluster": self.cluster,
+                "connect_timeout": self.connect_timeout_ms / 1000, "idle_timeout": self.idle_timeout_s}
 
 
 class ProxyConfig(BaseModel):
@@ -155,6 +176,7 @@ class ProxyConfig(BaseModel):
     watch: bool = True
     tls: TlsConfig | None = None
     upstream_tls: UpstreamTlsConfig = UpstreamTlsConfig()
+    tcp_proxies: list[TcpProxyConfig] = []
 
     @field_validator("listen", "admin")
     @classmethod
@@ -187,6 +209,9 @@ def load_config(path: Path) -> ProxyConfig:
     def rel(p: Path) -> Path:
         return p if p.is_absolute() else path.parent / p
 
+    for i, t in enumerate(cfg.tcp_proxies):
+        if t.cluster not in cfg.clusters:
+            raise ConfigError(f"{path}: tcp_proxies[{i}].cluster: no cluster named {t.cluster!r} in clusters")
     cfg.plugins = [rel(p) for p in cfg.plugins]
     if cfg.tls is not None:
         cfg.tls.cert, cfg.tls.key = rel(cfg.tls.cert), rel(cfg.tls.key)

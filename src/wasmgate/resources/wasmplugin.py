@@ -135,9 +135,6 @@ def parse_wasmplugin(doc: dict[str, Any], path: Path) -> WasmPlugin:
     if wp.api_version not in API_VERSIONS:
         raise ConfigError(f"{path}: WasmPlugin {name}: apiVersion: expected one of {', '.join(API_VERSIONS)}, "
                           f"got {wp.api_version!r}")
-    if wp.spec.type == "NETWORK":
-        raise ConfigError(f"{path}: WasmPlugin {name}: spec.type: NETWORK plugins are not supported; "
-                          "wasmgate runs HTTP plugins")
     return wp
 
 
@@ -204,16 +201,32 @@ class Scope:
     secrets: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (namespace, name) -> dockerconfigjson
 
 
+_SERVER_MODES = ("UNDEFINED", "SERVER", "CLIENT_AND_SERVER")
+
+
 def selected(wp: WasmPlugin, scope: Scope) -> bool:
-    """Istio's selection for a proxy with ``scope.labels`` serving inbound traffic on ``scope.port``."""
+    """Istio's selection for a proxy with ``scope.labels`` serving inbound traffic on ``scope.port``.
+
+    A NETWORK plugin is checked against the labels and modes here, and against each TCP
+    listener's port when a connection comes (``network_ports``)."""
     s = wp.spec
     if s.selector and any(scope.labels.get(k) != v for k, v in s.selector.match_labels.items()):
         return False
+    if s.type == "NETWORK":
+        return not s.match or any(m.mode in _SERVER_MODES for m in s.match)
     if s.match:
         return any(m.mode in ("UNDEFINED", "SERVER", "CLIENT_AND_SERVER")
                    and (not m.ports or not scope.port or any(p.number == scope.port for p in m.ports))
                    for m in s.match)
     return True
+
+
+def network_ports(wp: WasmPlugin) -> tuple[int, ...]:
+    """The TCP listener ports a NETWORK plugin's ``match`` names; empty: every listener."""
+    entries = [m for m in wp.spec.match if m.mode in _SERVER_MODES]
+    if not entries or any(not m.ports for m in entries):
+        return ()
+    return tuple(sorted({p.number for m in entries for p in m.ports}))
 
 
 def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpec:
@@ -257,6 +270,8 @@ def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpe
         pull_policy="" if s.image_pull_policy == "UNSPECIFIED_POLICY" else s.image_pull_policy,
         pull_secret=secret,
         target_refs=tuple(f"{r.kind}/{r.namespace + '/' if r.namespace else ''}{r.name}" for r in refs),
+        network=s.type == "NETWORK",
+        ports=network_ports(wp) if s.type == "NETWORK" else (),
     )
 
 
