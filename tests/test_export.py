@@ -221,6 +221,14 @@ def test_keep_file_urls(tmp_path: Path) -> None:
         export_istio([rel], ExportOptions(keep_file_urls=True))
 
 
+def test_network_plugins_export_as_they_are(tmp_path: Path) -> None:
+    match = [{"mode": "SERVER", "ports": [{"number": 5432}]}]
+    f = write(tmp_path / "p.yaml", plugin("net", type="NETWORK", match=match))
+    (doc,) = export_istio([f]).documents
+    assert doc["spec"]["type"] == "NETWORK" and doc["spec"]["match"] == match
+    assert crd_errors(doc) == []
+
+
 def test_push_checks_the_local_sha256(tmp_path: Path, registry: Registry) -> None:
     shutil.copy(TAG_WASM, tmp_path / "tag.wasm")
     f = write(tmp_path / "p.yaml", plugin("tag", url="file://tag.wasm", sha256="00" * 32))
@@ -294,7 +302,6 @@ SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "type
     ([plugin("p", imagePullSecret="s"), {**SECRET, "stringData": {".dockerconfigjson": "not json"}}],
      "Secret s: data..dockerconfigjson: not a JSON object"),
     ([plugin("p"), plugin("p")], "WasmPlugin p: metadata.name: duplicate of the one in"),
-    ([plugin("p", type="NETWORK")], "WasmPlugin p: spec.type: NETWORK plugins are not supported"),
     ([plugin("p", phase="LATE")], "WasmPlugin p: spec.phase: Input should be"),
 ])
 def test_refusals(tmp_path: Path, docs: list[dict[str, Any]], message: str) -> None:

@@ -308,3 +308,15 @@ def test_network_callbacks_missing_are_continue(g: Guest) -> None:
     assert g.vm.on_upstream_data(ctx, 5, True) == 0
     g.vm.on_downstream_connection_close(ctx, PeerType.LOCAL)
     g.vm.finish_connection(ctx)
+
+
+def test_network_callbacks_in_abi_0_1_0(tmp_path: Path) -> None:
+    """The network callbacks are the same in every ABI version."""
+    wat = module_wat(markers=("proxy_abi_version_0_1_0",)).rstrip().removesuffix(")") + _RECORDING + ")"
+    g = Guest(new_vm(tmp_path, wat))
+    ctx = g.vm.create_network_context(NetConnection())
+    assert g.vm.on_new_connection(ctx) == 1
+    assert g.vm.on_downstream_data(ctx, 9, False) == 0
+    assert (g.u32(0x164), g.u32(0x168)) == (9, 0)
+    g.vm.effective = ctx
+    assert g.call("proxy_continue_request") == R.OK  # 0.1.0's continue: nothing on a connection

@@ -7,6 +7,7 @@ tcp_proxy); test_tcp_envoy_diff.py checks the same scenarios against a real Envo
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -363,3 +364,55 @@ def test_held_bytes_over_the_limit_stop_reading(tmp_path: Path, echo: TcpEcho, u
     assert got == ["timeout"]  # the plugin never saw "release": the client was no longer read
     sizes = [int(m.group(1)) for line in lines if (m := re.search(r"on_downstream_data ctx=N size=(\d+)", line))]
     assert sizes and all(s <= 3005 for s in sizes) and sizes[-1] > 1000
+
+
+# ---- fail strategies and limits ------------------------------------------------------------
+
+_SPIN = """
+  (func (export "proxy_on_new_connection") (param i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_downstream_data") (param i32 i32 i32) (result i32)
+    (loop $forever (br $forever)) (i32.const 0))
+"""
+
+
+def test_cpu_deadline_applies_to_network_plugins(tmp_path: Path, echo: TcpEcho, upstream: Upstream) -> None:
+    from wat_util import module_wat, write_module
+
+    wasm = write_module(tmp_path, module_wat().rstrip().removesuffix(")") + _SPIN + ")", "spin.wasm")
+    resource = tmp_path / "spin.yaml"
+    resource.write_text(json.dumps({
+        "apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+        "metadata": {"name": "spin", "annotations": {"wasmgate.io/callback-deadline-ms": "50"}},
+        "spec": {"url": f"file://{wasm}", "type": "NETWORK"}}))
+    p = ProxyThread([resource], upstream.url, clusters={"echo": f"127.0.0.1:{echo.port}"},
+                    tcp_proxies=[{"listen": "127.0.0.1:0", "cluster": "echo"}])
+    try:
+        started = time.monotonic()
+        got = tcp_session(port(p), [("send", b"x"), ("eof",)], pause=0)
+        elapsed = time.monotonic() - started
+        handle = p.running.app.chain.plugins[0]
+        described = handle.describe()
+    finally:
+        p.stop()
+    assert got[0][0] in ("eof", "reset") and got[0][1] == b""  # type: ignore[index]
+    assert elapsed < 2.5
+    assert described["last_error"] == "proxy_on_downstream_data: CPU deadline exceeded (50 ms)"
+    assert (described["state"], described["failed_streams"]) == ("failed", 1)
+
+
+def test_fail_reload_serves_new_connections_with_a_fresh_vm(tmp_path: Path, echo: TcpEcho, upstream: Upstream,
+                                                            logs: pytest.LogCaptureFixture) -> None:
+    p = start(tmp_path, echo, upstream, fail_strategy="FAIL_RELOAD")
+    try:
+        got = tcp_session(port(p), [("send", b"trap:"), ("eof",)])
+        handle = p.running.app.chain.plugins[0]
+        deadline = time.monotonic() + 10
+        while handle.reloads == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        again = tcp_session(port(p), [("send", b"upper:ok"), ("recv",), ("shut",), ("eof",)])
+    finally:
+        p.stop()
+    assert got[0][0] in ("eof", "reset")  # type: ignore[index]
+    assert handle.reloads == 1
+    assert again == [b"UPPER:OK", ("eof", b"")]
+    assert "on_context_create ctx=N parent=1" in plugin_lines(logs)[3:]  # the new VM's first connection

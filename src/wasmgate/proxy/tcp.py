@@ -183,10 +183,13 @@ class TcpConnection(asyncio.Protocol):
         self.chain.start()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self.chain is None:
-            return
         STATS.bytes_received += len(data)
         self._touch()
+        self._read(data)
+
+    def _read(self, data: bytes) -> None:
+        if self.closed or self.chain is None:
+            return
         if self._paused:
             self._unread += data  # as if still in the socket: read once reading resumes
             return
@@ -396,8 +399,7 @@ class TcpConnection(asyncio.Protocol):
         self._unread.clear()
         self._unread_eof = False
         if data:
-            STATS.bytes_received -= len(data)  # counted when it first arrived
-            self.data_received(data)
+            self._read(data)
         if eof:
             self.eof_received()
 

@@ -136,6 +136,8 @@ class XdsConfig(BaseModel):
         if "listener_direction" in out:
             out["listener_direction"] = ["UNSPECIFIED", "INBOUND", "OUTBOUND"].index(self.listener_direction)
         return out
+
+
 class TcpProxyConfig(BaseModel):
     """A TCP proxy listener: bytes from ``listen`` to the cluster named ``cluster``,
     through the WasmPlugins of type NETWORK (Envoy's tcp_proxy)."""
