@@ -22,6 +22,7 @@ import pytest
 
 from envoy_harness import Envoy, EnvoyPlugin, EnvoyTcpProxy
 from servers import PLUGIN_BUILD, ProxyThread, Step, TcpEcho, start_upstream, tcp_session, wasmplugin_yaml
+from wasmgate.plugin import metrics
 
 NETFILTER = PLUGIN_BUILD / "netfilter.wasm"
 
@@ -110,16 +111,20 @@ class _Collector(logging.Handler):
 def running(workdir: Path, config: str = "", fail_open: bool = False) -> Iterator[NetPair]:
     logger = logging.getLogger("wasmgate.wasm")
     level = logger.level
-    pair = NetPair(workdir, config, fail_open)
-    handler = _Collector(pair)
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    saved, metrics.STORE = metrics.STORE, metrics.MetricStore()  # process-wide here, per Envoy process there
     try:
-        yield pair
+        pair = NetPair(workdir, config, fail_open)
+        handler = _Collector(pair)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            yield pair
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            pair.stop()
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        pair.stop()
+        metrics.STORE = saved
 
 
 @pytest.fixture(scope="module")
