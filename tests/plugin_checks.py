@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from envoy_harness import Envoy
 from wasmgate.plugin import metrics
+from xds_harness import GatewayThread
 
 
 def plugin_message(line: str) -> str | None:
@@ -24,7 +25,7 @@ def plugin_message(line: str) -> str | None:
     return rest.split(": ", 1)[1] if sep and ": " in rest else None
 
 
-def envoy_messages(envoy: Envoy) -> list[str]:
+def envoy_messages(envoy: Envoy | GatewayThread) -> list[str]:
     """The plugin log lines in Envoy's log so far (Envoy must log wasm at debug for all of them)."""
     return [m for m in map(plugin_message, envoy.log_text().splitlines()) if m is not None]
 

@@ -3,6 +3,10 @@
 Compared on every request: status, body, the headers plugins set (on the response and on
 what the upstream received), the upstream-received body, the plugins' own log lines
 (Envoy's wasm log at debug), and the plugins' metrics on the admin /stats.
+
+Every case runs against two Envoys: one with a static bootstrap (tests/envoy_harness.py) and
+one configured by ``wasmgate envoy`` over ADS/ECDS from the same WasmPlugin files
+(tests/xds_harness.py), so the same assertions hold for the Envoy wasmgate drives.
 """
 
 from __future__ import annotations
@@ -30,6 +34,15 @@ from plugin_checks import (
 )
 from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
 from wasmgate.resources.config import XdsConfig
+from xds_harness import GatewayThread
+
+# "static": the harness's bootstrap; "xds": `wasmgate envoy`, Envoy configured over ADS.
+ENVOY_KINDS = ["static", "xds"]
+
+
+@pytest.fixture(params=ENVOY_KINDS)
+def envoy_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @dataclass(frozen=True)
@@ -90,30 +103,40 @@ class Pair:
     def __init__(self, plugins: list[Plugin], workdir: Path, clusters: dict[str, Upstream] | None = None,
                  response_headers: tuple[str, ...] = (), xds: dict[str, Any] | None = None,
                  node: dict[str, Any] | None = None, tls: dict[str, Any] | None = None,
-                 upstream: Upstream | None = None, upstream_tls: dict[str, Any] | None = None):
+                 upstream: Upstream | None = None, upstream_tls: dict[str, Any] | None = None,
+                 kind: str = "static"):
         """``tls`` and ``upstream_tls`` are wasmgate's config sections of those names (paths
         as strings); Envoy gets the same certificates. ``upstream`` (this pair's to stop)
-        replaces the plain recording upstream, e.g. by an HTTPS one."""
+        replaces the plain recording upstream, e.g. by an HTTPS one. ``kind`` "xds": the Envoy
+        is `wasmgate envoy`, configured over ADS from the same WasmPlugin files."""
         self.response_headers = PLUGIN_HEADERS + response_headers  # compared on every response
         self.upstream = upstream or start_upstream()
         clusters = clusters or {}
         self.last_logs: list[str] = []
         self.logs = PluginLogs()
-        # As Istio translates a WasmPlugin: root_id from pluginName, config as JSON text.
-        envoy_plugins = [EnvoyPlugin(p.name, p.wasm, json.dumps(p.config, separators=(",", ":"))
-                                     if p.config is not None else "", root_id=p.name, vm_id=p.vm_id,
-                                     fail_open=p.fail == "FAIL_OPEN") for p in plugins]
-        self.envoy = Envoy(envoy_plugins, self.upstream.port, workdir / "envoy", log_level="debug",
-                           clusters={n: u.port for n, u in clusters.items()}, xds=xds, node=node, tls=tls,
-                           upstream_tls=upstream_tls)
-        (workdir / "envoy").mkdir(exist_ok=True)
+        # Priorities keep wasmgate's chain in list order, like Envoy's filter list.
+        files = [wasmplugin_yaml(workdir, p.name, p.wasm, config=p.config, priority=100 - i,
+                                 fail_strategy=p.fail, annotations={"wasmgate.io/vm-id": p.vm_id}
+                                 if p.vm_id is not None else None)
+                 for i, p in enumerate(plugins)]
+        self.envoy: Envoy | GatewayThread
+        if kind == "xds":  # the same WasmPlugin files, through `wasmgate envoy`
+            assert tls is None and upstream_tls is None, "wasmgate envoy configures no TLS listener"
+            self.envoy = GatewayThread(files, self.upstream.url, workdir / "xds", autostart=False,
+                                       clusters={n: u.url for n, u in clusters.items()}, node=dict(node or {}),
+                                       xds=XdsConfig(**(xds or {})).model_dump(exclude_none=True),
+                                       envoy_component_log_level="wasm:debug")
+        else:
+            # As Istio translates a WasmPlugin: root_id from pluginName, config as JSON text.
+            envoy_plugins = [EnvoyPlugin(p.name, p.wasm, json.dumps(p.config, separators=(",", ":"))
+                                         if p.config is not None else "", root_id=p.name, vm_id=p.vm_id,
+                                         fail_open=p.fail == "FAIL_OPEN") for p in plugins]
+            self.envoy = Envoy(envoy_plugins, self.upstream.port, workdir / "envoy", log_level="debug",
+                               clusters={n: u.port for n, u in clusters.items()}, xds=xds, node=node, tls=tls,
+                               upstream_tls=upstream_tls)
+            (workdir / "envoy").mkdir(exist_ok=True)
         try:
             self.envoy.start()
-            # Priorities keep wasmgate's chain in list order, like Envoy's filter list.
-            files = [wasmplugin_yaml(workdir, p.name, p.wasm, config=p.config, priority=100 - i,
-                                     fail_strategy=p.fail, annotations={"wasmgate.io/vm-id": p.vm_id}
-                                     if p.vm_id is not None else None)
-                     for i, p in enumerate(plugins)]
             self.wasmgate = ProxyThread(files, self.upstream.url, clusters={n: u.url for n, u in clusters.items()},
                                         node=dict(node or {}), xds=XdsConfig(**(xds or {})).info(),
                                         **_tls_options(tls, upstream_tls))
@@ -174,10 +197,10 @@ class Pair:
         assert_same_metrics(plugin_metrics(self.wasmgate.admin_port), plugin_metrics(self.envoy.admin_port), "")
 
 
-@pytest.fixture(scope="module")
-def allow_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+@pytest.fixture(scope="module", params=ENVOY_KINDS)
+def allow_pair(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Pair]:
     pair = Pair([Plugin("allow-header", ALLOW_HEADER_WASM, {"header": "allow", "value": "true"})],
-                tmp_path_factory.mktemp("allow"))
+                tmp_path_factory.mktemp("allow"), kind=request.param)
     yield pair
     pair.stop()
 
@@ -194,8 +217,8 @@ def test_allow_header_post_same_as_envoy(allow_pair: Pair) -> None:
     assert allow_pair.compare("POST", "/submit", {}, b"payload").status == 403
 
 
-def test_pause_resume_and_body_rewrite_same_as_envoy(tmp_path: Path) -> None:
-    pair = Pair([Plugin("pause", PLUGIN_BUILD / "pause.wasm")], tmp_path)
+def test_pause_resume_and_body_rewrite_same_as_envoy(tmp_path: Path, envoy_kind: str) -> None:
+    pair = Pair([Plugin("pause", PLUGIN_BUILD / "pause.wasm")], tmp_path, kind=envoy_kind)
     try:
         got = pair.compare(headers={"x-pause": "1"})
         assert got.upstream_headers.get("x-resumed") == "tick"
@@ -206,11 +229,11 @@ def test_pause_resume_and_body_rewrite_same_as_envoy(tmp_path: Path) -> None:
         pair.stop()
 
 
-def test_chain_and_local_reply_same_as_envoy(tmp_path: Path) -> None:
+def test_chain_and_local_reply_same_as_envoy(tmp_path: Path, envoy_kind: str) -> None:
     pair = Pair([Plugin("first", PLUGIN_BUILD / "tag.wasm", {"tag": "first"}),
                  Plugin("allow", ALLOW_HEADER_WASM),
                  Plugin("after", PLUGIN_BUILD / "tag.wasm", {"tag": "after"}),
-                 Plugin("mutate", PLUGIN_BUILD / "mutate.wasm")], tmp_path)
+                 Plugin("mutate", PLUGIN_BUILD / "mutate.wasm")], tmp_path, kind=envoy_kind)
     try:
         denied = pair.compare()
         assert denied.headers["x-chain-resp"] == "first"
@@ -222,9 +245,10 @@ def test_chain_and_local_reply_same_as_envoy(tmp_path: Path) -> None:
         pair.stop()
 
 
-def test_http_callout_same_as_envoy(tmp_path: Path) -> None:
+def test_http_callout_same_as_envoy(tmp_path: Path, envoy_kind: str) -> None:
     auth = start_upstream()
-    pair = Pair([Plugin("callout", PLUGIN_BUILD / "callout.wasm")], tmp_path, clusters={"auth": auth})
+    pair = Pair([Plugin("callout", PLUGIN_BUILD / "callout.wasm")], tmp_path, clusters={"auth": auth},
+                kind=envoy_kind)
     try:
         assert pair.compare(headers={"x-user": "alice"}).upstream_headers["x-auth"] == "ok:alice"
         assert pair.compare(headers={"x-user": "mallory"}).status == 403
@@ -289,14 +313,21 @@ NODE = {"id": "sidecar~10.0.0.1~web.ns~ns.svc.cluster.local", "cluster": "web.ns
         "metadata": {"WORKLOAD_NAME": "web"}}
 
 
-def test_properties_same_as_envoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def istio_only(kind: str, items: list[str]) -> list[str]:
+    """Through `wasmgate envoy`, plugin_name is Istio's ("<namespace>.<name>", while wasmgate's own
+    proxy says "<name>"): not compared there; tests/test_xds_envoy.py checks Istio's value."""
+    return [i for i in items if kind == "static" or i != "plugin_name"]
+
+
+def test_properties_same_as_envoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, envoy_kind: str) -> None:
     monkeypatch.setattr(http.client, "_MAXHEADERS", 1000)  # a header per attribute read
-    config = {"paths": STABLE_PROPERTIES, "shapes": SHAPES, "segments": SEGMENTS}
-    headers = (*(f"x-{kind}{req}{p}" for kind, paths in (("prop-", STABLE_PROPERTIES), ("shape-", SHAPES))
+    stable = istio_only(envoy_kind, STABLE_PROPERTIES)
+    config = {"paths": stable, "shapes": SHAPES, "segments": SEGMENTS}
+    headers = (*(f"x-{kind}{req}{p}" for kind, paths in (("prop-", stable), ("shape-", SHAPES))
                  for req in ("", "req-") for p in paths),
                *(f"x-seg-{req}{i}" for req in ("", "req-") for i in range(len(SEGMENTS))), "x-prop-filter-state")
     pair = Pair([Plugin("props", PLUGIN_BUILD / "props.wasm", config)], tmp_path, response_headers=headers,
-                xds=XDS, node=NODE)
+                xds=XDS, node=NODE, kind=envoy_kind)
     try:
         got = pair.compare(path="/a/b?x=1&y=2", headers={"user-agent": "diff/1", "referer": "http://r/",
                                                            "x-dup": "a"})
@@ -370,14 +401,15 @@ def _signing_calls() -> list[dict[str, str]]:
     return [{"name": n, "arg": a} for n, a in calls]
 
 
-def test_cel_and_signing_same_as_envoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cel_and_signing_same_as_envoy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, envoy_kind: str) -> None:
     """expr_create/expr_evaluate (every expression in every phase) and sign/verify_signature."""
     calls = _signing_calls()
-    config = {"exprs": EXPRESSIONS, "foreign": calls}
-    headers = (*(f"x-expr-{req}{i}" for req in ("", "req-") for i in range(len(EXPRESSIONS))),
+    exprs = istio_only(envoy_kind, EXPRESSIONS)
+    config = {"exprs": exprs, "foreign": calls}
+    headers = (*(f"x-expr-{req}{i}" for req in ("", "req-") for i in range(len(exprs))),
                *(f"x-foreign-req-{i}" for i in range(len(calls))))
     pair = Pair([Plugin("props", PLUGIN_BUILD / "props.wasm", config)], tmp_path, response_headers=headers,
-                xds=XDS, node=NODE)
+                xds=XDS, node=NODE, kind=envoy_kind)
     try:
         got = pair.compare(path="/a?b=1", headers={"user-agent": "diff/1"})
         assert got.headers["x-expr-req-0"] == b"/a?b=1".hex()
@@ -390,10 +422,10 @@ def test_cel_and_signing_same_as_envoy(tmp_path: Path, monkeypatch: pytest.Monke
         pair.stop()
 
 
-def test_callback_sequence_and_plugin_logs_same_as_envoy(tmp_path: Path) -> None:
+def test_callback_sequence_and_plugin_logs_same_as_envoy(tmp_path: Path, envoy_kind: str) -> None:
     """The plugin's own log lines (every callback with its arguments) match Envoy's, in
     order, and so do its metrics (compare() checks both)."""
-    pair = Pair([Plugin("lifecycle", PLUGIN_BUILD / "lifecycle.wasm")], tmp_path)
+    pair = Pair([Plugin("lifecycle", PLUGIN_BUILD / "lifecycle.wasm")], tmp_path, kind=envoy_kind)
     try:
         pair.compare("POST", "/p", {}, b"some body")
         assert len(pair.last_logs) > 5

@@ -15,6 +15,7 @@ from wasmgate.proxy.server import Limits
 from wasmgate.resources.config import load_config
 from wasmgate.resources.wasmplugin import ConfigError
 from wasmgate.supervisor import Supervisor, default_workers
+from wasmgate.xds import commands as xds_commands
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     oci_commands.register(sub)
     dev_commands.register(sub)
     export_commands.register(sub)
+    xds_commands.register(sub)
     return p
 
 
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             return dev_commands.run(args)
         if args.command in export_commands.COMMANDS:
             return export_commands.run(args)
+        if args.command in xds_commands.COMMANDS:
+            return xds_commands.run(args)
     except (StartupError, ConfigError) as e:
         print(f"wasmgate: error: {e}", file=sys.stderr)
         return 2

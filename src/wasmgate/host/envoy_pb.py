@@ -17,6 +17,12 @@ PACKAGE = "envoy.config.core.v3"
 
 @cache
 def _classes() -> dict[str, Any]:
+    try:  # Envoy's own types, when xds-protos is installed (wasmgate envoy): defining them again would clash
+        from envoy.config.core.v3 import base_pb2
+
+        return {name: getattr(base_pb2, name) for name in ("Metadata", "Locality", "Node")}
+    except ImportError:
+        pass
     from google.protobuf import (  # type: ignore[import-untyped]
         descriptor_pb2,
         descriptor_pool,

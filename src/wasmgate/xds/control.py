@@ -1,0 +1,183 @@
+"""From selected WasmPlugins to an xDS snapshot: fetch each module on wasmgate's side, as
+istio-agent does, and hand Envoy local files.
+
+Modules are fetched with the data plane's cache and checks (:mod:`wasmgate.oci.fetch`:
+digests, pull policy, size and magic); a ``file://`` module is copied into that cache too, so
+the file Envoy loads is named by its content and a module edit reaches Envoy as a new ECDS
+version. A module that cannot be fetched is served as istio-agent serves it: an RBAC
+deny-all filter (FAIL_CLOSE, FAIL_RELOAD) or allow-all filter (FAIL_OPEN), and fetched again
+with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wasmgate.oci.auth import Keychain
+from wasmgate.oci.errors import OciError
+from wasmgate.oci.fetch import ModuleCache, fetch_module
+from wasmgate.plugin.manager import chain_order, module_cache
+from wasmgate.plugin.spec import FailStrategy, PluginSpec
+from wasmgate.resources.feed import SpecSet
+from wasmgate.xds.resources import (
+    ECDS_TYPE,
+    UpstreamTls,
+    cluster,
+    extension_config,
+    fallback_filter,
+    listener,
+    resource_name,
+    upstream_cluster_name,
+    wasm_filter,
+)
+from wasmgate.xds.server import Snapshot, XdsServer
+
+_log = logging.getLogger("wasmgate.config")
+
+
+@dataclass(frozen=True)
+class PluginState:
+    """One WasmPlugin as Envoy is told to run it."""
+
+    spec: PluginSpec
+    module: Path | None = None  # the local file Envoy loads; None: the fetch failed
+    sha256: str = ""
+    error: str | None = None  # why the module could not be fetched
+
+    @property
+    def resource(self) -> str:
+        return resource_name(self.spec)
+
+    @property
+    def fallback(self) -> str:
+        """"" when the plugin runs; else which RBAC filter stands in for it."""
+        if self.module is not None:
+            return ""
+        return "allow" if self.spec.fail_strategy == FailStrategy.FAIL_OPEN else "deny"
+
+
+def fetch(spec: PluginSpec, cache: ModuleCache) -> tuple[Path, str]:
+    """The module's file in the cache and its sha256 (blocking: run it off the loop)."""
+    url = f"file://{spec.module_path}" if spec.module_path is not None else spec.url
+    auth = Keychain.from_dockerconfigjson(spec.pull_secret, f"imagePullSecret of {spec.name}") \
+        if spec.pull_secret else None
+    got = fetch_module(url, sha256=spec.sha256, pull_policy=spec.pull_policy, auth=auth, cache=cache)
+    if spec.module_path is None:
+        return got.path, got.sha256
+    sha, path = cache.put(got.path.read_bytes(), source=url)  # named by content, never edited in place
+    return path, sha
+
+
+class Controller:
+    """Keeps the xDS snapshot equal to the selected plugins, the upstream and the clusters."""
+
+    def __init__(self, server: XdsServer, listen: tuple[str, int], upstream: str, clusters: dict[str, str],
+                 tls: UpstreamTls | None = None, cache: ModuleCache | None = None,
+                 xds: dict[str, Any] | None = None):
+        self.server = server
+        self.listen = listen
+        self.xds = dict(xds or {})
+        self.cache = cache or module_cache()
+        self.plugins: list[PluginState] = []
+        self.errors: dict[str, str] = {}  # resource source -> why it was not read
+        self.applied = 0
+        self.retry_initial = 2.0
+        self._last: SpecSet | None = None
+        self._lock = asyncio.Lock()
+        # Checked now: a bad URL stops startup with the cluster's name.
+        self.clusters = [cluster(upstream_cluster_name(self.xds), upstream, tls,
+                                 metadata=self.xds.get("cluster_metadata"),
+                                 host_metadata=self.xds.get("upstream_host_metadata")),
+                         *(cluster(n, u, tls) for n, u in clusters.items())]
+
+    async def apply(self, update: SpecSet) -> None:
+        async with self._lock:
+            self._last = update
+            loop = asyncio.get_running_loop()
+            current = {(p.spec.namespace, p.spec.name): p for p in self.plugins}
+            for source, why in update.errors.items():
+                if self.errors.get(source) != why:
+                    _log.error("%s; its plugins keep their last good version", why)
+            self.errors = dict(update.errors)
+            states = [p for p in self.plugins if p.spec.source in update.errors]
+            kept = {(p.spec.namespace, p.spec.name) for p in states}
+            for spec in update.specs:
+                if (spec.namespace, spec.name) in kept:
+                    continue
+                old = current.get((spec.namespace, spec.name))
+                try:
+                    path, sha = await loop.run_in_executor(None, fetch, spec, self.cache)
+                except (OciError, OSError) as e:
+                    state = PluginState(spec, error=f"{spec.source or spec.url}: plugin {spec.name}: {e}")
+                    if old is None or old.error != state.error or old.spec != spec:
+                        _log.error("%s; Envoy serves an RBAC %s-all filter in its place (%s)", state.error,
+                                   state.fallback, spec.fail_strategy.value)
+                    states.append(state)
+                    continue
+                state = PluginState(spec, path, sha)
+                if old is None or (old.spec, old.sha256) != (spec, sha):
+                    _log.info("plugin %s: module sha256 %s%s", spec.name, sha[:12],
+                              " (changed)" if old is not None else "")
+                states.append(state)
+            for p in states:
+                if p.module is not None:
+                    self.cache.pin(p.module)
+            for p in self.plugins:
+                if p.module is not None:
+                    self.cache.unpin(p.module)
+            order = {id(s): i for i, s in enumerate(chain_order([p.spec for p in states]))}
+            self.plugins = sorted(states, key=lambda p: order[id(p.spec)])
+            self.server.set_snapshot(self.snapshot())
+            self.applied += 1
+
+    def snapshot(self) -> Snapshot:
+        host, port = self.listen
+        extensions = [extension_config(p.resource, wasm_filter(p.spec, p.module) if p.module is not None
+                                       else fallback_filter(p.fallback == "allow"))
+                      for p in self.plugins]
+        return Snapshot.of([listener(host, port, [p.spec for p in self.plugins], xds=self.xds)], self.clusters,
+                           extensions)
+
+    async def run(self, feed: AsyncIterable[SpecSet], first: asyncio.Event | None = None) -> None:
+        """Apply every update of ``feed``; fetch unavailable modules again, with backoff."""
+        retry = asyncio.get_running_loop().create_task(self._retry())
+        try:
+            async for update in feed:
+                await self.apply(update)
+                if first is not None:
+                    first.set()
+        finally:
+            retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retry
+
+    async def _retry(self) -> None:
+        delay = self.retry_initial
+        while True:
+            await asyncio.sleep(delay)
+            if self._last is not None and any(p.error for p in self.plugins):
+                await self.apply(self._last)
+                delay = min(delay * 2, 60.0)
+            else:
+                delay = self.retry_initial
+
+    def describe(self) -> list[dict[str, Any]]:
+        ecds = self.server.status.resources.get(ECDS_TYPE, {})
+        out = []
+        for p in self.plugins:
+            r = ecds.get(p.resource)
+            out.append({"name": p.spec.name, "namespace": p.spec.namespace, "resource": p.resource,
+                        "source": p.spec.source, "url": p.spec.url, "sha256": p.sha256 or None,
+                        "module": str(p.module) if p.module else None, "fetch_error": p.error,
+                        "serving": f"rbac-{p.fallback}-all" if p.fallback else "wasm",
+                        "phase": p.spec.phase.value, "priority": p.spec.priority,
+                        "fail_strategy": p.spec.fail_strategy.value,
+                        "envoy": r.state if r else "waiting",
+                        "envoy_error": r.nack if r is not None and r.state == "rejected" else None})
+        return out

