@@ -127,8 +127,9 @@ def test_live_swap_through_ecds_under_load_loses_no_request(upstream: Upstream, 
         load = Load(gw.port)
         try:
             time.sleep(0.5)
-            for version in ("v2", "v3", "v4", "v2", "v5"):
-                wasmplugin_yaml(d, "tag", TAG, config={"tag": version})
+            other = distinct_module(TAG, tmp_path / "tag-copy.wasm", "copy")  # a new module: a new VM
+            for version, module in (("v2", TAG), ("v3", other), ("v4", other), ("v2", TAG), ("v5", other)):
+                wasmplugin_yaml(d, "tag", module, config={"tag": version})
                 gw.wait_for(lambda v=version: tag_of(gw) == v, what=f"tag {version}")  # type: ignore[misc]
                 time.sleep(0.2)
         finally:
@@ -294,3 +295,49 @@ def test_plugin_name_is_istios(upstream: Upstream, tmp_path: Path) -> None:
         assert headers["x-prop-plugin_root_id"] == b"props".hex()
     finally:
         gw.stop()
+
+
+def test_wasmgate_envoy_command_serves_the_seed_example(upstream: Upstream, tmp_path: Path) -> None:
+    """The command itself, defaults but for ports: the allow-header example; SIGTERM stops Envoy too."""
+    import os
+    import queue
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WASMGATE_MODULE_CACHE": str(tmp_path / "modules")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "wasmgate", "envoy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+         "--envoy-admin", "127.0.0.1:0", "--upstream", upstream.url, "--concurrency", "1",
+         "--envoy-log", str(tmp_path / "envoy.log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stderr is not None
+    stderr = proc.stderr
+
+    def pump() -> None:
+        for line in stderr:
+            lines.put(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        seen = ""
+        while "envoy serving on" not in seen:
+            seen = lines.get(timeout=120)
+        m = re.search(r"envoy serving on 127\.0\.0\.1:(\d+).*status on 127\.0\.0\.1:(\d+)", seen)
+        assert m is not None, seen
+        port, admin = int(m.group(1)), int(m.group(2))
+        assert get(port)[0] == 403 and get(port, headers={"allow": "true"})[0] == 200
+        status, _, body = get(admin, "/plugins")
+        assert status == 200 and json.loads(body)["plugins"][0]["envoy"] == "accepted"
+        assert get(admin, "/ready")[0] == 200
+        envoy_pid = int(json.loads(body)["envoy"]["pid"])
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(envoy_pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

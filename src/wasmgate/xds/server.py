@@ -266,9 +266,10 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                 try:
                     await asyncio.wait({got, changed}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
-                    got.cancel()
                     changed.cancel()
-                if got.cancelled():
+                    if not got.done():
+                        got.cancel()  # a cancelled Queue.get leaves its item in the queue
+                if got.cancelled() or not got.done():
                     continue
                 req = got.result()
                 if req is None:
