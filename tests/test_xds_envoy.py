@@ -35,8 +35,8 @@ def get(port: int, path: str = "/", headers: dict[str, str] | None = None) -> tu
         conn.close()
 
 
-def tag_of(gw: GatewayThread) -> str:
-    status, headers, _ = get(gw.port)
+def tag_of(gw: GatewayThread, headers: dict[str, str] | None = None) -> str:
+    status, headers, _ = get(gw.port, headers=headers)
     assert status == 200
     return headers.get("x-chain-resp", "")
 
@@ -86,8 +86,9 @@ def test_seed_example_is_served_as_istio_serves_it(seed: GatewayThread) -> None:
 class Load:
     """Clients in threads sending requests until stopped; every status and tag recorded."""
 
-    def __init__(self, port: int, clients: int = 4):
+    def __init__(self, port: int, clients: int = 4, headers: dict[str, str] | None = None):
         self.port = port
+        self.headers = dict(headers or {})
         self.results: list[tuple[int, str]] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -101,7 +102,7 @@ class Load:
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=20)
-                conn.request("GET", "/")
+                conn.request("GET", "/", headers=self.headers)
                 r = conn.getresponse()
                 r.read()
                 self.results.append((r.status, r.getheader("x-chain-resp", "")))

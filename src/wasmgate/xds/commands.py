@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
         "ADS, fetches the modules itself and hands Envoy local files, and pushes every change without a "
         "restart. With no arguments: the allow-header example in front of a built-in demo upstream."))
     e.add_argument("-c", "--config", type=Path, help="wasmgate config file (YAML); listen, admin, upstream, "
-                   "clusters, node, labels, plugins, watch, upstream_tls and log levels apply")
+                   "clusters, node, xds, labels, plugins, watch, upstream_tls and log levels apply")
     e.add_argument("--resources", "--plugins", dest="resources", type=Path, nargs="+", metavar="FILE_OR_DIR",
                    help="WasmPlugin YAML files or directories (default: the allow-header example)")
     e.add_argument("--listen", help="HOST:PORT of Envoy's listener (default 127.0.0.1:8080)")
@@ -33,6 +33,12 @@ def register(sub: Any) -> None:
                    help="a cluster plugins may call with proxy_http_call (repeatable)")
     e.add_argument("--labels", action="append", default=[], metavar="K=V[,K=V]",
                    help="this gateway's labels, matched by WasmPlugin spec.selector.matchLabels")
+    e.add_argument("--kube", action="store_true",
+                   help="WasmPlugins and pull Secrets from the Kubernetes API (docs/kubernetes.md)")
+    e.add_argument("--namespace", metavar="NS", help="with --kube: only this namespace (default: all)")
+    e.add_argument("--kube-selector", metavar="K=V[,K=V]", help="with --kube: only WasmPlugins with these labels")
+    e.add_argument("--kubeconfig", metavar="PATH",
+                   help="with --kube: this kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)")
     e.add_argument("--no-watch", action="store_true", help="do not push changes of plugin files")
     e.add_argument("--envoy-log", type=Path, metavar="PATH", help="append Envoy's log here (default: stderr)")
     e.add_argument("--envoy-log-level", default="info", help="Envoy's --log-level (default info)")
@@ -91,7 +97,14 @@ def run(args: argparse.Namespace) -> int:
     o.upstream = args.upstream or o.upstream
     o.clusters.update(_pairs(args.cluster, "--cluster"))
     o.labels.update(_pairs(args.labels, "--labels"))
-    if args.resources is not None:
+    if args.kube:
+        if args.resources is not None:
+            raise ConfigError("--kube and --resources: choose one source of WasmPlugins")
+        o.kube, o.kube_namespace, o.kubeconfig = True, args.namespace, args.kubeconfig
+        o.kube_selector = _pairs([args.kube_selector or ""], "--kube-selector")
+    elif args.namespace or args.kube_selector or args.kubeconfig:
+        raise ConfigError("--namespace, --kube-selector and --kubeconfig need --kube")
+    elif args.resources is not None:
         o.plugins = list(args.resources)
     elif not (cfg and "plugins" in cfg.model_fields_set):
         o.plugins = default_plugins()

@@ -55,7 +55,11 @@ class EnvoyOptions:
     start_timeout: float = 60.0
     module_cache: Path | None = None  # None: $WASMGATE_MODULE_CACHE or ~/.cache/wasmgate/modules
     xds: dict[str, Any] = field(default_factory=dict)  # the config's xds: section (names, metadata)
-    feed: AsyncIterable[SpecSet] | None = None  # None: a DirectoryFeed over ``plugins``
+    feed: AsyncIterable[SpecSet] | None = None  # None: a DirectoryFeed over ``plugins`` (or kube)
+    kube: bool = False  # WasmPlugins and pull Secrets from the Kubernetes API instead of files
+    kube_namespace: str | None = None
+    kube_selector: dict[str, str] = field(default_factory=dict)
+    kubeconfig: str | None = None
 
 
 def _get(url: str, timeout: float = 2.0) -> bytes:
@@ -102,15 +106,22 @@ class Gateway:
                                          ModuleCache(o.module_cache) if o.module_cache else None, o.xds)
         except ValueError as e:
             raise GatewayError(str(e)) from None
-        feed = o.feed if o.feed is not None else DirectoryFeed(o.plugins, Scope(labels=dict(o.labels), port=lport),
-                                                                watch=o.watch)
+        scope = Scope(labels=dict(o.labels), port=lport)
+        feed = o.feed
+        if feed is None and o.kube:
+            from wasmgate.xds.kube import KubeFeed
+
+            feed = KubeFeed(scope, namespace=o.kube_namespace, selector=o.kube_selector, kubeconfig=o.kubeconfig,
+                            watch=o.watch)
+        elif feed is None:
+            feed = DirectoryFeed(o.plugins, scope, watch=o.watch)
         xds_port = await self.server.start()
         first = asyncio.Event()
         run = asyncio.get_running_loop().create_task(self.controller.run(feed, first))
         self._tasks.append(run)
         await asyncio.wait({run, asyncio.ensure_future(first.wait())}, return_when=asyncio.FIRST_COMPLETED)
-        if run.done():
-            run.result()  # the feed failed or ended before its first update
+        if run.done():  # the feed failed or ended before its first update
+            raise GatewayError(f"resources: {run.exception() or 'the source gave nothing'}")
         if o.admin:
             try:
                 self._servers.append(await asyncio.start_server(self._serve_status, ahost, aport))
