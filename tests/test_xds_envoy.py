@@ -200,16 +200,25 @@ def test_adding_and_removing_plugins_updates_the_listener_in_istio_order(upstrea
 
 def test_plugins_of_one_module_share_a_vm_as_in_istio(upstream: Upstream, tmp_path: Path) -> None:
     """Istio sets no vm_id, and Envoy keys VMs by (vm_id, VM configuration, code): two WasmPlugins
-    of the same module run in one VM. The tag plugin keeps its tag in a global, so both
-    instances answer with the tag configured last (wasmgate's own proxy gives each its own VM)."""
+    of the same module run in one VM, each with its own root context; wasmgate's
+    wasmgate.io/vm-id annotation becomes vm_config.vm_id and gives a VM of its own."""
+    vmshare = PLUGIN_BUILD / "vmshare.wasm"
     d = tmp_path / "plugins"
     d.mkdir()
-    wasmplugin_yaml(d, "one", TAG, config={"tag": "one"}, priority=2)
-    wasmplugin_yaml(d, "two", TAG, config={"tag": "two"}, priority=1)
+    wasmplugin_yaml(d, "one", vmshare, config={"tag": "one"}, priority=3)
+    wasmplugin_yaml(d, "two", vmshare, config={"tag": "two"}, priority=2)
+    wasmplugin_yaml(d, "own", vmshare, config={"tag": "own"}, priority=1, annotations={"wasmgate.io/vm-id": "own"})
     gw = GatewayThread([d], upstream.url, tmp_path / "gw")
     try:
-        tags = get(gw.port)[1]["x-chain-resp"].split(", ")
-        assert len(tags) == 2 and tags[0] == tags[1] and tags[0] in ("one", "two")
+        headers = get(gw.port)[1]
+        # the VM's request count (package state) against the plugin's own (root context state)
+        assert "roots=2 vm_requests=2 own_requests=1" in headers["x-vmshare-one"]
+        assert "roots=2 vm_requests=2 own_requests=1" in headers["x-vmshare-two"]
+        assert "roots=1 vm_requests=1 own_requests=1" in headers["x-vmshare-own"]
+        dump = json.loads(gw.envoy_admin("/config_dump?resource=ecds_filters"))
+        vm_ids = {c["ecds_filter"]["name"]: c["ecds_filter"]["typed_config"]["config"]["vm_config"].get("vm_id")
+                  for c in dump["configs"]}
+        assert vm_ids == {ECDS + "one": None, ECDS + "two": None, ECDS + "own": "own"}
     finally:
         gw.stop()
 

@@ -110,8 +110,8 @@ def distinct_module(src: Path, dst: Path, label: str) -> Path:
     """A copy of ``src`` with a custom section naming ``label``: the same code, other bytes.
 
     Envoy keys Wasm VMs by vm_id, VM configuration and code, and Istio sets no vm_id, so
-    WasmPlugins with the same module share one VM in Envoy (plugins that keep their
-    configuration in globals then see the last one). A distinct copy gets a VM of its own.
+    WasmPlugins with the same module share one VM in Envoy, as in wasmgate (plugins that keep
+    their configuration in globals then see the last one). A distinct copy gets a VM of its own.
     """
     name = b"wasmgate-test"
     payload = bytes([len(name)]) + name + label.encode()
