@@ -298,11 +298,17 @@ def test_plugin_name_is_istios(upstream: Upstream, tmp_path: Path) -> None:
     d = tmp_path / "plugins"
     d.mkdir()
     wasmplugin_yaml(d, "props", PLUGIN_BUILD / "props.wasm", config={"paths": ["plugin_name", "plugin_root_id"]})
+    # a NETWORK plugin (wasmgate's TCP listeners) is not configured on Envoy, and says so
+    (d / "net.yaml").write_text(json.dumps({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
+                                            "metadata": {"name": "net"},
+                                            "spec": {"url": f"file://{TAG}", "type": "NETWORK"}}))
     gw = GatewayThread([d], upstream.url, tmp_path / "gw")
     try:
         headers = get(gw.port)[1]
         assert headers["x-prop-plugin_name"] == b"default.props".hex()
         assert headers["x-prop-plugin_root_id"] == b"props".hex()
+        status = gw.status()
+        assert [p["name"] for p in status["plugins"]] == ["props"] and status["not_served"] == ["default/net"]
     finally:
         gw.stop()
 

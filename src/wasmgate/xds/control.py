@@ -86,6 +86,7 @@ class Controller:
         self.cache = cache or module_cache()
         self.plugins: list[PluginState] = []
         self.errors: dict[str, str] = {}  # resource source -> why it was not read
+        self.skipped: list[str] = []  # NETWORK plugins: not configured (HTTP filters only)
         self.applied = 0
         self.retry_initial = 2.0
         self._last: SpecSet | None = None
@@ -107,8 +108,14 @@ class Controller:
             self.errors = dict(update.errors)
             states = [p for p in self.plugins if p.spec.source in update.errors]
             kept = {(p.spec.namespace, p.spec.name) for p in states}
+            network = sorted(f"{s.namespace}/{s.name}" for s in update.specs if s.network)
+            if network != self.skipped:
+                if network:
+                    _log.warning("NETWORK WasmPlugins are not configured on Envoy by wasmgate envoy (HTTP only): %s",
+                                 ", ".join(network))
+                self.skipped = network
             for spec in update.specs:
-                if (spec.namespace, spec.name) in kept:
+                if spec.network or (spec.namespace, spec.name) in kept:
                     continue
                 old = current.get((spec.namespace, spec.name))
                 try:

@@ -169,6 +169,7 @@ class Gateway:
         with contextlib.suppress(EnvoyError, AttributeError):
             envoy["admin"] = self.envoy.admin_url() if self.envoy is not None else None
         return {"plugins": c.describe() if c else [], "resource_errors": c.errors if c else {},
+                "not_served": c.skipped if c else [],
                 "xds": self.server.status.describe(), "envoy": envoy}
 
     async def _serve_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
