@@ -73,14 +73,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else None
     level = cfg.log_level if cfg else "info"
     components = dict(cfg.component_log_levels) if cfg else {}
-    for item in args.log_level:
-        comp, sep, lvl = item.partition("=")
-        if sep:
-            components[comp] = lvl
-        else:
-            level = item
     try:
-        log.setup(level, components)
+        log.setup_with_flags(args.log_level, level, components)
     except ValueError as e:
         raise StartupError(f"--log-level: {e}") from None
     workers = args.workers or (cfg.workers if cfg and "workers" in cfg.model_fields_set else default_workers())

@@ -61,3 +61,15 @@ def setup(level: str = "info", component_levels: dict[str, str] | None = None, p
     root.setLevel(PY_LEVEL[LogLevel.parse(level)])
     for comp, lvl in (component_levels or {}).items():
         set_level(comp, lvl)
+
+
+def setup_with_flags(flags: list[str], level: str = "info", component_levels: dict[str, str] | None = None) -> None:
+    """``setup`` after ``--log-level`` flags (``LEVEL`` or ``COMPONENT=LEVEL``) override the config's levels."""
+    components = dict(component_levels or {})
+    for item in flags:
+        comp, sep, lvl = item.partition("=")
+        if sep:
+            components[comp] = lvl
+        else:
+            level = item
+    setup(level, components)
