@@ -41,19 +41,22 @@ def _plugin_lines(text: str) -> list[str]:
 class NetPair:
     """Envoy and wasmgate, each with one TCP proxy listener running the netfilter plugin."""
 
-    def __init__(self, workdir: Path, config: str = "", fail_open: bool = False):
+    def __init__(self, workdir: Path, config: str = "", fail_open: bool = False, names: tuple[str, ...] = ()):
+        """``names``: several netfilter plugins in that order, on one shared VM (Istio sets no
+        vm_id), instead of the one named netfilter."""
         self.echo = TcpEcho()
         self.http_upstream = start_upstream()
         (workdir / "envoy").mkdir()
+        plugins = [EnvoyPlugin(n, NETFILTER, config, fail_open=fail_open, root_id=n, vm_id="" if names else None)
+                   for n in names or ("netfilter",)]
         self.envoy = Envoy([], self.http_upstream.port, workdir / "envoy", clusters={"echo": self.echo.port},
-                           tcp_proxies=[EnvoyTcpProxy("echo", [EnvoyPlugin("netfilter", NETFILTER, config,
-                                                                           fail_open=fail_open,
-                                                                           root_id="netfilter")])])
+                           tcp_proxies=[EnvoyTcpProxy("echo", plugins)])
         self.envoy.start()
-        plugin = wasmplugin_yaml(workdir, "netfilter", NETFILTER, plugin_type="NETWORK", config=config or None,
-                                 fail_strategy="FAIL_OPEN" if fail_open else "")
+        files = [wasmplugin_yaml(workdir, p.name, NETFILTER, plugin_type="NETWORK", config=config or None,
+                                 fail_strategy="FAIL_OPEN" if fail_open else "", priority=100 - i)
+                 for i, p in enumerate(plugins)]
         try:
-            self.wasmgate = ProxyThread([plugin], self.http_upstream.url,
+            self.wasmgate = ProxyThread(files, self.http_upstream.url,
                                         clusters={"echo": f"127.0.0.1:{self.echo.port}"},
                                         tcp_proxies=[{"listen": "127.0.0.1:0", "cluster": "echo"}])
         except BaseException:
@@ -108,12 +111,13 @@ class _Collector(logging.Handler):
 
 
 @contextlib.contextmanager
-def running(workdir: Path, config: str = "", fail_open: bool = False) -> Iterator[NetPair]:
+def running(workdir: Path, config: str = "", fail_open: bool = False,
+            names: tuple[str, ...] = ()) -> Iterator[NetPair]:
     logger = logging.getLogger("wasmgate.wasm")
     level = logger.level
     saved, metrics.STORE = metrics.STORE, metrics.MetricStore()  # process-wide here, per Envoy process there
     try:
-        pair = NetPair(workdir, config, fail_open)
+        pair = NetPair(workdir, config, fail_open, names)
         handler = _Collector(pair)
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -225,3 +229,20 @@ def test_tcp_properties_same_as_envoy(tmp_path: Path) -> None:
     assert "prop data request.size = 0500000000000000" in props  # bytes received so far
     assert "prop log response.size = 0a00000000000000" in props  # bytes sent to the client
     assert "prop data xds.cluster_name = " + b"echo".hex() in props
+
+
+def test_two_network_plugins_same_as_envoy(tmp_path: Path) -> None:
+    """Read order first-second, write order second-first; a read after the second paused
+    starts again at the first with the whole buffer (Envoy's filter manager)."""
+    with running(tmp_path, names=("first", "second")) as p:
+        seen = p.compare([("send", b"hold@second:1"), ("send", b"more"), ("send", b"release"), ("recv",),
+                          ("send", b"uphold"), ("send", b"x"), ("recv",), ("shut",), ("eof",)])
+        assert seen.client == [b"hold@second:1morerelease", b"upholdx", ("eof", b"")]
+        data = [line.split(" data=")[0] for line in seen.lines if "_data ctx" in line]
+        first, second = "[first] on_downstream_data ctx=3", "[second] on_downstream_data ctx=4"
+        assert data[:8] == [f"{first} size=13 eos=0", f"{second} size=13 eos=0",  # second pauses
+                            f"{first} size=17 eos=0", f"{second} size=17 eos=0",  # the first sees it all again
+                            f"{first} size=24 eos=0", f"{second} size=24 eos=0",
+                            "[second] on_upstream_data ctx=4 size=24 eos=0",  # writes: the other way round
+                            "[first] on_upstream_data ctx=3 size=24 eos=0"]
+        p.compare([("send", b"hold@first:1"), ("send", b"release"), ("recv",), ("send", b"close:"), ("eof",)])

@@ -4,7 +4,8 @@
 //
 //   - from the client: "upper:" upper-cases the whole chunk (replace), "wrap:" prepends
 //     "<<" and appends ">>", "swap:" replaces the first 5 bytes with "SWAPPED:",
-//     "hold:" pauses until a chunk with "release" arrives, "wait:" pauses until the
+//     "hold:" pauses until a chunk with "release" arrives ("hold@ROOT:" only the plugin
+//     whose pluginName is ROOT), "wait:" pauses until the
 //     root context's tick resumes it with proxy_continue_stream(DOWNSTREAM), "close:"
 //     closes the connection with proxy_close_stream, "trap:" makes the VM trap;
 //   - from the upstream: "secret" is replaced with "[redacted]", a chunk ending in
@@ -38,7 +39,19 @@ var (
 	sink                                  uint32
 )
 
-func logf(msg string) { abi.Log(abi.LogInfo, "netfilter: "+msg) }
+func rootID() string {
+	root, _ := abi.GetProperty("plugin_root_id")
+	return string(root)
+}
+
+// logf logs one line; a plugin whose pluginName is not "netfilter" names itself, so that
+// several of them in one chain (maybe on one shared VM) can be told apart.
+func logf(msg string) {
+	if root := rootID(); root != "netfilter" {
+		msg = "[" + root + "] " + msg
+	}
+	abi.Log(abi.LogInfo, "netfilter: "+msg)
+}
 
 func itoa(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
 
@@ -150,7 +163,7 @@ func onDownstreamData(ctxID, size, eos uint32) abi.Action {
 	case bytes.Contains(d, []byte("close:")):
 		logf("closing ctx=" + itoa(ctxID) + " status=" + itoa(uint32(abi.CloseStream(abi.StreamDownstream))))
 	case bytes.Contains(d, []byte("release")):
-	case bytes.Contains(d, []byte("hold:")):
+	case bytes.Contains(d, []byte("hold:")), bytes.Contains(d, []byte("hold@"+rootID()+":")):
 		action = abi.Pause
 	case bytes.Contains(d, []byte("wait:")):
 		waiting = append(waiting, ctxID)
