@@ -416,3 +416,44 @@ def test_fail_reload_serves_new_connections_with_a_fresh_vm(tmp_path: Path, echo
     assert handle.reloads == 1
     assert again == [b"UPPER:OK", ("eof", b"")]
     assert "on_context_create ctx=N parent=1" in plugin_lines(logs)[3:]  # the new VM's first connection
+
+
+def test_live_swap_keeps_open_connections_on_their_vm(tmp_path: Path, echo: TcpEcho, upstream: Upstream,
+                                                      logs: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    d = tmp_path / "plugins"
+    d.mkdir()
+
+    def resource(plugin_name: str) -> None:
+        (d / "netfilter.yaml").write_text(json.dumps({
+            "apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin", "metadata": {"name": "netfilter"},
+            "spec": {"url": f"file://{NETFILTER}", "pluginName": plugin_name, "type": "NETWORK"}}))
+
+    resource("netfilter")
+    p = ProxyThread([d], upstream.url, clusters={"echo": f"127.0.0.1:{echo.port}"},
+                    tcp_proxies=[{"listen": "127.0.0.1:0", "cluster": "echo"}])
+    try:
+        old = socket.create_connection(("127.0.0.1", port(p)), timeout=5)
+        old.sendall(b"before")
+        assert old.recv(100) == b"before"
+        watcher = p.running.watcher
+        assert watcher is not None
+        applied = watcher.applied
+        resource("v2")  # a new root id: the new VM's lines say [v2]
+        deadline = time.monotonic() + 10
+        while watcher.applied == applied and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert tcp_session(port(p), [("send", b"new"), ("recv",), ("shut",), ("eof",)]) == [b"new", ("eof", b"")]
+        old.sendall(b"after")
+        assert old.recv(100) == b"after"
+        old.shutdown(socket.SHUT_WR)
+        assert old.recv(100) == b""
+        old.close()
+        lines = plugin_lines(logs, until="never", timeout=1)
+    finally:
+        p.stop()
+    assert 'on_downstream_data ctx=N size=5 eos=0 data="after" upstream=ADDR' in lines  # the old VM, untagged
+    assert '[v2] on_downstream_data ctx=N size=3 eos=0 data="new" upstream=ADDR' in lines
+    assert not any(line.startswith("[v2]") and "after" in line for line in lines)
+    assert lines.count("on_delete ctx=N") == 1 and lines.count("[v2] on_delete ctx=N") == 1
