@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 R = WasmResult
 MAX_LOG_LINE = 16 * 1024  # longer plugin log lines are cut, not written whole
 _PY_LEVELS = tuple(PY_LEVEL[lvl] for lvl in LogLevel)  # by proxy-wasm level (0..5), no Enum call per line
+_OK = int(R.OK)
+_INVALID_MEMORY_ACCESS = int(R.INVALID_MEMORY_ACCESS)
 
 
 @hostcall("iii")
@@ -25,7 +27,7 @@ def proxy_log(vm: PluginVM, level: int, ptr: int, size: int) -> int:
     if not wasm_log.isEnabledFor(_PY_LEVELS[level]):
         # Below the wasm level: still check the pointers, skip the copy.
         in_bounds = (ptr & 0xFFFFFFFF) + (size & 0xFFFFFFFF) <= vm.instance.memory_size()
-        return R.OK if in_bounds else R.INVALID_MEMORY_ACCESS
+        return _OK if in_bounds else _INVALID_MEMORY_ACCESS
     msg = vm.instance.read(ptr, size)
     if msg is None:
         return R.INVALID_MEMORY_ACCESS

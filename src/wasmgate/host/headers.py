@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from wasmgate.plugin.vm import PluginVM
 
 R = WasmResult
+_NOT_FOUND = int(R.NOT_FOUND)  # plain ints where a lookup per call shows: an Enum member costs ~70 ns
+_ABI_0_1_0 = AbiVersion.V0_1_0
 
 
 _MAX_MAP_TYPE = 7
@@ -70,8 +72,8 @@ def proxy_get_header_map_value(vm: PluginVM, map_type: int, kp: int, ks: int, rv
         key = b":authority"  # Envoy answers Host from :authority
     value = hmap.get(key)
     if value is None:
-        if vm.abi != AbiVersion.V0_1_0:
-            return R.NOT_FOUND
+        if vm.abi is not _ABI_0_1_0:
+            return _NOT_FOUND
         value = b""  # ABI 0.1.0: a missing header reads as empty
     return vm.copy_out(value, rvp, rsp)
 

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from wasmgate.plugin.vm import PluginVM
 
 R = WasmResult
+_OK = int(R.OK)  # a plain int: an Enum member lookup costs ~70 ns
 
 
 def _http(vm: PluginVM) -> HttpContext | None:
@@ -44,7 +45,7 @@ def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, b
         stream.local_reply = LocalReply(status, body, headers, details.decode("utf-8", "replace"), grpc_status)
         if stream.on_end is not None:
             stream.on_end(ctx)
-    return R.OK
+    return _OK
 
 
 def _network(vm: PluginVM) -> NetworkContext | None:

@@ -41,6 +41,9 @@ class Sink(Protocol):
 
 
 _CONTINUE_AND_END_STREAM = 2  # a headers result Envoy treats as continue
+# Plain ints: an Enum member lookup costs ~70 ns on Python 3.11, several times per callback.
+_CONTINUE = int(Action.CONTINUE)
+_STOP_NO_BUFFER = int(Action.STOP_NO_BUFFER)
 
 
 class _Slot:
@@ -123,13 +126,13 @@ class Direction:
         finally:
             slot.in_call = False
         self._check()
-        return Action.CONTINUE if slot.continue_requested else action
+        return _CONTINUE if slot.continue_requested else action
 
     def _flow_headers(self, start: int, eos: bool) -> None:
         for i in range(start, len(self._slots)):
             slot = self._slots[i]
             action = self._call(i, slot.cb.headers, self._header_count(), eos)
-            if action not in (Action.CONTINUE, _CONTINUE_AND_END_STREAM):
+            if action != _CONTINUE and action != _CONTINUE_AND_END_STREAM:
                 slot.stopped = slot.stopped_all = True
                 slot.held_headers = True
                 slot.held_headers_eos = eos
@@ -156,16 +159,16 @@ class Direction:
             if slot.stopped:
                 held = self._hold(slot, body, eos)
                 action = self._call(i, slot.cb.data, held, eos)
-                if action == Action.CONTINUE:
+                if action == _CONTINUE:
                     self._resume(i)
-                elif action >= Action.STOP_NO_BUFFER:
+                elif action >= _STOP_NO_BUFFER:
                     self.buffered -= len(held)
                     held.clear()
                 return
             action = self._call(i, slot.cb.data, body, eos)
-            if action != Action.CONTINUE:
+            if action != _CONTINUE:
                 slot.stopped = True
-                if action < Action.STOP_NO_BUFFER:
+                if action < _STOP_NO_BUFFER:
                     self._hold(slot, body, eos)
                 else:
                     slot.held_data = bytearray()
@@ -182,10 +185,10 @@ class Direction:
             action = self._call(i, slot.cb.trailers, self._trailer_count())
             if slot.stopped:
                 slot.held_trailers = True
-                if action == Action.CONTINUE:
+                if action == _CONTINUE:
                     self._resume(i)
                 return
-            if action != Action.CONTINUE:
+            if action != _CONTINUE:
                 slot.stopped = True
                 slot.held_trailers = True
                 return

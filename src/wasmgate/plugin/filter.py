@@ -24,6 +24,7 @@ _REQ_HEADERS = 1 << MapType.REQUEST_HEADERS
 _REQ_TRAILERS = 1 << MapType.REQUEST_TRAILERS
 _RESP_HEADERS = 1 << MapType.RESPONSE_HEADERS
 _RESP_TRAILERS = 1 << MapType.RESPONSE_TRAILERS
+_CONTINUE = int(Action.CONTINUE)  # a plain int: no Enum lookup per callback
 
 
 class PluginFilter:
@@ -143,7 +144,7 @@ class _Side:
                 action = ctx.vm.on_response_headers(ctx, count, eos)
         except PluginFailed as e:
             return f.fail(str(e))
-        if action == Action.CONTINUE:
+        if action == _CONTINUE:
             ctx.open_maps &= ~self.headers_bit
         return action
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger("wasmgate.wasm")
 
 _WASI_ENOSYS = 52
+_INVALID_MEMORY_ACCESS = int(WasmResult.INVALID_MEMORY_ACCESS)
 
 
 class PluginError(Exception):
@@ -535,7 +536,7 @@ class PluginVM:
     def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
         """Copy ``data`` into guest-allocated memory; write its pointer and size."""
         ok = self.instance.copy_out(self._alloc, data, ptr_ptr, size_ptr)
-        return WasmResult.OK if ok else WasmResult.INVALID_MEMORY_ACCESS
+        return 0 if ok else _INVALID_MEMORY_ACCESS  # WasmResult.OK, as plain ints (no Enum lookup)
 
     # ---- logging -------------------------------------------------------------------
 

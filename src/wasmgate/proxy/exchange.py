@@ -651,8 +651,21 @@ def _may_resize(filters: list[PluginFilter], request: bool) -> bool:
     return False
 
 
+_REPLY_SET = frozenset({b"content-length", b"content-type"})  # what a local reply may set itself
+
+
 def _local_reply_headers(reply: LocalReply) -> HeaderMap:
     """As Envoy builds them: the plugin's headers, then length and type if there is a body."""
+    pairs = [(b":status", http.status_bytes(reply.status))]
+    for kv in reply.headers:  # the common case: plain lower-case names, none of ours
+        k = kv[0]
+        if k[:1] == b":" or k in _REPLY_SET or not k.islower():
+            break
+        pairs.append(kv)
+    else:
+        if reply.body:
+            pairs += ((b"content-length", b"%d" % len(reply.body)), (b"content-type", b"text/plain"))
+        return HeaderMap.of(pairs)
     headers = HeaderMap.of([(b":status", http.status_bytes(reply.status))])
     for k, v in reply.headers:
         headers.add(k, v)

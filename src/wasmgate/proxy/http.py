@@ -46,8 +46,12 @@ class DownstreamRequest:
     headers plugins see (``regular``, without Host and hop-by-hop headers), the
     authority, whether a body follows, and the headers Envoy acts on."""
 
-    __slots__ = ("authority", "expect_continue", "has_body", "has_request_id", "has_xfp", "regular", "scheme",
-                 "upgrade")
+    # Flags default at class level: a request sets only what it has.
+    has_body = False
+    expect_continue = False
+    has_xfp = False
+    has_request_id = False
+    upgrade: bytes | None = None
 
     def __init__(self, lowered: list[Pair], scheme: bytes):
         self.scheme = scheme
@@ -84,13 +88,17 @@ class DownstreamRequest:
             regular.append(kv)
         if expect:
             regular = [kv for kv in regular if kv[0] != b"expect"]  # we answer 100 ourselves
+            self.expect_continue = True
         self.authority = authority
         self.regular = regular
-        self.has_body = has_body
-        self.expect_continue = expect
-        self.has_xfp = xfp
-        self.has_request_id = rid
-        self.upgrade = upgrade
+        if has_body:
+            self.has_body = True
+        if xfp:
+            self.has_xfp = True
+        if rid:
+            self.has_request_id = True
+        if upgrade is not None:
+            self.upgrade = upgrade
 
     def header_map(self, method: bytes, target: bytes) -> HeaderMap:
         """As Envoy's HTTP/1 codec presents them to filters: pseudo-headers first."""
