@@ -23,6 +23,7 @@ from envoy_harness import Envoy, EnvoyPlugin
 from grpc_server import GrpcServer
 from plugin_checks import PluginLogs, assert_same_logs, assert_same_metrics, envoy_messages, plugin_metrics, settled
 from servers import PLUGIN_BUILD, ProxyThread, Upstream, start_upstream, wasmplugin_yaml
+from xds_harness import GatewayThread
 
 WASM = PLUGIN_BUILD / "grpccall.wasm"
 
@@ -104,19 +105,35 @@ def run_cases(port: int, upstream: Upstream) -> list[Seen]:
     return out
 
 
-def test_grpc_callouts_same_as_envoy(tmp_path: Path, grpc_server: GrpcServer) -> None:
+def start_envoy(kind: str, tmp_path: Path, upstream: Upstream, grpc_server: GrpcServer) -> Envoy | GatewayThread:
+    """"static": the harness's bootstrap; "xds": `wasmgate envoy` with the same WasmPlugin file
+    and the gRPC clusters as HTTP/2 clusters (``http2_clusters``)."""
+    if kind == "xds":
+        return GatewayThread([wasmplugin_yaml(tmp_path, "grpccall", WASM)], upstream.url, tmp_path / "xds",
+                             clusters={"grpc": f"http://127.0.0.1:{grpc_server.port}", "dead": "http://127.0.0.1:1"},
+                             http2_clusters=["grpc", "dead"], envoy_component_log_level="wasm:debug")
+    envoy = Envoy([EnvoyPlugin("grpccall", WASM, root_id="grpccall")], upstream.port, tmp_path / "envoy",
+                  log_level="debug", clusters={"grpc": grpc_server.port, "dead": 1}, http2_clusters=("grpc", "dead"))
+    envoy.start()
+    return envoy
+
+
+@pytest.mark.parametrize("envoy_kind", ["static", "xds"])
+def test_grpc_callouts_same_as_envoy(tmp_path: Path, grpc_server: GrpcServer, envoy_kind: str) -> None:
     """Envoy runs every case, then wasmgate; then the exchanges, the plugin's log lines
-    (every gRPC callback and outcome, in order) and its metrics are compared."""
+    (every gRPC callback and outcome, in order) and its metrics are compared. The Envoy is
+    configured statically or over ADS by `wasmgate envoy` (``envoy_kind``)."""
     upstream = start_upstream()
     logs = PluginLogs()
     try:
-        with Envoy([EnvoyPlugin("grpccall", WASM, root_id="grpccall")], upstream.port, tmp_path / "envoy",
-                   log_level="debug", clusters={"grpc": grpc_server.port, "dead": 1},
-                   http2_clusters=("grpc", "dead")) as envoy:
+        envoy = start_envoy(envoy_kind, tmp_path, upstream, grpc_server)
+        try:
             mark = len(envoy_messages(envoy))
             expected = run_cases(envoy.port, upstream)
             [envoy_lines] = settled((lambda: envoy_messages(envoy), mark))
             envoy_metrics = plugin_metrics(envoy.admin_port)
+        finally:
+            envoy.stop()
         proxy = ProxyThread([wasmplugin_yaml(tmp_path, "grpccall", WASM)], upstream.url,
                             clusters={"grpc": f"http://127.0.0.1:{grpc_server.port}", "dead": "http://127.0.0.1:1"})
         try:

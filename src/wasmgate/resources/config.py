@@ -179,6 +179,7 @@ class ProxyConfig(BaseModel):
     tls: TlsConfig | None = None
     upstream_tls: UpstreamTlsConfig = UpstreamTlsConfig()
     tcp_proxies: list[TcpProxyConfig] = []
+    http2_clusters: list[str] = []  # wasmgate envoy: clusters Envoy reaches over HTTP/2 (gRPC calls)
 
     @field_validator("listen", "admin")
     @classmethod
@@ -214,6 +215,9 @@ def load_config(path: Path) -> ProxyConfig:
     for i, t in enumerate(cfg.tcp_proxies):
         if t.cluster not in cfg.clusters:
             raise ConfigError(f"{path}: tcp_proxies[{i}].cluster: no cluster named {t.cluster!r} in clusters")
+    for i, name in enumerate(cfg.http2_clusters):
+        if name not in cfg.clusters:
+            raise ConfigError(f"{path}: http2_clusters[{i}]: no cluster named {name!r} in clusters")
     cfg.plugins = [rel(p) for p in cfg.plugins]
     if cfg.tls is not None:
         cfg.tls.cert, cfg.tls.key = rel(cfg.tls.cert), rel(cfg.tls.key)

@@ -31,6 +31,8 @@ def register(sub: Any) -> None:
     e.add_argument("--upstream", help="upstream URL, e.g. http://127.0.0.1:8000 (default: demo upstream)")
     e.add_argument("--cluster", action="append", default=[], metavar="NAME=URL",
                    help="a cluster plugins may call with proxy_http_call (repeatable)")
+    e.add_argument("--http2-cluster", action="append", default=[], metavar="NAME",
+                   help="a cluster Envoy reaches over HTTP/2, for plugins' gRPC calls (repeatable)")
     e.add_argument("--labels", action="append", default=[], metavar="K=V[,K=V]",
                    help="this gateway's labels, matched by WasmPlugin spec.selector.matchLabels")
     e.add_argument("--kube", action="store_true",
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         o.listen, o.admin, o.upstream = cfg.listen, cfg.admin, cfg.upstream
         o.clusters, o.node, o.labels, o.watch = dict(cfg.clusters), dict(cfg.node), dict(cfg.labels), cfg.watch
         o.plugins = list(cfg.plugins)
+        o.http2_clusters = list(cfg.http2_clusters)
         o.xds = cfg.xds.model_dump(exclude_none=True)
         o.upstream_ca = cfg.upstream_tls.ca
         o.upstream_insecure_skip_verify = cfg.upstream_tls.insecure_skip_verify
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     o.upstream = args.upstream or o.upstream
     o.clusters.update(_pairs(args.cluster, "--cluster"))
     o.labels.update(_pairs(args.labels, "--labels"))
+    o.http2_clusters += [n for n in args.http2_cluster if n not in o.http2_clusters]
     if args.kube:
         if args.resources is not None:
             raise ConfigError("--kube and --resources: choose one source of WasmPlugins")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ class Controller:
 
     def __init__(self, server: XdsServer, listen: tuple[str, int], upstream: str, clusters: dict[str, str],
                  tls: UpstreamTls | None = None, cache: ModuleCache | None = None,
-                 xds: dict[str, Any] | None = None):
+                 xds: dict[str, Any] | None = None, http2: Collection[str] = ()):
         self.server = server
         self.listen = listen
         self.xds = dict(xds or {})
@@ -91,11 +91,15 @@ class Controller:
         self.retry_initial = 2.0
         self._last: SpecSet | None = None
         self._lock = asyncio.Lock()
-        # Checked now: a bad URL stops startup with the cluster's name.
+        # Checked now: a bad URL or an unknown HTTP/2 cluster stops startup with the cluster's name.
+        for name in http2:
+            if name not in clusters:
+                raise ValueError(f"HTTP/2 cluster {name}: no cluster of that name (clusters: "
+                                 f"{', '.join(sorted(clusters)) or 'none'})")
         self.clusters = [cluster(upstream_cluster_name(self.xds), upstream, tls,
                                  metadata=self.xds.get("cluster_metadata"),
                                  host_metadata=self.xds.get("upstream_host_metadata")),
-                         *(cluster(n, u, tls) for n, u in clusters.items())]
+                         *(cluster(n, u, tls, http2=n in http2) for n, u in clusters.items())]
 
     async def apply(self, update: SpecSet) -> None:
         async with self._lock:

@@ -43,6 +43,7 @@ class EnvoyOptions:
     upstream: str | None = None  # None: the built-in demo upstream
     plugins: list[Path] = field(default_factory=list)
     clusters: dict[str, str] = field(default_factory=dict)
+    http2_clusters: list[str] = field(default_factory=list)  # clusters Envoy reaches over HTTP/2 (gRPC calls)
     labels: dict[str, str] = field(default_factory=dict)
     node: dict[str, Any] = field(default_factory=dict)
     watch: bool = True
@@ -103,7 +104,8 @@ class Gateway:
         try:
             self.controller = Controller(self.server, (lhost, lport), upstream, o.clusters,
                                          UpstreamTls(o.upstream_ca, o.upstream_insecure_skip_verify),
-                                         ModuleCache(o.module_cache) if o.module_cache else None, o.xds)
+                                         ModuleCache(o.module_cache) if o.module_cache else None, o.xds,
+                                         http2=o.http2_clusters)
         except ValueError as e:
             raise GatewayError(str(e)) from None
         scope = Scope(labels=dict(o.labels), port=lport)

@@ -153,11 +153,14 @@ class UpstreamTls:
 
 
 def cluster(name: str, url: str, tls: UpstreamTls | None = None, connect_timeout: float = 5.0, *,
-            metadata: dict[str, Any] | None = None, host_metadata: dict[str, Any] | None = None
-            ) -> cluster_pb2.Cluster:
+            metadata: dict[str, Any] | None = None, host_metadata: dict[str, Any] | None = None,
+            http2: bool = False) -> cluster_pb2.Cluster:
     """A cluster for an ``http://`` or ``https://host:port`` URL, as wasmgate's upstream and
-    clusters are written. Raises ValueError naming the cluster for a URL it cannot use."""
-    u = urlsplit(url)
+    clusters are written. Raises ValueError naming the cluster for a URL it cannot use.
+
+    ``http2``: Envoy speaks HTTP/2 to it (with prior knowledge over plain TCP), as
+    plugins' gRPC calls need; Envoy's clusters speak one protocol, wasmgate's pick per call."""
+    u = urlsplit(url if "://" in url else f"http://{url}")  # HOST:PORT, as wasmgate's clusters take it
     if u.scheme not in ("http", "https") or not u.hostname:
         raise ValueError(f"cluster {name}: expected http://HOST:PORT or https://HOST:PORT, got {url!r}")
     port = u.port or (443 if u.scheme == "https" else 80)
@@ -173,6 +176,10 @@ def cluster(name: str, url: str, tls: UpstreamTls | None = None, connect_timeout
                                **({"metadata": host_metadata} if host_metadata else {})}]}]}}
     if metadata:
         d["metadata"] = metadata
+    if http2:
+        d["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}}
     if u.scheme == "https":
         tls = tls or UpstreamTls()
         ctx: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
