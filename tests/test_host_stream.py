@@ -98,8 +98,11 @@ def test_local_response_out_of_bounds(g: Guest, ctx: HttpContext, which: int, pt
 
 
 def test_local_response_in_root_context(g: Guest) -> None:
+    # Envoy: OK and nothing happens (test_envoy_diff.py, the pause plugin's on_tick).
     g.vm.effective = g.vm.root
-    assert _reply(g, 403) == R.BAD_ARGUMENT
+    assert _reply(g, 403) == R.OK
+    dp, ds = g.put_str(b"")
+    assert g.call("proxy_send_local_response", 403, dp, ds, 0xFFFFFF00, 8, dp, ds, 0) == R.INVALID_MEMORY_ACCESS
 
 
 def test_local_response_after_stream_finished(g: Guest, ctx: HttpContext) -> None:

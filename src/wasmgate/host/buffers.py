@@ -41,13 +41,23 @@ def _buffer(vm: PluginVM, buffer_type: int) -> bytes | bytearray | None:
 
 
 _NETWORK = (BufferType.DOWNSTREAM_DATA, BufferType.UPSTREAM_DATA)
+_HTTP_BODY = (BufferType.HTTP_REQUEST_BODY, BufferType.HTTP_RESPONSE_BODY)
+
+
+def _readable(vm: PluginVM, buffer_type: int) -> bytes | bytearray | None:
+    buf = _buffer(vm, buffer_type)
+    # Envoy reads an HTTP body buffer with no body in it (a header callback, a root
+    # context) as empty, not missing (proxy_set_buffer_bytes still answers NOT_FOUND there).
+    if buf is None and buffer_type in _HTTP_BODY:
+        return b""
+    return buf
 
 
 @hostcall("iiiii")
 def proxy_get_buffer_bytes(vm: PluginVM, buffer_type: int, start: int, length: int, rp: int, rs: int) -> int:
     if not 0 <= buffer_type <= BufferType.CALL_DATA:
         return R.BAD_ARGUMENT
-    buf = _buffer(vm, buffer_type)
+    buf = _readable(vm, buffer_type)
     if buf is None:
         return R.NOT_FOUND
     start &= 0xFFFFFFFF
@@ -60,7 +70,7 @@ def proxy_get_buffer_bytes(vm: PluginVM, buffer_type: int, start: int, length: i
 def proxy_get_buffer_status(vm: PluginVM, buffer_type: int, length_ptr: int, flags_ptr: int) -> int:
     if not 0 <= buffer_type <= BufferType.CALL_DATA:
         return R.BAD_ARGUMENT
-    buf = _buffer(vm, buffer_type)
+    buf = _readable(vm, buffer_type)
     if buf is None:
         return R.NOT_FOUND
     ok = vm.instance.write_u32(length_ptr, len(buf)) and vm.instance.write_u32(flags_ptr, 0)

@@ -25,15 +25,16 @@ def _http(vm: PluginVM) -> HttpContext | None:
 def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, bodyp: int, bodys: int,
                               hp: int, hs: int, grpc_status: int) -> int:
     ctx = _http(vm)
-    if ctx is None and _network(vm) is None:
-        return R.BAD_ARGUMENT
+    if ctx is None and isinstance(vm.effective, HttpContext):
+        return R.BAD_ARGUMENT  # a stream that has ended
     details = vm.instance.read(detp, dets)
     body = vm.instance.read(bodyp, bodys)
     raw_headers = vm.instance.read(hp, hs)
     if details is None or body is None or raw_headers is None:
         return R.INVALID_MEMORY_ACCESS
     if ctx is None:
-        return R.OK  # Envoy: a TCP connection has no HTTP reply to send; nothing happens
+        # Envoy: a root context or TCP connection has no HTTP reply to send; OK, nothing happens.
+        return R.OK
     try:
         headers = [(k.lower(), v) for k, v in decode_pairs(raw_headers)]
     except PairsError:

@@ -5,6 +5,9 @@
 //     request header `x-resumed: tick` and calls proxy_continue_stream.
 //   - Request bodies are buffered (Pause until end of stream), then upper-cased in
 //     place with proxy_set_buffer_bytes, which keeps their length.
+//   - The header callbacks read the body buffers before any body arrived (Envoy: an
+//     empty buffer, OK), and on_tick first asks for a local reply from the root
+//     context (Envoy: OK, nothing happens); both results are logged.
 package main
 
 import (
@@ -32,6 +35,10 @@ func onVMStart(rootID, size uint32) uint32 {
 
 //go:wasmexport proxy_on_tick
 func onTick(rootID uint32) {
+	if len(paused) > 0 {
+		st := abi.SendLocalResponse(500, "root", []byte("from root"), nil, -1)
+		abi.Log(abi.LogInfo, "pause: local reply from root status="+itoa(uint32(st)))
+	}
 	for _, id := range paused {
 		if st := abi.SetEffectiveContext(id); st != abi.OK {
 			abi.Log(abi.LogError, "pause: set_effective_context failed ctx="+itoa(id))
@@ -46,6 +53,7 @@ func onTick(rootID uint32) {
 
 //go:wasmexport proxy_on_request_headers
 func onRequestHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
+	peekBody("request", abi.RequestBody)
 	if _, st := abi.GetHeader(abi.RequestHeaders, "x-pause"); st != abi.OK {
 		return abi.Continue
 	}
@@ -67,6 +75,20 @@ func onRequestBody(ctxID, bodySize, endOfStream uint32) abi.Action {
 	abi.SetBuffer(abi.RequestBody, 0, bodySize, bytes.ToUpper(body))
 	abi.Log(abi.LogInfo, "pause: body complete ctx="+itoa(ctxID)+" size="+itoa(bodySize))
 	return abi.Continue
+}
+
+//go:wasmexport proxy_on_response_headers
+func onResponseHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
+	peekBody("response", abi.ResponseBody)
+	return abi.Continue
+}
+
+// peekBody logs what reading a body buffer in a header callback gives.
+func peekBody(what string, b abi.BufferType) {
+	size, st := abi.GetBufferSize(b)
+	data, bst := abi.GetBuffer(b, 0, 100)
+	abi.Log(abi.LogInfo, "pause: "+what+" body in headers status="+itoa(uint32(st))+" size="+itoa(size)+
+		" bytes status="+itoa(uint32(bst))+" len="+itoa(uint32(len(data))))
 }
 
 func itoa(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
