@@ -125,13 +125,14 @@ def test_get_bytes_buffers_without_source_are_not_found(g: Guest, ctx: HttpConte
 
 
 # Envoy reads a body buffer with no body in it as empty (test_envoy_diff.py, the pause
-# plugin's header callbacks); writing there stays NOT_FOUND.
+# plugin's header callbacks); writing there is BAD_ARGUMENT.
 def test_get_bytes_outside_body_callback_is_empty(g: Guest) -> None:
     g.http(Stream())
     assert _get(g, REQ_BODY, 0, 5) == (R.OK, b"")
     assert _get(g, RESP_BODY, 0, 5) == (R.OK, b"")
     dp, ds = g.put_str(b"x")
-    assert g.call("proxy_set_buffer_bytes", REQ_BODY, 0, 0, dp, ds) == R.NOT_FOUND
+    assert g.call("proxy_set_buffer_bytes", REQ_BODY, 0, 0, dp, ds) == R.BAD_ARGUMENT
+    assert g.call("proxy_set_buffer_bytes", RESP_BODY, 0, 0, dp, 0) == R.BAD_ARGUMENT
 
 
 def test_get_bytes_in_root_context_is_empty(g: Guest) -> None:
@@ -249,10 +250,10 @@ def test_set_bytes_not_found(g: Guest, ctx: HttpContext, buffer_type: int) -> No
     assert _set(g, buffer_type, 0, 0, b"x") == R.NOT_FOUND
 
 
-def test_set_bytes_outside_body_callback_is_not_found(g: Guest) -> None:
+def test_set_bytes_outside_body_callback_is_refused(g: Guest) -> None:
     s = Stream()
     g.http(s)
-    assert _set(g, REQ_BODY, 0, 0, b"x") == R.NOT_FOUND
+    assert _set(g, REQ_BODY, 0, 0, b"x") == R.BAD_ARGUMENT  # as Envoy (test_envoy_diff.py)
     assert s.request_body is None
 
 

@@ -44,10 +44,10 @@ _NETWORK = (BufferType.DOWNSTREAM_DATA, BufferType.UPSTREAM_DATA)
 _HTTP_BODY = (BufferType.HTTP_REQUEST_BODY, BufferType.HTTP_RESPONSE_BODY)
 
 
-def _readable(vm: PluginVM, buffer_type: int) -> bytes | bytearray | None:
+def _or_empty(vm: PluginVM, buffer_type: int) -> bytes | bytearray | None:
     buf = _buffer(vm, buffer_type)
-    # Envoy reads an HTTP body buffer with no body in it (a header callback, a root
-    # context) as empty, not missing (proxy_set_buffer_bytes still answers NOT_FOUND there).
+    # Envoy has an HTTP body buffer with no body in it (a header callback, a root
+    # context): it reads as empty and refuses writes (BAD_ARGUMENT), never NOT_FOUND.
     if buf is None and buffer_type in _HTTP_BODY:
         return b""
     return buf
@@ -57,7 +57,7 @@ def _readable(vm: PluginVM, buffer_type: int) -> bytes | bytearray | None:
 def proxy_get_buffer_bytes(vm: PluginVM, buffer_type: int, start: int, length: int, rp: int, rs: int) -> int:
     if not 0 <= buffer_type <= BufferType.CALL_DATA:
         return R.BAD_ARGUMENT
-    buf = _readable(vm, buffer_type)
+    buf = _or_empty(vm, buffer_type)
     if buf is None:
         return R.NOT_FOUND
     start &= 0xFFFFFFFF
@@ -70,7 +70,7 @@ def proxy_get_buffer_bytes(vm: PluginVM, buffer_type: int, start: int, length: i
 def proxy_get_buffer_status(vm: PluginVM, buffer_type: int, length_ptr: int, flags_ptr: int) -> int:
     if not 0 <= buffer_type <= BufferType.CALL_DATA:
         return R.BAD_ARGUMENT
-    buf = _readable(vm, buffer_type)
+    buf = _or_empty(vm, buffer_type)
     if buf is None:
         return R.NOT_FOUND
     ok = vm.instance.write_u32(length_ptr, len(buf)) and vm.instance.write_u32(flags_ptr, 0)
@@ -81,11 +81,11 @@ def proxy_get_buffer_status(vm: PluginVM, buffer_type: int, length_ptr: int, fla
 def proxy_set_buffer_bytes(vm: PluginVM, buffer_type: int, start: int, length: int, dp: int, ds: int) -> int:
     if not 0 <= buffer_type <= BufferType.CALL_DATA:
         return R.BAD_ARGUMENT
-    buf = _buffer(vm, buffer_type)
+    buf = _or_empty(vm, buffer_type)
     if buf is None:
         return R.NOT_FOUND
     if not isinstance(buf, bytearray):
-        return R.BAD_ARGUMENT  # configuration buffers are read-only
+        return R.BAD_ARGUMENT  # configuration buffers and a missing body are read-only
     data = vm.instance.read(dp, ds)
     if data is None:
         return R.INVALID_MEMORY_ACCESS

@@ -5,8 +5,8 @@
 //     request header `x-resumed: tick` and calls proxy_continue_stream.
 //   - Request bodies are buffered (Pause until end of stream), then upper-cased in
 //     place with proxy_set_buffer_bytes, which keeps their length.
-//   - The header callbacks read the body buffers before any body arrived (Envoy: an
-//     empty buffer, OK), and on_tick first asks for a local reply from the root
+//   - The header callbacks read and write the body buffers before any body arrived
+//     (Envoy: an empty buffer, OK; writes BAD_ARGUMENT), and on_tick first asks for a local reply from the root
 //     context (Envoy: OK, nothing happens); both results are logged.
 package main
 
@@ -83,12 +83,13 @@ func onResponseHeaders(ctxID, numHeaders, endOfStream uint32) abi.Action {
 	return abi.Continue
 }
 
-// peekBody logs what reading a body buffer in a header callback gives.
+// peekBody logs what reading and writing a body buffer in a header callback gives.
 func peekBody(what string, b abi.BufferType) {
 	size, st := abi.GetBufferSize(b)
 	data, bst := abi.GetBuffer(b, 0, 100)
 	abi.Log(abi.LogInfo, "pause: "+what+" body in headers status="+itoa(uint32(st))+" size="+itoa(size)+
-		" bytes status="+itoa(uint32(bst))+" len="+itoa(uint32(len(data))))
+		" bytes status="+itoa(uint32(bst))+" len="+itoa(uint32(len(data)))+
+		" set status="+itoa(uint32(abi.SetBuffer(b, 0, 0, []byte("x"))))+" setempty status="+itoa(uint32(abi.SetBuffer(b, 0, 0, nil))))
 }
 
 func itoa(v uint32) string { return strconv.FormatUint(uint64(v), 10) }
