@@ -5,6 +5,8 @@
 // context: 200 adds request header `x-auth: <body>` and resumes the request;
 // another status answers 403 "denied: <status>" (a failed call arrives as Envoy's
 // 503 or 504 response, so it is denied too); a call with no response answers 503.
+// Before switching it asks for a local reply from the root context and logs the
+// result (Envoy: OK, nothing happens).
 package main
 
 import (
@@ -46,6 +48,8 @@ func onHttpCallResponse(ctxID, token, numHeaders, bodySize, numTrailers uint32) 
 		return
 	}
 	delete(waiting, token)
+	st := abi.SendLocalResponse(500, "root", []byte("from root\n"), nil, -1)
+	abi.Log(abi.LogInfo, "callout: local reply from root status="+strconv.Itoa(int(st)))
 	abi.SetEffectiveContext(stream)
 	if numHeaders == 0 {
 		abi.SendLocalResponse(503, "callout_failed", []byte("callout failed\n"), nil, -1)
