@@ -23,6 +23,7 @@ import pytest
 from envoy_harness import Envoy, EnvoyPlugin, EnvoyTcpProxy
 from servers import PLUGIN_BUILD, ProxyThread, Step, TcpEcho, start_upstream, tcp_session, wasmplugin_yaml
 from wasmgate.plugin import metrics
+from xds_harness import GatewayThread
 
 NETFILTER = PLUGIN_BUILD / "netfilter.wasm"
 
@@ -41,22 +42,32 @@ def _plugin_lines(text: str) -> list[str]:
 class NetPair:
     """Envoy and wasmgate, each with one TCP proxy listener running the netfilter plugin."""
 
-    def __init__(self, workdir: Path, config: str = "", fail_open: bool = False, names: tuple[str, ...] = ()):
+    def __init__(self, workdir: Path, config: str = "", fail_open: bool = False, names: tuple[str, ...] = (),
+                 kind: str = "static"):
         """``names``: several netfilter plugins in that order, on one shared VM (Istio sets no
-        vm_id), instead of the one named netfilter."""
+        vm_id), instead of the one named netfilter. ``kind`` "xds": the Envoy is `wasmgate
+        envoy` with the same WasmPlugin files and TCP proxy listener, configured over ADS."""
+        self.kind = kind
         self.echo = TcpEcho()
         self.http_upstream = start_upstream()
         (workdir / "envoy").mkdir()
         plugins = [EnvoyPlugin(n, NETFILTER, config, fail_open=fail_open, root_id=n, vm_id="" if names else None)
                    for n in names or ("netfilter",)]
-        self.envoy = Envoy([], self.http_upstream.port, workdir / "envoy", clusters={"echo": self.echo.port},
-                           tcp_proxies=[EnvoyTcpProxy("echo", plugins)])
-        self.envoy.start()
         files = [wasmplugin_yaml(workdir, p.name, NETFILTER, plugin_type="NETWORK", config=config or None,
                                  fail_strategy="FAIL_OPEN" if fail_open else "", priority=100 - i)
                  for i, p in enumerate(plugins)]
+        self.envoy: Envoy | GatewayThread
+        node = {"id": "tcp-diff"}  # wasmgate envoy names Envoy's node "wasmgate" by default
+        if kind == "xds":
+            self.envoy = GatewayThread(files, self.http_upstream.url, workdir / "xds", node=node,
+                                       clusters={"echo": f"127.0.0.1:{self.echo.port}"},
+                                       tcp_proxies=[{"listen": "127.0.0.1:0", "cluster": "echo"}])
+        else:
+            self.envoy = Envoy([], self.http_upstream.port, workdir / "envoy", clusters={"echo": self.echo.port},
+                               tcp_proxies=[EnvoyTcpProxy("echo", plugins)], node=node)
+            self.envoy.start()
         try:
-            self.wasmgate = ProxyThread(files, self.http_upstream.url,
+            self.wasmgate = ProxyThread(files, self.http_upstream.url, node=node,
                                         clusters={"echo": f"127.0.0.1:{self.echo.port}"},
                                         tcp_proxies=[{"listen": "127.0.0.1:0", "cluster": "echo"}])
         except BaseException:
@@ -90,6 +101,11 @@ class NetPair:
         as an end of stream, depending on whether its bytes had arrived before the close."""
         theirs = self._run(self.envoy.tcp_ports[0], steps, lambda: _plugin_lines(self.envoy.log_text()), until)
         ours = self._run(self.wasmgate.running.tcp_ports[0], steps, lambda: list(self.ours), until)
+        if self.kind == "xds":
+            # Root context ids follow the order Envoy applies the plugins' ECDS resources (not
+            # the filter order): which root a connection's context hangs from is compared by name.
+            for seen in (ours, theirs):
+                seen.lines = [re.sub(r" parent=\d+", " parent=ROOT", line) for line in seen.lines]
         if reset_is_eof:
             for seen in (ours, theirs):
                 seen.client = [("eof", b"") if c == ("reset", b"") else c for c in seen.client]
@@ -111,13 +127,13 @@ class _Collector(logging.Handler):
 
 
 @contextlib.contextmanager
-def running(workdir: Path, config: str = "", fail_open: bool = False,
+def running(workdir: Path, kind: str, config: str = "", fail_open: bool = False,
             names: tuple[str, ...] = ()) -> Iterator[NetPair]:
     logger = logging.getLogger("wasmgate.wasm")
     level = logger.level
     saved, metrics.STORE = metrics.STORE, metrics.MetricStore()  # process-wide here, per Envoy process there
     try:
-        pair = NetPair(workdir, config, fail_open, names)
+        pair = NetPair(workdir, config, fail_open, names, kind)
         handler = _Collector(pair)
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -131,9 +147,18 @@ def running(workdir: Path, config: str = "", fail_open: bool = False,
         metrics.STORE = saved
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetPair]:
-    with running(tmp_path_factory.mktemp("netdiff")) as p:
+# "static": the harness's bootstrap; "xds": `wasmgate envoy`, Envoy configured over ADS.
+ENVOY_KINDS = ["static", "xds"]
+
+
+@pytest.fixture(params=ENVOY_KINDS)
+def envoy_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module", params=ENVOY_KINDS)
+def pair(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[NetPair]:
+    with running(tmp_path_factory.mktemp("netdiff"), str(request.param)) as p:
         yield p
 
 
@@ -174,8 +199,8 @@ def test_tcp_plugin_metrics_same_as_envoy(pair: NetPair) -> None:
     assert any(line.startswith("tcp_downstream_bytes{} ") for line in ours)
 
 
-def test_tcp_trap_fail_close_same_as_envoy(tmp_path: Path) -> None:
-    with running(tmp_path) as p:
+def test_tcp_trap_fail_close_same_as_envoy(tmp_path: Path, envoy_kind: str) -> None:
+    with running(tmp_path, envoy_kind) as p:
         seen = p.compare([("send", b"hello"), ("recv",), ("send", b"trap:"), ("eof",)], until="trap:")
         assert seen.client == [b"hello", ("eof", b"")]
         assert seen.lines[-1].startswith("on_downstream_data") and "trap:" in seen.lines[-1]
@@ -184,8 +209,8 @@ def test_tcp_trap_fail_close_same_as_envoy(tmp_path: Path) -> None:
         assert seen.client == [("eof", b"")] and seen.upstream == [] and seen.lines == []
 
 
-def test_tcp_trap_fail_open_same_as_envoy(tmp_path: Path) -> None:
-    with running(tmp_path, fail_open=True) as p:
+def test_tcp_trap_fail_open_same_as_envoy(tmp_path: Path, envoy_kind: str) -> None:
+    with running(tmp_path, envoy_kind, fail_open=True) as p:
         seen = p.compare([("send", b"hello"), ("recv",), ("send", b"trap:"), ("recv",), ("send", b"after"),
                           ("recv",), ("shut",), ("eof",)], until="trap:")
         assert seen.client == [b"hello", b"trap:", b"after", ("eof", b"")]
@@ -193,8 +218,8 @@ def test_tcp_trap_fail_open_same_as_envoy(tmp_path: Path) -> None:
         assert seen.client == [b"again", ("eof", b"")] and seen.lines == []  # no filter on a failed VM
 
 
-def test_tcp_pause_in_new_connection_same_as_envoy(tmp_path: Path) -> None:
-    with running(tmp_path, config="pause-new") as p:
+def test_tcp_pause_in_new_connection_same_as_envoy(tmp_path: Path, envoy_kind: str) -> None:
+    with running(tmp_path, envoy_kind, config="pause-new") as p:
         seen = p.compare(SCENARIOS["echo"])
         assert seen.lines[2].startswith("tick resumes")
         p.compare(SCENARIOS["no-data"])
@@ -219,22 +244,24 @@ TCP_SHAPES = ["request.time", "request.duration", "connection.id", "connection_i
               "destination.address", "destination.port", "upstream.port", "upstream.local_address"]
 
 
-def test_tcp_properties_same_as_envoy(tmp_path: Path) -> None:
-    config = f"paths={','.join(TCP_PROPERTIES)}\nshapes={','.join(TCP_SHAPES)}"
-    with running(tmp_path, config=config) as p:
+def test_tcp_properties_same_as_envoy(tmp_path: Path, envoy_kind: str) -> None:
+    # Through `wasmgate envoy`, plugin_name is Istio's "<namespace>.<name>" (docs/envoy.md).
+    paths = [p for p in TCP_PROPERTIES if envoy_kind == "static" or p != "plugin_name"]
+    config = f"paths={','.join(paths)}\nshapes={','.join(TCP_SHAPES)}"
+    with running(tmp_path, envoy_kind, config=config) as p:
         seen = p.compare(SCENARIOS["echo"])
     props = [line for line in seen.lines if line.startswith("prop ")]
-    assert len(props) == 3 * (len(TCP_PROPERTIES) + len(TCP_SHAPES))
+    assert len(props) == 3 * (len(paths) + len(TCP_SHAPES))
     assert "prop new upstream.address = status:1" in props  # not connected yet
     assert "prop data request.size = 0500000000000000" in props  # bytes received so far
     assert "prop log response.size = 0a00000000000000" in props  # bytes sent to the client
     assert "prop data xds.cluster_name = " + b"echo".hex() in props
 
 
-def test_two_network_plugins_same_as_envoy(tmp_path: Path) -> None:
+def test_two_network_plugins_same_as_envoy(tmp_path: Path, envoy_kind: str) -> None:
     """Read order first-second, write order second-first; a read after the second paused
     starts again at the first with the whole buffer (Envoy's filter manager)."""
-    with running(tmp_path, names=("first", "second")) as p:
+    with running(tmp_path, envoy_kind, names=("first", "second")) as p:
         seen = p.compare([("send", b"hold@second:1"), ("send", b"more"), ("send", b"release"), ("recv",),
                           ("send", b"uphold"), ("send", b"x"), ("recv",), ("shut",), ("eof",)])
         assert seen.client == [b"hold@second:1morerelease", b"upholdx", ("eof", b"")]

@@ -298,7 +298,7 @@ def test_plugin_name_is_istios(upstream: Upstream, tmp_path: Path) -> None:
     d = tmp_path / "plugins"
     d.mkdir()
     wasmplugin_yaml(d, "props", PLUGIN_BUILD / "props.wasm", config={"paths": ["plugin_name", "plugin_root_id"]})
-    # a NETWORK plugin (wasmgate's TCP listeners) is not configured on Envoy, and says so
+    # a NETWORK plugin with no TCP proxy listener (tcp_proxies) to run on is not served, and says so
     (d / "net.yaml").write_text(json.dumps({"apiVersion": "extensions.istio.io/v1alpha1", "kind": "WasmPlugin",
                                             "metadata": {"name": "net"},
                                             "spec": {"url": f"file://{TAG}", "type": "NETWORK"}}))

@@ -53,6 +53,11 @@ class GatewayThread:
         return self.gateway.port
 
     @property
+    def tcp_ports(self) -> list[int]:
+        """Envoy's TCP proxy listener ports, in the order of ``tcp_proxies``."""
+        return self.gateway.tcp_ports
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 

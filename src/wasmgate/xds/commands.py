@@ -33,6 +33,8 @@ def register(sub: Any) -> None:
                    help="a cluster plugins may call with proxy_http_call (repeatable)")
     e.add_argument("--http2-cluster", action="append", default=[], metavar="NAME",
                    help="a cluster Envoy reaches over HTTP/2, for plugins' gRPC calls (repeatable)")
+    e.add_argument("--tcp-proxy", action="append", default=[], metavar="LISTEN=CLUSTER",
+                   help="a TCP proxy listener to that cluster, for NETWORK WasmPlugins (repeatable)")
     e.add_argument("--labels", action="append", default=[], metavar="K=V[,K=V]",
                    help="this gateway's labels, matched by WasmPlugin spec.selector.matchLabels")
     e.add_argument("--kube", action="store_true",
@@ -85,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         o.clusters, o.node, o.labels, o.watch = dict(cfg.clusters), dict(cfg.node), dict(cfg.labels), cfg.watch
         o.plugins = list(cfg.plugins)
         o.http2_clusters = list(cfg.http2_clusters)
+        o.tcp_proxies = [t.to_options() for t in cfg.tcp_proxies]
         o.xds = cfg.xds.model_dump(exclude_none=True)
         o.upstream_ca = cfg.upstream_tls.ca
         o.upstream_insecure_skip_verify = cfg.upstream_tls.insecure_skip_verify
@@ -94,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
     o.upstream = args.upstream or o.upstream
     o.clusters.update(_pairs(args.cluster, "--cluster"))
     o.labels.update(_pairs(args.labels, "--labels"))
+    for item in args.tcp_proxy:
+        listen, sep, name = item.rpartition("=")
+        if not sep or not listen or not name:
+            raise ConfigError(f"--tcp-proxy: expected LISTEN=CLUSTER, got {item!r}")
+        o.tcp_proxies.append({"listen": listen, "cluster": name})
     o.http2_clusters += [n for n in args.http2_cluster if n not in o.http2_clusters]
     if args.kube:
         if args.resources is not None:

@@ -27,12 +27,14 @@ from wasmgate.plugin.spec import FailStrategy, PluginSpec
 from wasmgate.resources.feed import SpecSet
 from wasmgate.xds.resources import (
     ECDS_TYPE,
+    TcpProxy,
     UpstreamTls,
     cluster,
     extension_config,
     fallback_filter,
     listener,
     resource_name,
+    tcp_listener,
     upstream_cluster_name,
     wasm_filter,
 )
@@ -79,19 +81,25 @@ class Controller:
 
     def __init__(self, server: XdsServer, listen: tuple[str, int], upstream: str, clusters: dict[str, str],
                  tls: UpstreamTls | None = None, cache: ModuleCache | None = None,
-                 xds: dict[str, Any] | None = None, http2: Collection[str] = ()):
+                 xds: dict[str, Any] | None = None, http2: Collection[str] = (),
+                 tcp_proxies: list[TcpProxy] | None = None):
         self.server = server
         self.listen = listen
         self.xds = dict(xds or {})
         self.cache = cache or module_cache()
         self.plugins: list[PluginState] = []
         self.errors: dict[str, str] = {}  # resource source -> why it was not read
-        self.skipped: list[str] = []  # NETWORK plugins: not configured (HTTP filters only)
+        self.tcp_proxies = list(tcp_proxies or [])
+        self.skipped: list[str] = []  # NETWORK plugins with no TCP proxy listener to run on
         self.applied = 0
         self.retry_initial = 2.0
         self._last: SpecSet | None = None
         self._lock = asyncio.Lock()
         # Checked now: a bad URL or an unknown HTTP/2 cluster stops startup with the cluster's name.
+        for t in self.tcp_proxies:
+            if t.cluster not in clusters:
+                raise ValueError(f"tcp proxy {t.name}: no cluster named {t.cluster!r} (clusters: "
+                                 f"{', '.join(sorted(clusters)) or 'none'})")
         for name in http2:
             if name not in clusters:
                 raise ValueError(f"HTTP/2 cluster {name}: no cluster of that name (clusters: "
@@ -112,14 +120,15 @@ class Controller:
             self.errors = dict(update.errors)
             states = [p for p in self.plugins if p.spec.source in update.errors]
             kept = {(p.spec.namespace, p.spec.name) for p in states}
-            network = sorted(f"{s.namespace}/{s.name}" for s in update.specs if s.network)
+            network = sorted(f"{s.namespace}/{s.name}" for s in update.specs if s.network
+                             and not any(s.applies_to_port(t.port) for t in self.tcp_proxies))
             if network != self.skipped:
                 if network:
-                    _log.warning("NETWORK WasmPlugins are not configured on Envoy by wasmgate envoy (HTTP only): %s",
+                    _log.warning("NETWORK WasmPlugins with no TCP proxy listener (tcp_proxies) to run on: %s",
                                  ", ".join(network))
                 self.skipped = network
             for spec in update.specs:
-                if spec.network or (spec.namespace, spec.name) in kept:
+                if f"{spec.namespace}/{spec.name}" in network or (spec.namespace, spec.name) in kept:
                     continue
                 old = current.get((spec.namespace, spec.name))
                 try:
@@ -150,10 +159,12 @@ class Controller:
     def snapshot(self) -> Snapshot:
         host, port = self.listen
         extensions = [extension_config(p.resource, wasm_filter(p.spec, p.module) if p.module is not None
-                                       else fallback_filter(p.fallback == "allow"))
+                                       else fallback_filter(p.fallback == "allow", p.spec.network))
                       for p in self.plugins]
-        return Snapshot.of([listener(host, port, [p.spec for p in self.plugins], xds=self.xds)], self.clusters,
-                           extensions)
+        http = [p.spec for p in self.plugins if not p.spec.network]
+        tcp = [tcp_listener(t, [p.spec for p in self.plugins if p.spec.network and p.spec.applies_to_port(t.port)])
+               for t in self.tcp_proxies]
+        return Snapshot.of([listener(host, port, http, xds=self.xds), *tcp], self.clusters, extensions)
 
     async def run(self, feed: AsyncIterable[SpecSet], first: asyncio.Event | None = None) -> None:
         """Apply every update of ``feed``; fetch unavailable modules again, with backoff."""

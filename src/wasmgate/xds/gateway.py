@@ -25,7 +25,7 @@ from wasmgate.resources.feed import DirectoryFeed, SpecSet
 from wasmgate.resources.wasmplugin import Scope
 from wasmgate.xds.control import Controller
 from wasmgate.xds.envoy import EnvoyError, EnvoyProcess, bootstrap
-from wasmgate.xds.resources import UpstreamTls
+from wasmgate.xds.resources import TcpProxy, UpstreamTls
 from wasmgate.xds.server import XdsServer
 
 _log = logging.getLogger("wasmgate")
@@ -44,6 +44,8 @@ class EnvoyOptions:
     plugins: list[Path] = field(default_factory=list)
     clusters: dict[str, str] = field(default_factory=dict)
     http2_clusters: list[str] = field(default_factory=list)  # clusters Envoy reaches over HTTP/2 (gRPC calls)
+    # TCP proxy listeners for NETWORK plugins, as wasmgate run's: {name, listen, cluster, idle_timeout}
+    tcp_proxies: list[dict[str, Any]] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     node: dict[str, Any] = field(default_factory=dict)
     watch: bool = True
@@ -76,6 +78,8 @@ class Gateway:
         self.envoy: EnvoyProcess | None = None
         self.controller: Controller | None = None
         self.port = 0  # Envoy's listener port, once known
+        self.tcp_ports: list[int] = []  # Envoy's TCP proxy listener ports, once known
+        self._listener_names: list[str] = []
         self.admin_port = 0
         self.ready = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -94,6 +98,11 @@ class Gateway:
             lhost, lport = parse_address(o.listen, "--listen")
             ahost, aport = parse_address(o.admin, "--admin") if o.admin else ("", 0)
             ehost, eport = parse_address(o.envoy_admin, "--envoy-admin")
+            tcp = []
+            for i, t in enumerate(o.tcp_proxies):
+                host, port = parse_address(str(t.get("listen", "")), f"tcp_proxies[{i}].listen")
+                tcp.append(TcpProxy(str(t.get("name") or (f"tcp_{port}" if port else f"tcp_{i}")), host, port,
+                                    str(t.get("cluster", "")), float(t.get("idle_timeout", 3600.0))))
         except ValueError as e:
             raise GatewayError(str(e)) from None
         upstream = o.upstream
@@ -105,7 +114,7 @@ class Gateway:
             self.controller = Controller(self.server, (lhost, lport), upstream, o.clusters,
                                          UpstreamTls(o.upstream_ca, o.upstream_insecure_skip_verify),
                                          ModuleCache(o.module_cache) if o.module_cache else None, o.xds,
-                                         http2=o.http2_clusters)
+                                         http2=o.http2_clusters, tcp_proxies=tcp)
         except ValueError as e:
             raise GatewayError(str(e)) from None
         scope = Scope(labels=dict(o.labels), port=lport)
@@ -117,6 +126,7 @@ class Gateway:
                             watch=o.watch)
         elif feed is None:
             feed = DirectoryFeed(o.plugins, scope, watch=o.watch)
+        self._listener_names = [f"{lhost}_{lport}", *(t.name for t in tcp)]
         xds_port = await self.server.start()
         first = asyncio.Event()
         run = asyncio.get_running_loop().create_task(self.controller.run(feed, first))
@@ -155,8 +165,10 @@ class Gateway:
                 base = self.envoy.admin_url()
                 if (await loop.run_in_executor(None, _get, f"{base}/ready")).strip() == b"LIVE":
                     listeners = json.loads(await loop.run_in_executor(None, _get, f"{base}/listeners?format=json"))
-                    for ls in listeners.get("listener_statuses", []):
-                        self.port = int(ls["local_address"]["socket_address"]["port_value"])
+                    ports = {ls["name"]: int(ls["local_address"]["socket_address"]["port_value"])
+                             for ls in listeners.get("listener_statuses", [])}
+                    if all(n in ports for n in self._listener_names):
+                        self.port, *self.tcp_ports = (ports[n] for n in self._listener_names)
                         self.ready = True
                         return
             await asyncio.sleep(0.05)
@@ -166,7 +178,7 @@ class Gateway:
     def status(self) -> dict[str, Any]:
         c = self.controller
         proc = self.envoy.proc if self.envoy is not None else None
-        envoy: dict[str, Any] = {"ready": self.ready, "listener_port": self.port,
+        envoy: dict[str, Any] = {"ready": self.ready, "listener_port": self.port, "tcp_ports": self.tcp_ports,
                                  "pid": proc.pid if proc is not None else None}
         with contextlib.suppress(EnvoyError, AttributeError):
             envoy["admin"] = self.envoy.admin_url() if self.envoy is not None else None

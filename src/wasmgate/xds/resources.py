@@ -24,6 +24,9 @@ import envoy.extensions.filters.http.rbac.v3.rbac_pb2
 import envoy.extensions.filters.http.router.v3.router_pb2
 import envoy.extensions.filters.http.wasm.v3.wasm_pb2
 import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2
+import envoy.extensions.filters.network.rbac.v3.rbac_pb2
+import envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2
+import envoy.extensions.filters.network.wasm.v3.wasm_pb2
 import envoy.extensions.transport_sockets.tls.v3.tls_pb2
 import envoy.extensions.upstreams.http.v3.http_protocol_options_pb2  # noqa: F401
 from google.protobuf import json_format  # type: ignore[import-untyped]
@@ -35,6 +38,9 @@ CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ECDS_TYPE = "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 RBAC_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+NETWORK_WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.wasm.v3.Wasm"
+NETWORK_RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
+TCP_PROXY_TYPE = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
             "HttpConnectionManager")
@@ -62,7 +68,8 @@ _FAILURE_POLICY = {FailStrategy.FAIL_OPEN: "FAIL_OPEN", FailStrategy.FAIL_CLOSE:
 
 def wasm_filter(spec: PluginSpec, module: Path) -> dict[str, Any]:
     """The ``envoy.extensions.filters.http.wasm.v3.Wasm`` istiod sends, after istio-agent has
-    replaced the remote code by the local file it fetched (``module``)."""
+    replaced the remote code by the local file it fetched (``module``); the network filter's
+    ``Wasm`` for a NETWORK plugin (the same PluginConfig)."""
     vm: dict[str, Any] = {"runtime": V8, "code": {"local": {"filename": str(module)}}}
     if spec.vm_id:
         vm["vm_id"] = spec.vm_id
@@ -77,16 +84,28 @@ def wasm_filter(spec: PluginSpec, module: Path) -> dict[str, Any]:
         "vm_config": vm,
         "failure_policy": _FAILURE_POLICY[spec.fail_strategy],
     }
+    if spec.network and spec.fail_strategy == FailStrategy.FAIL_OPEN:
+        # Envoy's network Wasm filter reads only the older field when a VM fails mid-connection
+        # (and takes one of the two): without it the connection is closed, as FAIL_CLOSE
+        del config["failure_policy"]
+        config["fail_open"] = True
     # Istio: compact JSON in a StringValue; an empty object, like none, is no configuration
     if spec.plugin_config and spec.plugin_config != b"{}":
         config["configuration"] = {"@type": "type.googleapis.com/google.protobuf.StringValue",
                                    "value": spec.plugin_config.decode()}
-    return {"@type": WASM_FILTER_TYPE, "config": config}
+    return {"@type": NETWORK_WASM_TYPE if spec.network else WASM_FILTER_TYPE, "config": config}
 
 
-def fallback_filter(fail_open: bool) -> dict[str, Any]:
+def fallback_filter(fail_open: bool, network: bool = False) -> dict[str, Any]:
     """istio-agent's stand-in for a module it could not fetch: RBAC with no rules allows
-    everything; RBAC with empty rules (no policy can match) denies everything."""
+    everything; RBAC with empty rules (no policy can match) denies everything. ``network``:
+    the network RBAC filter (for NETWORK plugins), which closes denied connections."""
+    if network:
+        d: dict[str, Any] = {"@type": NETWORK_RBAC_TYPE,
+                             "stat_prefix": DEFAULT_ALLOW_PREFIX if fail_open else DEFAULT_DENY_PREFIX}
+        if not fail_open:
+            d["rules"] = {}
+        return d
     if fail_open:
         return {"@type": RBAC_FILTER_TYPE, "rules_stat_prefix": DEFAULT_ALLOW_PREFIX}
     return {"@type": RBAC_FILTER_TYPE, "rules": {}, "rules_stat_prefix": DEFAULT_DENY_PREFIX}
@@ -139,6 +158,34 @@ def listener(host: str, port: int, plugins: list[PluginSpec], *, stat_prefix: st
         d["traffic_direction"] = x["listener_direction"]
     msg = listener_pb2.Listener()
     json_format.ParseDict(d, msg)
+    return msg
+
+
+@dataclass(frozen=True)
+class TcpProxy:
+    """A TCP proxy listener (the config's ``tcp_proxies`` entry)."""
+
+    name: str
+    host: str
+    port: int
+    cluster: str
+    idle_timeout: float = 3600.0  # 0: none
+
+
+def tcp_listener(t: TcpProxy, plugins: list[PluginSpec]) -> listener_pb2.Listener:
+    """A listener of ECDS-discovered network Wasm filters (``plugins`` in chain order) in
+    front of ``tcp_proxy`` to the cluster, as istiod configures NETWORK WasmPlugins."""
+    config_source = {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "0s"}
+    filters: list[dict[str, Any]] = [
+        {"name": resource_name(s), "config_discovery": {"config_source": config_source,
+                                                        "type_urls": [NETWORK_WASM_TYPE, NETWORK_RBAC_TYPE]}}
+        for s in plugins]
+    proxy: dict[str, Any] = {"@type": TCP_PROXY_TYPE, "stat_prefix": t.name, "cluster": t.cluster,
+                             "idle_timeout": f"{t.idle_timeout}s"}
+    filters.append({"name": "envoy.filters.network.tcp_proxy", "typed_config": proxy})
+    msg = listener_pb2.Listener()
+    json_format.ParseDict({"name": t.name, "address": _address(t.host, t.port), "filter_chains": [
+        {"filters": filters}]}, msg)
     return msg
 
 
