@@ -121,8 +121,10 @@ class Pair:
                  for i, p in enumerate(plugins)]
         self.envoy: Envoy | GatewayThread
         if kind == "xds":  # the same WasmPlugin files, through `wasmgate envoy`
-            assert tls is None and upstream_tls is None, "wasmgate envoy configures no TLS listener"
-            self.envoy = GatewayThread(files, self.upstream.url, workdir / "xds", autostart=False,
+            ut = upstream_tls or {}
+            self.envoy = GatewayThread(files, self.upstream.url, workdir / "xds", autostart=False, tls=tls,
+                                       upstream_ca=ut.get("ca"), upstream_cert=ut.get("cert"),
+                                       upstream_key=ut.get("key"),
                                        clusters={n: u.url for n, u in clusters.items()}, node=dict(node or {}),
                                        xds=XdsConfig(**(xds or {})).model_dump(exclude_none=True),
                                        envoy_component_log_level="wasm:debug")

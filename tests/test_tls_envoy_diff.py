@@ -30,7 +30,7 @@ from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from servers import PLUGIN_BUILD, start_upstream
-from test_envoy_diff import Connect, Pair, Plugin
+from test_envoy_diff import ENVOY_KINDS, Connect, Pair, Plugin
 from wasmgate.proxy.dn import SHORT_NAMES
 
 TLS_KEYS = ["tls_version", "subject_local_certificate", "subject_peer_certificate", "uri_san_local_certificate",
@@ -154,7 +154,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(d)
 
 
-def _pair(pki: Pki, workdir: Path, require_client_certificate: bool = False) -> Pair:
+def _pair(pki: Pki, workdir: Path, require_client_certificate: bool = False, kind: str = "static") -> Pair:
     tls: dict[str, Any] = {"cert": pki.path("default"), "key": pki.path("default", "key"),
                            "sni": [{"server_names": [n], "cert": pki.path(n.split(".")[0]),
                                     "key": pki.path(n.split(".")[0], "key")}
@@ -170,15 +170,15 @@ def _pair(pki: Pki, workdir: Path, require_client_certificate: bool = False) -> 
     headers = tuple(f"x-prop-{req}{p}" for req in ("", "req-") for p in PATHS)
     try:
         return Pair([Plugin("props", PLUGIN_BUILD / "props.wasm", {"paths": PATHS})], workdir,
-                    response_headers=headers, tls=tls, upstream=upstream, upstream_tls=upstream_tls)
+                    response_headers=headers, tls=tls, upstream=upstream, upstream_tls=upstream_tls, kind=kind)
     except BaseException:
         upstream.server.shutdown()
         raise
 
 
-@pytest.fixture(scope="module")
-def pair(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    p = _pair(pki, tmp_path_factory.mktemp("tlsdiff"))
+@pytest.fixture(scope="module", params=ENVOY_KINDS)
+def pair(pki: Pki, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Pair]:
+    p = _pair(pki, tmp_path_factory.mktemp("tlsdiff"), kind=str(request.param))
     yield p
     p.stop()
 
@@ -220,12 +220,13 @@ def test_tls_attributes_same_as_envoy(pair: Pair, pki: Pki, server_name: str | N
     assert any(m.startswith("props: log prop upstream.sha256_peer_certificate_digest = ") for m in pair.last_logs)
 
 
-def test_required_client_certificate_same_as_envoy(pki: Pki, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("envoy_kind", ENVOY_KINDS)
+def test_required_client_certificate_same_as_envoy(pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   envoy_kind: str) -> None:
     """require_client_certificate: a client with a certificate gets through, one without
     is refused by both during or right after the handshake."""
     monkeypatch.setattr(http.client, "_MAXHEADERS", 1000)
-    p = _pair(pki, tmp_path, require_client_certificate=True)
+    p = _pair(pki, tmp_path, require_client_certificate=True, kind=envoy_kind)
     try:
         got = p.compare(connect=pki.connect("a.example", "client")).headers
         assert _value(got, "connection.mtls", True) == "01"

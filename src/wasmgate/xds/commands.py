@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         o.xds = cfg.xds.model_dump(exclude_none=True)
         o.upstream_ca = cfg.upstream_tls.ca
         o.upstream_insecure_skip_verify = cfg.upstream_tls.insecure_skip_verify
+        o.upstream_cert, o.upstream_key = cfg.upstream_tls.cert, cfg.upstream_tls.key
+        o.tls = cfg.tls.model_dump() if cfg.tls is not None else None
     o.listen = args.listen or o.listen
     o.admin = args.admin if args.admin is not None else o.admin
     o.envoy_admin = args.envoy_admin or o.envoy_admin

@@ -27,6 +27,7 @@ from wasmgate.plugin.spec import FailStrategy, PluginSpec
 from wasmgate.resources.feed import SpecSet
 from wasmgate.xds.resources import (
     ECDS_TYPE,
+    DownstreamTls,
     TcpProxy,
     UpstreamTls,
     cluster,
@@ -82,7 +83,7 @@ class Controller:
     def __init__(self, server: XdsServer, listen: tuple[str, int], upstream: str, clusters: dict[str, str],
                  tls: UpstreamTls | None = None, cache: ModuleCache | None = None,
                  xds: dict[str, Any] | None = None, http2: Collection[str] = (),
-                 tcp_proxies: list[TcpProxy] | None = None):
+                 tcp_proxies: list[TcpProxy] | None = None, downstream_tls: DownstreamTls | None = None):
         self.server = server
         self.listen = listen
         self.xds = dict(xds or {})
@@ -90,6 +91,7 @@ class Controller:
         self.plugins: list[PluginState] = []
         self.errors: dict[str, str] = {}  # resource source -> why it was not read
         self.tcp_proxies = list(tcp_proxies or [])
+        self.downstream_tls = downstream_tls
         self.skipped: list[str] = []  # NETWORK plugins with no TCP proxy listener to run on
         self.applied = 0
         self.retry_initial = 2.0
@@ -164,7 +166,8 @@ class Controller:
         http = [p.spec for p in self.plugins if not p.spec.network]
         tcp = [tcp_listener(t, [p.spec for p in self.plugins if p.spec.network and p.spec.applies_to_port(t.port)])
                for t in self.tcp_proxies]
-        return Snapshot.of([listener(host, port, http, xds=self.xds), *tcp], self.clusters, extensions)
+        return Snapshot.of([listener(host, port, http, xds=self.xds, tls=self.downstream_tls), *tcp], self.clusters,
+                           extensions)
 
     async def run(self, feed: AsyncIterable[SpecSet], first: asyncio.Event | None = None) -> None:
         """Apply every update of ``feed``; fetch unavailable modules again, with backoff."""

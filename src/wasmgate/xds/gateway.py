@@ -25,7 +25,7 @@ from wasmgate.resources.feed import DirectoryFeed, SpecSet
 from wasmgate.resources.wasmplugin import Scope
 from wasmgate.xds.control import Controller
 from wasmgate.xds.envoy import EnvoyError, EnvoyProcess, bootstrap
-from wasmgate.xds.resources import TcpProxy, UpstreamTls
+from wasmgate.xds.resources import DownstreamTls, TcpProxy, UpstreamTls
 from wasmgate.xds.server import XdsServer
 
 _log = logging.getLogger("wasmgate")
@@ -51,6 +51,10 @@ class EnvoyOptions:
     watch: bool = True
     upstream_ca: Path | None = None
     upstream_insecure_skip_verify: bool = False
+    upstream_cert: Path | None = None  # client certificate for upstreams that ask for one
+    upstream_key: Path | None = None
+    # The config's tls: section (cert, key, sni, client_ca, require_client_certificate): TLS on Envoy's listener
+    tls: dict[str, Any] | None = None
     envoy_log: Path | None = None  # None: Envoy logs to wasmgate's stderr
     envoy_log_level: str = "info"
     envoy_component_log_level: str = ""  # e.g. "wasm:debug"
@@ -69,6 +73,22 @@ def _get(url: str, timeout: float = 2.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as r:
         body: bytes = r.read()
         return body
+
+
+def _downstream_tls(tls: dict[str, Any]) -> DownstreamTls:
+    def path(v: Any) -> Path | None:
+        return Path(v) if v else None
+
+    cert, key = path(tls.get("cert")), path(tls.get("key"))
+    if cert is None or key is None:
+        raise GatewayError("tls: needs cert and key")
+    sni = []
+    for i, e in enumerate(tls.get("sni") or []):
+        c, k = path(e.get("cert")), path(e.get("key"))
+        if c is None or k is None or not e.get("server_names"):
+            raise GatewayError(f"tls.sni[{i}]: needs server_names, cert and key")
+        sni.append((tuple(str(n) for n in e["server_names"]), c, k))
+    return DownstreamTls(cert, key, tuple(sni), path(tls.get("client_ca")), bool(tls.get("require_client_certificate")))
 
 
 class Gateway:
@@ -112,9 +132,11 @@ class Gateway:
             upstream = f"http://127.0.0.1:{demo.sockets[0].getsockname()[1]}"
         try:
             self.controller = Controller(self.server, (lhost, lport), upstream, o.clusters,
-                                         UpstreamTls(o.upstream_ca, o.upstream_insecure_skip_verify),
+                                         UpstreamTls(o.upstream_ca, o.upstream_insecure_skip_verify, o.upstream_cert,
+                                                     o.upstream_key),
                                          ModuleCache(o.module_cache) if o.module_cache else None, o.xds,
-                                         http2=o.http2_clusters, tcp_proxies=tcp)
+                                         http2=o.http2_clusters, tcp_proxies=tcp,
+                                         downstream_tls=_downstream_tls(o.tls) if o.tls else None)
         except ValueError as e:
             raise GatewayError(str(e)) from None
         scope = Scope(labels=dict(o.labels), port=lport)

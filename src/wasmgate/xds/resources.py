@@ -23,6 +23,7 @@ import envoy.config.listener.v3.listener_pb2 as listener_pb2
 import envoy.extensions.filters.http.rbac.v3.rbac_pb2
 import envoy.extensions.filters.http.router.v3.router_pb2
 import envoy.extensions.filters.http.wasm.v3.wasm_pb2
+import envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2
 import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2
 import envoy.extensions.filters.network.rbac.v3.rbac_pb2
 import envoy.extensions.filters.network.tcp_proxy.v3.tcp_proxy_pb2
@@ -121,14 +122,38 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+@dataclass(frozen=True)
+class DownstreamTls:
+    """The config's ``tls:`` section: the default certificate, others by SNI server name, and
+    client certificates (asked for with ``client_ca``, required or not)."""
+
+    cert: Path
+    key: Path
+    sni: tuple[tuple[tuple[str, ...], Path, Path], ...] = ()  # (server names, cert, key)
+    client_ca: Path | None = None
+    require_client_certificate: bool = False
+
+    def transport_socket(self, cert: Path, key: Path) -> dict[str, Any]:
+        common: dict[str, Any] = {
+            "tls_certificates": [{"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}],
+            "alpn_protocols": ["http/1.1"]}  # wasmgate's own proxy speaks HTTP/1.1 only
+        ctx: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                                        "DownstreamTlsContext", "common_tls_context": common}
+        if self.client_ca is not None:
+            common["validation_context"] = {"trusted_ca": {"filename": str(self.client_ca)}}
+            ctx["require_client_certificate"] = self.require_client_certificate
+        return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
+
+
 def listener(host: str, port: int, plugins: list[PluginSpec], *, stat_prefix: str = "inbound_http",
-             xds: dict[str, Any] | None = None) -> listener_pb2.Listener:
+             xds: dict[str, Any] | None = None, tls: DownstreamTls | None = None) -> listener_pb2.Listener:
     """One listener: the HTTP connection manager with one ECDS-discovered filter per plugin
     (``plugins`` already in chain order), then the router, routing everything to the upstream.
 
     ``xds`` is wasmgate's config section of that name (docs/configuration.md): the names and
     metadata of the route, virtual host, filter chain and listener, and the listener's
-    direction, so plugins read the same ``xds.*`` attributes as in wasmgate's own proxy."""
+    direction, so plugins read the same ``xds.*`` attributes as in wasmgate's own proxy.
+    ``tls``: TLS on the listener, one filter chain per SNI entry (chosen by the TLS inspector)."""
     x = xds or {}
     config_source = {"ads": {}, "resource_api_version": "V3",
                      # as istiod: block until the plugins are loaded, they may guard security
@@ -152,6 +177,14 @@ def listener(host: str, port: int, plugins: list[PluginSpec], *, stat_prefix: st
     if x.get("filter_chain_name"):
         chain["name"] = x["filter_chain_name"]
     d: dict[str, Any] = {"name": f"{host}_{port}", "address": _address(host, port), "filter_chains": [chain]}
+    if tls is not None:
+        chain["transport_socket"] = tls.transport_socket(tls.cert, tls.key)
+        d["listener_filters"] = [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}]
+        for i, (names, sni_cert, sni_key) in enumerate(tls.sni):
+            d["filter_chains"].append({"name": f"{chain.get('name', 'sni')}-{i}",
+                                       "filter_chain_match": {"server_names": list(names)}, "filters": chain["filters"],
+                                       "transport_socket": tls.transport_socket(sni_cert, sni_key)})
     if x.get("listener_metadata"):
         d["metadata"] = x["listener_metadata"]
     if x.get("listener_direction", "UNSPECIFIED") != "UNSPECIFIED":
@@ -197,6 +230,8 @@ def upstream_cluster_name(xds: dict[str, Any] | None) -> str:
 class UpstreamTls:
     ca: Path | None = None  # None: the system store
     insecure_skip_verify: bool = False
+    cert: Path | None = None  # a client certificate for upstreams that ask for one
+    key: Path | None = None
 
 
 def cluster(name: str, url: str, tls: UpstreamTls | None = None, connect_timeout: float = 5.0, *,
@@ -213,9 +248,9 @@ def cluster(name: str, url: str, tls: UpstreamTls | None = None, connect_timeout
     port = u.port or (443 if u.scheme == "https" else 80)
     try:
         ipaddress.ip_address(u.hostname)
-        kind = "STATIC"
+        kind, san_type = "STATIC", "IP_ADDRESS"
     except ValueError:
-        kind = "STRICT_DNS"
+        kind, san_type = "STRICT_DNS", "DNS"
     d: dict[str, Any] = {
         "name": name, "type": kind, "connect_timeout": f"{connect_timeout}s",
         "load_assignment": {"cluster_name": name, "endpoints": [
@@ -229,13 +264,22 @@ def cluster(name: str, url: str, tls: UpstreamTls | None = None, connect_timeout
             "explicit_http_config": {"http2_protocol_options": {}}}}
     if u.scheme == "https":
         tls = tls or UpstreamTls()
+        # As wasmgate's own proxy (OpenSSL's client): TLS 1.2 to 1.3 (Envoy's default stops at 1.2)
+        common: dict[str, Any] = {"tls_params": {"tls_minimum_protocol_version": "TLSv1_2",
+                                                 "tls_maximum_protocol_version": "TLSv1_3"}}
+        if not http2:
+            common["alpn_protocols"] = ["http/1.1"]
         ctx: dict[str, Any] = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
-                                        "UpstreamTlsContext", "sni": u.hostname}
+                                        "UpstreamTlsContext", "common_tls_context": common}
+        if kind == "STRICT_DNS":  # no SNI for an IP address, as OpenSSL's client
+            ctx["sni"] = u.hostname
+        if tls.cert is not None and tls.key is not None:
+            common["tls_certificates"] = [{"certificate_chain": {"filename": str(tls.cert)},
+                                           "private_key": {"filename": str(tls.key)}}]
         if not tls.insecure_skip_verify:
-            ca = tls.ca or SYSTEM_CA
-            ctx["common_tls_context"] = {"validation_context": {
-                "trusted_ca": {"filename": str(ca)},
-                "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": u.hostname}}]}}
+            common["validation_context"] = {
+                "trusted_ca": {"filename": str(tls.ca or SYSTEM_CA)},
+                "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": u.hostname}}]}
         d["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
     msg = cluster_pb2.Cluster()
     json_format.ParseDict(d, msg)
