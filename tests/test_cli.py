@@ -130,6 +130,14 @@ def test_bad_config_file_field(tmp_path: Path) -> None:
     assert str(cfg) in err and "listen" in err
 
 
+def test_http2_clusters_must_name_clusters(tmp_path: Path) -> None:
+    """http2_clusters (wasmgate envoy's) is checked when the file is read, by any command."""
+    cfg = tmp_path / "wasmgate.yaml"
+    cfg.write_text("clusters: {grpc: 'http://127.0.0.1:1'}\nhttp2_clusters: [grpc, nope]\n")
+    err = run_fails("-c", str(cfg))
+    assert f"{cfg}: http2_clusters[1]: no cluster named 'nope' in clusters" in err
+
+
 @pytest.mark.parametrize(("args", "error"), [
     (["--tcp-proxy", "127.0.0.1:1"], "--tcp-proxy: expected LISTEN=CLUSTER, got '127.0.0.1:1'"),
     (["--tcp-proxy", "127.0.0.1:1=nope"], "tcp_proxies[0].cluster: no cluster named 'nope' (clusters: none)"),
