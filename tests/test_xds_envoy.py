@@ -313,8 +313,9 @@ def test_plugin_name_is_istios(upstream: Upstream, tmp_path: Path) -> None:
         gw.stop()
 
 
-def test_wasmgate_envoy_command_serves_the_seed_example(upstream: Upstream, tmp_path: Path) -> None:
-    """The command itself, defaults but for ports: the allow-header example; SIGTERM stops Envoy too."""
+@pytest.mark.parametrize("flags", [[], ["--no-watch"]], ids=["watch", "no-watch"])
+def test_wasmgate_envoy_command_serves_the_seed_example(upstream: Upstream, tmp_path: Path, flags: list[str]) -> None:
+    """The command itself, defaults but for ports: the allow-header example, until SIGTERM, which stops Envoy too."""
     import os
     import queue
     import re
@@ -326,7 +327,7 @@ def test_wasmgate_envoy_command_serves_the_seed_example(upstream: Upstream, tmp_
     proc = subprocess.Popen(
         [sys.executable, "-m", "wasmgate", "envoy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
          "--envoy-admin", "127.0.0.1:0", "--upstream", upstream.url, "--concurrency", "1",
-         "--envoy-log", str(tmp_path / "envoy.log")],
+         "--envoy-log", str(tmp_path / "envoy.log"), *flags],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     assert proc.stderr is not None
@@ -349,6 +350,8 @@ def test_wasmgate_envoy_command_serves_the_seed_example(upstream: Upstream, tmp_
         assert status == 200 and json.loads(body)["plugins"][0]["envoy"] == "accepted"
         assert get(admin, "/ready")[0] == 200
         envoy_pid = int(json.loads(body)["envoy"]["pid"])
+        time.sleep(0.5)
+        assert proc.poll() is None, "wasmgate envoy stopped by itself"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         with pytest.raises(ProcessLookupError):

@@ -177,6 +177,7 @@ class Controller:
                 await self.apply(update)
                 if first is not None:
                     first.set()
+            await retry  # a feed that ends (no watching) still gets its unavailable modules fetched again
         finally:
             retry.cancel()
             with contextlib.suppress(asyncio.CancelledError):
