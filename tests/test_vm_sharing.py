@@ -150,6 +150,19 @@ def test_module_change_moves_the_plugin_to_a_new_vm(tmp_path: Path, upstream: Up
         proxy.stop()
 
 
+def test_an_instance_no_plugin_runs_on_is_forgotten(tmp_path: Path, upstream: Upstream) -> None:
+    """After a module change the old instance's key is never looked up again: the pool must not keep it."""
+    proxy = ProxyThread([plugin_file(tmp_path, "a")], upstream.url)
+    try:
+        request(proxy.port)
+        first = plugins(proxy)["a"]["vm_instance"]
+        plugin_file(tmp_path, "a", wasm=other_module(tmp_path))
+        wait_for(lambda: plugins(proxy)["a"]["vm_instance"] != first)
+        assert len(proxy.running.app.chain.pool.keys()) == 1
+    finally:
+        proxy.stop()
+
+
 def test_removing_one_plugin_keeps_the_vm_for_the_others(tmp_path: Path, upstream: Upstream,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     directory = tmp_path / "plugins"

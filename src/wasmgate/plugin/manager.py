@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,6 +163,16 @@ class VmPool:
             del self._vms[key]
             return None
         return sv
+
+    def keys(self) -> list[str]:
+        """The VM keys of the instances new plugins can join (no __len__: an empty pool is still a pool)."""
+        return list(self._vms)
+
+    def retain(self, live: Iterable[SharedVM]) -> None:
+        """Forget the instances the serving chain no longer runs on (streams still on one keep it alive)."""
+        keep = {id(sv) for sv in live}
+        for key in [k for k, sv in self._vms.items() if id(sv) not in keep]:
+            del self._vms[key]
 
     def add(self, key: str, vm: PluginVM) -> None:
         """``vm`` started on a new instance: plugins with its key join that from now on."""
@@ -461,6 +471,7 @@ class PluginManager:
             new = Chain(chain_order_handles(handles), self.pool)
             kept = {id(h) for h in new.plugins}
             old_chain, self.chain = self.chain, new  # the swap: new streams use the new chain
+            self.pool.retain(h.current.vm.shared for h in new.plugins if h.current is not None)
             self.swaps += 1
             for h in old_chain.plugins:
                 if id(h) not in kept:
