@@ -276,7 +276,7 @@ def guest_cost(allow: bool, crossing: Crossing, n: int, runs: int) -> GuestCost:
         for _ in range(n):
             request_vm(vm, allow)
         if probe.n_host == 0:
-            raise RuntimeError("host functions were not instrumented (registry._bound changed?)")
+            raise RuntimeError("host functions were not instrumented (registry.REGISTRY or bind changed?)")
         excl = probe.outer - probe.host + probe.nested
         excl -= (probe.n_outer * crossing.outer_us + probe.n_host * crossing.callback_us
                  + probe.n_nested * crossing.nested_us) / 1e6
