@@ -12,7 +12,7 @@ from wasmgate.devtools import commands as dev_commands
 from wasmgate.export import commands as export_commands
 from wasmgate.oci import commands as oci_commands
 from wasmgate.proxy.server import Limits
-from wasmgate.resources.config import load_config
+from wasmgate.resources.config import key_values, load_config
 from wasmgate.resources.wasmplugin import ConfigError
 from wasmgate.supervisor import Supervisor, default_workers
 from wasmgate.xds import commands as xds_commands
@@ -57,18 +57,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    """``k=v,k2=v2`` (repeatable) as a dict."""
-    out: dict[str, str] = {}
-    for item in items:
-        for part in filter(None, item.split(",")):
-            key, sep, value = part.partition("=")
-            if not sep or not key:
-                raise StartupError(f"{flag}: expected KEY=VALUE, got {part!r}")
-            out[key.strip()] = value.strip()
-    return out
-
-
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config) if args.config else None
     level = cfg.log_level if cfg else "info"
@@ -107,8 +95,8 @@ def _run(args: argparse.Namespace) -> int:
     opts.upstream = args.upstream or opts.upstream
     if args.plugins is not None:
         opts.plugins = args.plugins
-    opts.labels.update(_pairs(args.labels, "--labels"))
-    opts.clusters.update(_pairs(args.cluster, "--cluster"))
+    opts.labels.update(key_values(args.labels, "--labels"))
+    opts.clusters.update(key_values(args.cluster, "--cluster"))
     for item in args.tcp_proxy:
         listen, sep, cluster = item.rpartition("=")
         if not sep or not listen or not cluster:
@@ -121,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
             raise StartupError("--kube and --plugins: choose one source of WasmPlugins")
         opts.kube, opts.plugins = True, None
         opts.kube_namespace = args.namespace
-        opts.kube_selector = _pairs([args.kube_selector or ""], "--kube-selector")
+        opts.kube_selector = key_values([args.kube_selector or ""], "--kube-selector")
         opts.kubeconfig = args.kubeconfig
     elif args.namespace or args.kube_selector or args.kubeconfig:
         raise StartupError("--namespace, --kube-selector and --kubeconfig need --kube")

@@ -228,3 +228,15 @@ def load_config(path: Path) -> ProxyConfig:
     ut = cfg.upstream_tls
     ut.ca, ut.cert, ut.key = (rel(p) if p is not None else None for p in (ut.ca, ut.cert, ut.key))
     return cfg
+
+
+def key_values(items: list[str], flag: str) -> dict[str, str]:
+    """Command-line ``k=v,k2=v2`` (repeatable) as a dict."""
+    out: dict[str, str] = {}
+    for item in items:
+        for part in filter(None, item.split(",")):
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"{flag}: expected KEY=VALUE, got {part!r}")
+            out[key.strip()] = value.strip()
+    return out

@@ -36,7 +36,7 @@ from lightkube.resources.core_v1 import Secret
 
 from wasmgate.plugin.manager import PluginManager
 from wasmgate.plugin.spec import PluginSpec
-from wasmgate.resources.wasmplugin import ConfigError, Scope, scan_documents
+from wasmgate.resources.wasmplugin import Scope, scan_documents
 from wasmgate.resources.watch import ResourceSource
 
 _log = logging.getLogger("wasmgate.config.kube")  # under the `config` log component
@@ -65,17 +65,6 @@ KINDS = (
     Kind("WasmPlugin", WasmPluginResource, "/apis/extensions.istio.io/v1alpha1", "wasmplugins", None, True),
     Kind("Secret", Secret, "/api/v1", "secrets", {"type": SECRET_TYPE}, False),
 )
-
-
-def parse_selector(text: str, flag: str = "--kube-selector") -> dict[str, str]:
-    """``k=v,k2=v2`` as a dict (equality only)."""
-    out: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{flag}: expected KEY=VALUE, got {part!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def load_config(kubeconfig: str | None) -> KubeConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from wasmgate import log
-from wasmgate.resources.config import load_config
+from wasmgate.resources.config import key_values, load_config
 from wasmgate.resources.wasmplugin import ConfigError
 
 COMMANDS = ("envoy",)
@@ -53,17 +53,6 @@ def register(sub: Any) -> None:
                    help="wasmgate's own log, e.g. debug or config=debug; repeatable")
 
 
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items:
-        for part in filter(None, item.split(",")):
-            key, sep, value = part.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"{flag}: expected KEY=VALUE, got {part!r}")
-            out[key.strip()] = value.strip()
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     from wasmgate.app import StartupError, default_plugins
 
@@ -97,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     o.admin = args.admin if args.admin is not None else o.admin
     o.envoy_admin = args.envoy_admin or o.envoy_admin
     o.upstream = args.upstream or o.upstream
-    o.clusters.update(_pairs(args.cluster, "--cluster"))
-    o.labels.update(_pairs(args.labels, "--labels"))
+    o.clusters.update(key_values(args.cluster, "--cluster"))
+    o.labels.update(key_values(args.labels, "--labels"))
     for item in args.tcp_proxy:
         listen, sep, name = item.rpartition("=")
         if not sep or not listen or not name:
@@ -109,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resources is not None:
             raise ConfigError("--kube and --resources: choose one source of WasmPlugins")
         o.kube, o.kube_namespace, o.kubeconfig = True, args.namespace, args.kubeconfig
-        o.kube_selector = _pairs([args.kube_selector or ""], "--kube-selector")
+        o.kube_selector = key_values([args.kube_selector or ""], "--kube-selector")
     elif args.namespace or args.kube_selector or args.kubeconfig:
         raise ConfigError("--namespace, --kube-selector and --kubeconfig need --kube")
     elif args.resources is not None:
