@@ -20,6 +20,7 @@ import httptools
 
 from wasmgate.headers import Pair
 from wasmgate.proxy import http
+from wasmgate.proxy.batch import WriteBatch
 from wasmgate.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
@@ -72,6 +73,9 @@ class ProxyApp:
         self.stats = ProxyStats()
         self.connections: set[HttpConnection] = set()
         self.loop: asyncio.AbstractEventLoop | None = None  # looked up once (a getpid() a lookup)
+        self.batch = WriteBatch()  # downstream and upstream writes of one loop turn
+        if cluster.batch is None:
+            cluster.batch = self.batch
 
     @property
     def chain(self) -> Chain:
@@ -132,7 +136,8 @@ class HttpConnection(asyncio.Protocol):
         self._max_header_bytes = limits.max_header_bytes
         self._max_headers = limits.max_headers
         self._out: list[bytes] = []  # written, not yet sent
-        self._corked = 0  # inside an event handler: writes are sent when it returns
+        self._queued = False  # in the app's write batch
+        self._corked = 0  # inside an event handler: its writes are queued when it returns
         self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() syscall
         self._tunnel: Exchange | None = None  # an upgraded (e.g. WebSocket) exchange
         self._reading_head = False  # between a request's first byte and its last header
@@ -181,7 +186,7 @@ class HttpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         """The client half-closed: answer what it sent, then close."""
-        self._flush()  # a response finished this loop turn is still only queued
+        self.flush()  # a response finished this loop turn is still only queued
         if self._active is None and not self._queue:
             return False  # nothing to answer: let the transport close
         self.draining = True
@@ -286,14 +291,14 @@ class HttpConnection(asyncio.Protocol):
     # ---- used by Exchange ------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Queue ``data``: what one event handler (or, outside them, one loop turn)
-        writes goes out in one send()."""
+        """Queue ``data``: what one loop turn writes goes out in one send(), at the
+        turn's end (proxy/batch.py)."""
         if self.transport is None or self.closing:
             return
-        out = self._out
-        out.append(data)
-        if len(out) == 1 and not self._corked:
-            self._loop.call_soon(self._flush)
+        self._out.append(data)
+        if not self._corked and not self._queued:
+            self._queued = True
+            self.app.batch.add(self)
 
     def cork(self) -> None:
         """An event handler that may write to this connection starts (see uncork)."""
@@ -301,10 +306,12 @@ class HttpConnection(asyncio.Protocol):
 
     def uncork(self) -> None:
         self._corked -= 1
-        if not self._corked and self._out:
-            self._flush()
+        if not self._corked and self._out and not self._queued:
+            self._queued = True
+            self.app.batch.add(self)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        self._queued = False
         out = self._out
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
@@ -440,7 +447,7 @@ class HttpConnection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
-        self._flush()
+        self.flush()
         self.closing = True
         if self.transport is not None:
             self.transport.close()

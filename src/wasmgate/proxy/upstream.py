@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from wasmgate.proxy.batch import WriteBatch
+
 _log = logging.getLogger("wasmgate.upstream")
 
 
@@ -54,6 +56,9 @@ class Cluster:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self._idle: list[UpstreamConnection] = []
+        # Set by the ProxyApp this cluster serves: request bytes then go out at the end of
+        # the loop turn, with its other writes (proxy/batch.py). None: at once.
+        self.batch: WriteBatch | None = None
 
     def acquire(self, ready: Callable[[UpstreamConnection | None, str], None]) -> None:
         """Call ``ready(conn, "")`` with a pooled or new connection, or ``ready(None, why)``."""
@@ -112,6 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
         self._reusable = True
         self._closed = False
+        self._out: list[bytes] = []  # written, not yet sent (batched)
         self.tunnel = False  # after a 101: raw bytes both ways
 
     # ---- used by the exchange --------------------------------------------------------
@@ -132,8 +138,22 @@ class UpstreamConnection(asyncio.Protocol):
         self._close_delimited = False
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self._closed:
+        if self.transport is None or self._closed:
+            return
+        batch = self.cluster.batch
+        if batch is None:
             self.transport.write(data)
+            return
+        out = self._out
+        out.append(data)
+        if len(out) == 1:
+            batch.add(self)
+
+    def flush(self) -> None:
+        out = self._out
+        if out and self.transport is not None and not self._closed:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def detach(self) -> None:
         self.handler = None
