@@ -168,6 +168,35 @@ def test_plugins_added_and_removed(upstream: Upstream, tmp_path: Path) -> None:
         proxy.stop()
 
 
+def test_plugin_directory_removed_restored_and_swapped(upstream: Upstream, tmp_path: Path) -> None:
+    """The watched directory deleted, made again, then replaced by a rename (a volume or a
+    directory copied in): the watcher keeps going and applies what is there each time."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "tag", TAG, config={"tag": "v1"})
+    proxy = ProxyThread([d], upstream.url)
+    watcher = proxy.running.watcher
+    assert watcher is not None
+    try:
+        assert tag_of(proxy) == "v1"
+        applied = watcher.applied
+        shutil.rmtree(d)
+        wait_for(lambda: watcher.applied > applied)
+        d.mkdir()
+        wasmplugin_yaml(d, "tag", TAG, config={"tag": "v2"})
+        wait_for(lambda: tag_of(proxy) == "v2")
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        wasmplugin_yaml(staged, "tag", TAG, config={"tag": "v3"})
+        d.rename(tmp_path / "old")
+        staged.rename(d)
+        wait_for(lambda: tag_of(proxy) == "v3")
+        wasmplugin_yaml(d, "tag", TAG, config={"tag": "v4"})  # the new directory is watched
+        wait_for(lambda: tag_of(proxy) == "v4")
+    finally:
+        proxy.stop()
+
+
 def test_load_and_swap_command() -> None:
     """The reproducible command: 100 swaps under load from another process, nothing lost."""
     import subprocess

@@ -10,13 +10,13 @@ modules they name; a Kubernetes watch yields the same type.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import watchfiles
-
 from wasmgate.plugin.spec import PluginSpec
+from wasmgate.resources.fswatch import watch_dirs
 from wasmgate.resources.wasmplugin import Scope, scan_plugin_specs
 
 
@@ -53,14 +53,18 @@ class DirectoryFeed:
 
     async def __aiter__(self) -> AsyncIterator[SpecSet]:
         yield self.scan()
+        rewatch = False  # after the first watch: rescan once a new one is set, or a change in between is lost
         while self.watch:
             roots = self._roots()
             if not roots:  # nothing to watch yet (a path that does not exist): look again later
                 await asyncio.sleep(1.0)
                 yield self.scan()
                 continue
-            async for changes in watchfiles.awatch(*roots, debounce=50, step=10, recursive=False):
-                if self._relevant({Path(p).resolve() for _, p in changes}):
-                    yield self.scan()
-                if self._roots() != roots:
-                    break  # modules moved to other directories: watch those instead
+            async with contextlib.aclosing(watch_dirs(roots, existing=rewatch)) as batches:
+                async for changed in batches:
+                    # A watched directory itself in ``changed`` went away: rescan.
+                    if roots & changed or self._relevant({p.resolve() for p in changed}):
+                        yield self.scan()
+                    if self._roots() != roots:
+                        break  # modules moved, or a directory went away or came back: watch what is there now
+            rewatch = True

@@ -1,0 +1,242 @@
+"""Watch a few directories (not recursively) for changed files, on the event loop itself.
+
+``watch_dirs`` yields sets of changed paths, debounced. On Linux it reads inotify through the
+event loop (asyncinotify for the watches and event decoding; the fd is our own reader), so no
+thread competes with the data plane for the GIL. Where inotify cannot be used (another OS, or
+the per-user inotify limits are reached) it falls back to comparing ``stat`` snapshots every
+``poll_interval`` seconds, also on the event loop.
+
+A watched directory that is deleted or moved away is reported as changed itself; the caller
+re-evaluates what it watches (see resources/watch.py and resources/feed.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import sys
+from collections.abc import AsyncGenerator, Iterable
+from pathlib import Path
+
+if sys.platform == "linux":
+    from asyncinotify import Event, Inotify, Mask, Watch
+
+    # Kernel events after which a file in the directory may read differently.
+    _MASK = (Mask.CLOSE_WRITE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.CREATE | Mask.DELETE | Mask.ATTRIB
+             | Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.ONLYDIR)
+
+_log = logging.getLogger("wasmgate.config")
+
+
+async def watch_dirs(roots: Iterable[Path], stop: asyncio.Event | None = None, *, debounce: float = 0.05,
+                     cap: float = 1.0, existing: bool = False, poll: bool = False,
+                     poll_interval: float = 1.0) -> AsyncGenerator[set[Path], None]:
+    """Changed paths under ``roots``, until ``stop`` is set.
+
+    After a first change, changes are collected until ``debounce`` seconds pass without one
+    (at most ``cap`` seconds, so a constant stream still yields). ``existing``: the first batch
+    is every root and what it holds, once watched, so nothing written just before is missed.
+    ``poll`` forces the stat poller (the fallback, also for tests).
+    """
+    stop = stop or asyncio.Event()
+    dirs = sorted(set(roots))
+    batches = None if poll else _InotifyBatches.open(dirs, stop, debounce, cap)
+    if batches is None:
+        async for polled in _poll_batches(dirs, stop, poll_interval, existing):
+            yield polled
+        return
+    try:
+        if existing:
+            yield _listing(batches.watches)
+        while (changed := await batches.next()) is not None:
+            yield changed
+    finally:
+        batches.close()
+
+
+class _InotifyBatches:
+    def __init__(self, inotify: Inotify, stop: asyncio.Event, debounce: float, cap: float):
+        self.inotify = inotify
+        self.stop = stop
+        self.debounce = debounce
+        self.cap = cap
+        self.loop = asyncio.get_running_loop()
+        self.watches: dict[Path, Watch] = {}
+        self.lost: set[Path] = set()  # watched roots that went away: re-added if they come back
+        self.pending: set[Path] = set()
+        self.last = 0.0  # loop time of the latest event
+        self.wake = asyncio.Event()  # an event arrived, or stop was set
+        self.failure: OSError | None = None
+        self._stopper = self.loop.create_task(stop.wait())
+        self._stopper.add_done_callback(lambda _: self.wake.set())
+        # Nonblocking, so a read can never stall the event loop.
+        os.set_blocking(inotify.fd, False)
+        self.loop.add_reader(inotify.fd, self._on_readable)
+
+    @classmethod
+    def open(cls, dirs: list[Path], stop: asyncio.Event, debounce: float, cap: float) -> _InotifyBatches | None:
+        """Watches on ``dirs``, or None (logged) when inotify is not available here."""
+        if sys.platform != "linux":
+            _log.info("no inotify on %s: polling %s for changes", sys.platform, ", ".join(map(str, dirs)))
+            return None
+        try:
+            inotify = Inotify(sync_timeout=0)  # sync_get() then never blocks: it returns None when drained
+        except (OSError, RuntimeError) as e:
+            _log.warning("inotify unavailable (%s): polling %s for changes", e, ", ".join(map(str, dirs)))
+            return None
+        batches = cls(inotify, stop, debounce, cap)
+        for d in dirs:
+            try:
+                batches._add(d)
+            except OSError as e:
+                batches.close()
+                _log.warning("cannot watch %s (%s): polling for changes", d, e)
+                return None
+        return batches
+
+    def _add(self, d: Path) -> None:
+        try:
+            self.watches[d] = self.inotify.add_watch(d, _MASK)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+                raise
+            self._lose(d, "is gone")
+
+    def _lose(self, d: Path, why: str) -> None:
+        _log.warning("watched directory %s %s: not watched until it is back", d, why)
+        self.watches.pop(d, None)
+        self.lost.add(d)
+        self._changed(d)
+
+    def _changed(self, path: Path) -> None:
+        self.pending.add(path)
+        self.last = self.loop.time()
+        self.wake.set()
+
+    def _on_readable(self) -> None:
+        try:
+            while (event := self.inotify.sync_get()) is not None:
+                self._handle(event)
+        except BlockingIOError:
+            pass
+        except OSError as e:  # raised by next(), in the watching task
+            self.failure = e
+            self.loop.remove_reader(self.inotify.fd)
+            self.wake.set()
+
+    def _handle(self, event: Event) -> None:
+        if Mask.Q_OVERFLOW in event.mask:  # events were dropped: everything may have changed
+            for path in _listing(self.watches):
+                self._changed(path)
+            return
+        watch = event.watch
+        if watch is None:
+            return
+        root = watch.path
+        if event.name is not None:
+            self._changed(root / event.name)
+        elif Mask.IGNORED in event.mask or Mask.DELETE_SELF in event.mask:
+            if self.watches.get(root) is watch:
+                self._lose(root, "was deleted")
+        elif Mask.MOVE_SELF in event.mask and self.watches.get(root) is watch:
+            # The watch follows the moved directory: drop it, the path now names something else.
+            with contextlib.suppress(OSError):
+                self.inotify.rm_watch(watch)
+            self._lose(root, "was moved away")
+
+    async def next(self) -> set[Path] | None:
+        """The next debounced batch, or None once stop is set."""
+        # Roots deleted and created again since the last batch: watch them again, and report
+        # them (and what they hold) since files may have been written before the watch.
+        for d in sorted(self.lost):
+            if d.is_dir():
+                self.lost.discard(d)
+                self._add(d)
+                if d in self.watches:
+                    _log.info("watching %s again", d)
+                    for path in _listing([d]):
+                        self._changed(path)
+        while True:
+            await self.wake.wait()
+            first = self.loop.time()
+            while not self.stop.is_set() and self.failure is None:
+                left = min(self.last + self.debounce, first + self.cap) - self.loop.time()
+                if left <= 0:
+                    break
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(left):
+                        await self.wake.wait()
+            if self.failure is not None:
+                raise self.failure
+            if self.stop.is_set():
+                return None
+            self.wake.clear()
+            if self.pending:
+                changed, self.pending = self.pending, set()
+                return changed
+
+    def close(self) -> None:
+        self._stopper.cancel()
+        # Unregister before closing, so the loop never holds a number the OS may reuse.
+        if self.failure is None:
+            self.loop.remove_reader(self.inotify.fd)
+        self.inotify.close()
+
+
+def _listing(dirs: Iterable[Path]) -> set[Path]:
+    """The directories and what they hold."""
+    found = set(dirs)
+    for d in list(found):
+        with contextlib.suppress(OSError), os.scandir(d) as entries:
+            found |= {d / entry.name for entry in entries}
+    return found
+
+
+def _snapshot(d: Path) -> dict[str, tuple[int, int, int, int]] | None:
+    """What a poll compares: name -> (mtime, ctime, size, inode); None if ``d`` is no directory."""
+    try:
+        with os.scandir(d) as entries:
+            return {entry.name: _stat(entry) for entry in entries}
+    except OSError:
+        return None
+
+
+def _stat(entry: os.DirEntry[str]) -> tuple[int, int, int, int]:
+    for follow in (True, False):  # a dangling symlink: the link itself
+        try:
+            st = entry.stat(follow_symlinks=follow)
+            return st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino
+        except OSError:
+            pass
+    return 0, 0, 0, 0  # gone since the listing: the next poll drops it
+
+
+async def _poll_batches(dirs: list[Path], stop: asyncio.Event, interval: float,
+                        existing: bool) -> AsyncGenerator[set[Path], None]:
+    # Directories of a few files each: listing them on the event loop costs microseconds.
+    seen = {d: _snapshot(d) for d in dirs}
+    if existing:
+        yield {*dirs, *(d / name for d, names in seen.items() for name in names or ())}
+    elif gone := {d for d, names in seen.items() if names is None}:
+        yield gone  # as inotify reports a root it cannot watch
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        if stop.is_set():
+            return
+        changed: set[Path] = set()
+        for d in dirs:
+            now = _snapshot(d)
+            before = seen[d]
+            if (now is None) != (before is None):
+                changed.add(d)  # the directory itself went away or came back
+            old, new = before or {}, now or {}
+            changed |= {d / name for name in old.keys() | new.keys() if old.get(name) != new.get(name)}
+            seen[d] = now
+        if changed:
+            yield changed
