@@ -31,8 +31,8 @@ if sys.platform == "linux":
 _log = logging.getLogger("wasmgate.config")
 
 
-async def watch_dirs(roots: Iterable[Path], stop: asyncio.Event | None = None, *, debounce: float = 0.05,
-                     cap: float = 1.0, existing: bool = False, poll: bool = False,
+async def watch_dirs(roots: Iterable[Path], stop: asyncio.Event | None = None, *, debounce: float = 0.01,
+                     cap: float = 0.05, existing: bool = False, poll: bool = False,
                      poll_interval: float = 1.0) -> AsyncGenerator[set[Path], None]:
     """Changed paths under ``roots``, until ``stop`` is set.
 
