@@ -7,7 +7,11 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed plugins
 
-$(VENV)/.installed: pyproject.toml setup.py src/wasmgate/engine/_glue.pyx
+# The modules mypyc compiles (src/wasmgate/compiled.py) are rebuilt when their source changes.
+COMPILED_PY := $(shell $(PYTHON) -c 'import runpy; print(*("src/" + m.replace(".", "/") + ".py" \
+	for m in runpy.run_path("src/wasmgate/compiled.py")["MODULES"]))')
+
+$(VENV)/.installed: pyproject.toml setup.py src/wasmgate/engine/_glue.pyx src/wasmgate/compiled.py $(COMPILED_PY)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

@@ -1,8 +1,47 @@
-"""The compiled glue of engine/wasm.py; everything else is in pyproject.toml.
+"""The compiled parts; everything else is in pyproject.toml.
 
-Optional: without a C compiler the install goes on and wasmgate uses its ctypes path.
+* engine/_glue.pyx (Cython): the guest-call and host-function glue of engine/wasm.py.
+* the request-path modules listed in wasmgate/compiled.py, compiled from their .py
+  files by mypyc.
+
+Both are optional: without a C compiler (or with WASMGATE_PURE_PYTHON=1) the install
+goes on and wasmgate runs the same code as plain Python.
 """
 
-from setuptools import Extension, setup
+import os
+import runpy
+import sys
 
-setup(ext_modules=[Extension("wasmgate.engine._glue", ["src/wasmgate/engine/_glue.pyx"], optional=True)])
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def mypyc_extensions() -> list[Extension]:
+    if os.environ.get("WASMGATE_PURE_PYTHON"):
+        return []
+    from mypyc.build import mypycify
+
+    modules = runpy.run_path("src/wasmgate/compiled.py")["MODULES"]
+    paths = ["src/" + m.replace(".", "/") + ".py" for m in modules]
+    # Third-party packages are not installed in the isolated build environment: their
+    # types are Any here (and ignores written for them are unused).
+    flags = ["--ignore-missing-imports", "--no-warn-unused-ignores"]
+    try:
+        compiled = mypycify([*paths, *flags], opt_level="3")
+    except BaseException as e:  # mypycify exits on a type error: say so, build plain Python
+        print(f"wasmgate: mypyc compilation skipped ({e!r}); those modules run as Python", file=sys.stderr)
+        return []
+    for ext in compiled:
+        ext.optional = True
+    return compiled
+
+
+class BuildExt(build_ext):
+    def finalize_options(self) -> None:
+        # Here, not at import: setup.py also runs just for metadata.
+        self.distribution.ext_modules = [*(self.distribution.ext_modules or []), *mypyc_extensions()]
+        super().finalize_options()
+
+
+setup(ext_modules=[Extension("wasmgate.engine._glue", ["src/wasmgate/engine/_glue.pyx"], optional=True)],
+      cmdclass={"build_ext": BuildExt})

@@ -20,7 +20,7 @@ class HeaderMap:
     @classmethod
     def of(cls, pairs: list[Pair]) -> HeaderMap:
         """A map over ``pairs`` (lower-case keys, pseudo-headers first), taken as is."""
-        m = cls.__new__(cls)
+        m = cls()
         m.pairs = pairs
         return m
 

@@ -33,6 +33,8 @@ from typing import Any
 import wasmtime
 from wasmtime import _ffi as ffi
 
+from wasmgate import compiled
+
 # Own copies of the C entry points with no argtypes: ctypes then skips per-call
 # argument conversion; every argument we pass is already a ctypes object.
 _dll: Any = ffi.dll
@@ -64,7 +66,7 @@ _WASM_PAGE = 65536
 _VALTYPES = {"i": wasmtime.ValType.i32, "I": wasmtime.ValType.i64}
 _SLOT_FMT = {"i": f"i{_VAL_SIZE - 4}x", "I": f"q{_VAL_SIZE - 8}x"}
 
-PURE_PYTHON_ENV = "WASMGATE_PURE_PYTHON"  # set (non-empty): use the ctypes path only
+PURE_PYTHON_ENV = compiled.PURE_PYTHON_ENV  # set (non-empty): use the ctypes path only
 _glue: Any = None  # wasmgate.engine._glue (see _glue.pyi), or None
 if not os.environ.get(PURE_PYTHON_ENV):
     try:

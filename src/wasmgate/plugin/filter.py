@@ -116,9 +116,12 @@ class _Side:
     """The chain's view of one direction of a ``PluginFilter``."""
 
     __slots__ = ("f",)
-    is_request = True  # _ResponseSide: False; per class, so a side costs one attribute per stream
-    headers_bit = _REQ_HEADERS
-    trailers_bit = _REQ_TRAILERS
+    __deletable__ = ("f",)  # mypyc: unlink() deletes it
+    # _ResponseSide overrides these. Literals: mypyc takes no other attribute defaults
+    # (a wrong bit hides a header map from plugins: the end-to-end tests catch it).
+    is_request = True
+    headers_bit = 1  # 1 << MapType.REQUEST_HEADERS
+    trailers_bit = 2  # 1 << MapType.REQUEST_TRAILERS
 
     def __init__(self, f: PluginFilter):
         self.f = f
@@ -187,5 +190,6 @@ class _Side:
 class _ResponseSide(_Side):
     __slots__ = ()
     is_request = False
-    headers_bit = _RESP_HEADERS
-    trailers_bit = _RESP_TRAILERS
+    headers_bit = 4  # 1 << MapType.RESPONSE_HEADERS
+    trailers_bit = 8  # 1 << MapType.RESPONSE_TRAILERS
+

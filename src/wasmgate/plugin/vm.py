@@ -253,7 +253,7 @@ class PluginVM:
     def shutdown(self) -> None:
         """Retire this plugin: stop its timer and callouts, then on_done/on_delete of its
         root context. The instance lives on while other plugins use it."""
-        self.tick_period = 0
+        self.tick_period = 0.0
         self._schedule_tick()
         self._cancel_calls()
         if self.failed is None:
@@ -267,7 +267,7 @@ class PluginVM:
 
     def discard(self) -> None:
         """Drop a canary without calling into it (Envoy kills its canary VM likewise)."""
-        self.tick_period = 0
+        self.tick_period = 0.0
         self._schedule_tick()
         self._cancel_calls()
         self.failed = self.failed or "discarded"
@@ -523,7 +523,7 @@ class PluginVM:
         victims = [self, *(p for p in sv.plugins if p is not self and p.failed is None)]
         for p in victims:
             p.failed = failed
-            p.tick_period = 0
+            p.tick_period = 0.0
             p._schedule_tick()
         _log.error("plugin %s failed: %s", self.name, trap.describe() if trap.exit_code is None else failed)
         if len(victims) > 1:

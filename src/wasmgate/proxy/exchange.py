@@ -35,6 +35,9 @@ _log = logging.getLogger("wasmgate.http")
 UPSTREAM_FAILURE_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
 
 
+_NO_FILTERS: list[PluginFilter] = []
+
+
 class Flow(Protocol):
     """One direction of the exchange as the exchange drives it: a ``Direction``, or
     its sink alone when no plugin takes part in that direction."""
@@ -53,10 +56,8 @@ class Flow(Protocol):
 
 class Exchange:
     # Per-exchange state starts at these class-level values; an instance gets its own
-    # only when one changes (cheaper than setting ~20 attributes per request). The two
-    # lists are replaced, never changed in place.
-    filters: list[PluginFilter] = []
-    _req_filters: list[PluginFilter] = []
+    # only when one changes (cheaper than setting ~20 attributes per request). Compiled
+    # (mypyc), they are defaults of the instance's fields.
     request: Flow | None = None
     response: Flow | None = None
     upstream: UpstreamConnection | None = None
@@ -86,6 +87,7 @@ class Exchange:
     def __init__(self, conn: HttpConnection, method: bytes, target: bytes, req: http.DownstreamRequest,
                  *, keep_alive: bool, http10: bool, upgrade: bytes | None = None):
         self.conn = conn
+        self.filters = self._req_filters = _NO_FILTERS  # replaced, never changed in place
         self.method = method
         self.has_body = req.has_body
         self.keep_alive = keep_alive
@@ -476,7 +478,12 @@ class Exchange:
             if reply.body:
                 response.data(reply.body, True)
         except Halted:
-            self._write_local_reply(stream.local_reply or reply)
+            self._write_local_reply(self._latest_reply(reply))
+
+    def _latest_reply(self, reply: LocalReply) -> LocalReply:
+        """A reply sent by a response callback of ``reply`` replaces it. (A method, not
+        ``stream.local_reply or reply`` after setting it to None: see wasmgate/compiled.py.)"""
+        return self.stream.local_reply or reply
 
     def _write_local_reply(self, reply: LocalReply) -> None:
         if self._response_started:

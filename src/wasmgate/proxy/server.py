@@ -100,12 +100,13 @@ class _Pending:
         self.events: list[bytes | list[Pair]] = []  # body chunks, then the trailers at the end
 
 
-class HttpConnection(asyncio.Protocol):
-    _ids = itertools.count(1)
+_connection_ids = itertools.count(1)
 
+
+class HttpConnection(asyncio.Protocol):
     def __init__(self, app: ProxyApp):
         self.app = app
-        self.id = next(self._ids)  # Envoy's connection.id
+        self.id = next(_connection_ids)  # Envoy's connection.id
         self.transport: asyncio.Transport | None = None
         self.peer_ip = ""
         self.peer_ip_bytes = b""
@@ -176,8 +177,13 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self.draining = True  # upgrade refused: answer the request, then close
         except httptools.HttpParserError as e:
+            cause = e.__context__
             if self._too_large:
                 self._reject(431, b"Request Header Fields Too Large")
+            elif cause is not None and not isinstance(cause, httptools.HttpParserError):
+                # Raised by our own handling of the request, not by its bytes: a bug to see.
+                _log.error("internal error handling a request from %s", self.peer_ip, exc_info=cause)
+                self._reject(500, b"Internal Server Error")
             else:
                 _log.debug("bad request from %s: %s", self.peer_ip, e)
                 self._reject(400, b"Bad Request")
@@ -361,11 +367,14 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(event, bytes):
                 ex.request_body(event)
             else:
-                if ex is self._active:
+                if self._is_active(ex):  # (not `ex is self._active`: see wasmgate/compiled.py)
                     self._active_complete = True
                 ex.request_end(event)
         if not self._queue:
             self.pause_reading(False, "pipeline")
+
+    def _is_active(self, ex: Exchange) -> bool:
+        return ex is self._active
 
     def _start(self, ex: Exchange) -> None:
         self._active = ex
