@@ -25,6 +25,7 @@ PURE_PYTHON_ENV = "WASMGATE_PURE_PYTHON"  # set (non-empty): no compiled code at
 # (`x.a = None; f(); x.a or y` is typed None), and mypyc checks that type at run time:
 # read such an attribute through a method (HttpConnection._is_active).
 MODULES = (
+    "wasmgate.abi.pairs",
     "wasmgate.headers",
     "wasmgate.proxy.http",
     "wasmgate.proxy.batch",
@@ -34,10 +35,16 @@ MODULES = (
     "wasmgate.plugin.context",
     "wasmgate.plugin.chain",
     "wasmgate.plugin.filter",
+    "wasmgate.plugin.vm",
     "wasmgate.host.headers",
     "wasmgate.host.general",
     "wasmgate.host.stream",
 )
+
+
+class Referable:
+    """A base for a compiled class that must support weak references: mypyc gives one
+    only to classes with an interpreted base (this module is never compiled)."""
 
 
 def pure_python() -> bool:

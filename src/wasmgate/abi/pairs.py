@@ -10,7 +10,6 @@ import struct
 
 Pairs = list[tuple[bytes, bytes]]
 
-_U32 = struct.Struct("<I")
 
 
 class PairsError(ValueError):
@@ -26,20 +25,25 @@ def encode_pairs(pairs: Pairs) -> bytes:
     return head + b"".join(k + b"\0" + v + b"\0" for k, v in pairs)
 
 
+def _u32(data: bytes, at: int) -> int:
+    # Byte indexing: typed ints only, so compiled (mypyc) it is a few machine instructions.
+    return data[at] | data[at + 1] << 8 | data[at + 2] << 16 | data[at + 3] << 24
+
+
 def decode_pairs(data: bytes) -> Pairs:
-    if not data:
-        return []
-    if len(data) < 4:
-        raise PairsError("pairs buffer shorter than its count")
-    (count,) = _U32.unpack_from(data, 0)
-    end_of_sizes = 4 + 8 * count
-    if end_of_sizes > len(data):
-        raise PairsError(f"pairs buffer too short for {count} entries")
-    sizes = iter(struct.unpack_from(f"<{2 * count}I", data, 4))
-    pos = end_of_sizes
     n = len(data)
+    if n == 0:
+        return []
+    if n < 4:
+        raise PairsError("pairs buffer shorter than its count")
+    count = _u32(data, 0)
+    pos = 4 + 8 * count
+    if pos > n:
+        raise PairsError(f"pairs buffer too short for {count} entries")
     out: Pairs = []
-    for klen, vlen in zip(sizes, sizes, strict=True):  # (key length, value length) per entry
+    for i in range(count):
+        klen = _u32(data, 4 + 8 * i)
+        vlen = _u32(data, 8 + 8 * i)
         vpos = pos + klen + 1
         end = vpos + vlen
         if end >= n:  # each of key and value is followed by a NUL

@@ -29,7 +29,7 @@ from wasmgate.abi.constants import Action
 from wasmgate.headers import HeaderMap
 from wasmgate.host import metrics as host_metrics
 from wasmgate.log import wasm_log
-from wasmgate.plugin.chain import Direction, FilterCallbacks, Halted
+from wasmgate.plugin.chain import Direction, FilterCallbacks
 from wasmgate.plugin.context import Context, LocalReply, Stream
 from wasmgate.plugin.filter import PluginFilter
 from wasmgate.plugin.manager import PluginHandle, compile_spec, engine
@@ -250,17 +250,20 @@ class _Sink:
         self.body = bytearray()
         self.complete = False
 
-    def headers(self, eos: bool) -> None:
+    def headers(self, eos: bool) -> bool:
         h = self.stream.request_headers if self.request else self.stream.response_headers
         self.headers_seen = HeaderMap(list(h or ()))
         self.complete = eos
+        return False  # (a sink never ends the stream)
 
-    def data(self, body: bytes, eos: bool) -> None:
+    def data(self, body: bytes, eos: bool) -> bool:
         self.body += body
         self.complete = self.complete or eos
+        return False
 
-    def trailers(self) -> None:
+    def trailers(self) -> bool:
         self.complete = True
+        return False
 
 
 @dataclass
@@ -367,9 +370,8 @@ class PluginDriver:
         stream.start_ns = time.time_ns()
         f = PluginFilter(self.handle, stream)
 
-        def check() -> None:
-            if stream.local_reply is not None or stream.reset:
-                raise Halted
+        def ended() -> bool:
+            return stream.local_reply is not None or stream.reset
 
         req_rec = _Recorder(f.request, "request", out.actions)
         resp_rec = _Recorder(f.response, "response", out.actions)
@@ -377,20 +379,23 @@ class PluginDriver:
         up = _Sink(stream, True)
         down = _Sink(stream, False)
         req_dir = Direction([req_rec], up, lambda: len(stream.request_headers or ()),
-                            lambda: len(stream.request_trailers or ()), check)
+                            lambda: len(stream.request_trailers or ()), ended)
         resp_dir = Direction([resp_rec], down, lambda: len(stream.response_headers or ()),
-                             lambda: len(stream.response_trailers or ()), check)
+                             lambda: len(stream.response_trailers or ()), ended)
         def on_continue(ctx: object, stream_type: int) -> None:
             d = req_dir if stream_type == 0 else resp_dir
             d.continue_from(0)
 
-        def settle() -> None:  # after each step: answer the callouts it made
+        def settle(step_ended: bool) -> None:  # after each step: answer the callouts it made
+            if step_ended:
+                raise _Ended
             canned.deliver(self.vm)
-            check()
+            if ended():
+                raise _Ended
 
         stream.on_continue = on_continue
         stream.on_end = lambda ctx: None
-        with contextlib.suppress(Halted):  # a local reply or reset: handled below
+        with contextlib.suppress(_Ended):  # a local reply or reset: handled below
             _feed(req_dir, request.body, settle)
         out.reached_upstream = up.headers_seen is not None
         out.upstream_headers = _pairs(up.headers_seen)
@@ -407,7 +412,7 @@ class PluginDriver:
                 response.status, [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers])
             try:
                 _feed(resp_dir, response.body, settle)
-            except Halted:
+            except _Ended:
                 if stream.reset:
                     out.reset = True
                 elif stream.local_reply is not None:
@@ -426,27 +431,27 @@ class PluginDriver:
 
     @staticmethod
     def _reply_through(stream: Stream, resp_dir: Direction, reply: LocalReply, down: _Sink,
-                       settle: Callable[[], None]) -> None:
+                       settle: Callable[[bool], None]) -> None:
         stream.response_headers = _local_reply_headers(reply)
         stream.code_details = reply.details
         stream.local_reply = None
         try:
-            resp_dir.headers(not reply.body)
-            settle()
+            settle(resp_dir.headers(not reply.body))
             if reply.body:
-                resp_dir.data(reply.body, True)
-                settle()
-        except Halted:
+                settle(resp_dir.data(reply.body, True))
+        except _Ended:
             _write(stream, down, stream.local_reply or reply)
 
 
-def _feed(d: Direction, body: Iterable[bytes], settle: Callable[[], None]) -> None:
+class _Ended(Exception):
+    """The stream ended in a callback (a local reply or a reset)."""
+
+
+def _feed(d: Direction, body: Iterable[bytes], settle: Callable[[bool], None]) -> None:
     chunks = list(body)
-    d.headers(not chunks)
-    settle()
+    settle(d.headers(not chunks))
     for i, chunk in enumerate(chunks):
-        d.data(chunk, i == len(chunks) - 1)
-        settle()
+        settle(d.data(chunk, i == len(chunks) - 1))
 
 
 def _write(stream: Stream, down: _Sink, reply: LocalReply) -> None:

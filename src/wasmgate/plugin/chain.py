@@ -11,6 +11,11 @@ the filter continues (a later callback returns Continue, or the plugin calls
   handed to it, whole, when it does.
 * A data callback returning 1 or 2 stops and buffers (every later data callback
   of that filter sees the whole buffer); 3 or more stops and drops the data.
+
+The stream may end inside any callback (a local reply, a reset, a failure): every
+entry point returns True then, and iteration stops where it was. (A flag, not an
+exception: an exception through the compiled frames costs more than the rest of a
+local reply; docs/performance.md.)
 """
 
 from __future__ import annotations
@@ -19,10 +24,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from wasmgate.abi.constants import Action
-
-
-class Halted(Exception):
-    """The stream ended inside a callback (local reply, reset or failure)."""
 
 
 class FilterCallbacks(Protocol):
@@ -35,9 +36,11 @@ class FilterCallbacks(Protocol):
 
 
 class Sink(Protocol):
-    def headers(self, eos: bool) -> None: ...
-    def data(self, body: bytes, eos: bool) -> None: ...
-    def trailers(self) -> None: ...
+    """Where a direction's output goes; never ends the stream (returns False)."""
+
+    def headers(self, eos: bool) -> bool: ...
+    def data(self, body: bytes, eos: bool) -> bool: ...
+    def trailers(self) -> bool: ...
 
 
 _CONTINUE_AND_END_STREAM = 2  # a headers result Envoy treats as continue
@@ -65,7 +68,7 @@ class _Slot:
 
 class Direction:
     def __init__(self, filters: list[FilterCallbacks], sink: Sink, header_count: Callable[[], int],
-                 trailer_count: Callable[[], int], check: Callable[[], None]):
+                 trailer_count: Callable[[], int], ended: Callable[[], bool]):
         slots: list[_Slot] = []
         self._slots = slots
         for f in filters:  # (a comprehension is one more frame per stream on Python 3.11)
@@ -73,21 +76,22 @@ class Direction:
         self._sink = sink
         self._header_count = header_count
         self._trailer_count = trailer_count
-        self._check = check  # raises Halted when the stream ended during a callback
+        self._ended = ended  # whether the stream ended (during the callback that just ran)
         self.current = -1  # index of the filter whose callback runs (or ran last)
         self.buffered = 0  # bytes held by stopped filters
         self.over_limit = False  # a filter holds more than its own buffer_limit
 
     # ---- input ---------------------------------------------------------------------
 
-    def headers(self, eos: bool) -> None:
-        self._flow_headers(0, eos)
+    def headers(self, eos: bool) -> bool:
+        """Returns whether the stream ended in a callback (so for all entry points)."""
+        return self._flow_headers(0, eos)
 
-    def data(self, chunk: bytes, eos: bool) -> None:
-        self._flow_data(0, bytearray(chunk), eos)
+    def data(self, chunk: bytes, eos: bool) -> bool:
+        return self._flow_data(0, bytearray(chunk), eos)
 
-    def trailers(self) -> None:
-        self._flow_trailers(0)
+    def trailers(self) -> bool:
+        return self._flow_trailers(0)
 
     def index_of(self, cb: FilterCallbacks) -> int:
         for i, s in enumerate(self._slots):
@@ -102,21 +106,19 @@ class Direction:
         """proxy_continue_stream from filter ``index``.
 
         During that filter's own callback it takes effect when the callback returns
-        (Envoy defers it the same way); otherwise at once. False if not stopped.
+        (Envoy defers it the same way); otherwise at once. Nothing if not stopped.
         """
         slot = self._slots[index]
         if slot.in_call:
             slot.continue_requested = True
-            return True
-        if not slot.stopped:
             return False
-        self._resume(index)
-        return True
+        return slot.stopped and self._resume(index)
 
     # ---- iteration -----------------------------------------------------------------
 
     def _call(self, index: int, fn: Callable[..., int], *args: object) -> int:
-        """Run one callback; its action, or CONTINUE if it asked to continue meanwhile."""
+        """Run one callback; its action, or CONTINUE if it asked to continue meanwhile
+        (the caller then checks ``_ended``)."""
         slot = self._slots[index]
         self.current = index
         slot.in_call = True
@@ -125,10 +127,9 @@ class Direction:
             action = fn(*args)
         finally:
             slot.in_call = False
-        self._check()
         return _CONTINUE if slot.continue_requested else action
 
-    def _flow_headers(self, start: int, eos: bool) -> None:
+    def _flow_headers(self, start: int, eos: bool) -> bool:
         for i in range(start, len(self._slots)):
             slot = self._slots[i]
             # self._call inlined: once per plugin per request, the hottest step of a chain
@@ -139,15 +140,16 @@ class Direction:
                 action = slot.cb.headers(self._header_count(), eos)
             finally:
                 slot.in_call = False
-            self._check()
+            if self._ended():
+                return True
             if slot.continue_requested:
                 action = _CONTINUE
             if action != _CONTINUE and action != _CONTINUE_AND_END_STREAM:
                 slot.stopped = slot.stopped_all = True
                 slot.held_headers = True
                 slot.held_headers_eos = eos
-                return
-        self._sink.headers(eos)
+                return False
+        return self._sink.headers(eos)
 
     def _hold(self, slot: _Slot, body: bytearray, eos: bool) -> bytearray:
         held = slot.held_data
@@ -160,22 +162,26 @@ class Direction:
             self.over_limit = True
         return held
 
-    def _flow_data(self, start: int, body: bytearray, eos: bool) -> None:
+    def _flow_data(self, start: int, body: bytearray, eos: bool) -> bool:
         for i in range(start, len(self._slots)):
             slot = self._slots[i]
             if slot.stopped_all:
                 self._hold(slot, body, eos)
-                return
+                return False
             if slot.stopped:
                 held = self._hold(slot, body, eos)
                 action = self._call(i, slot.cb.data, held, eos)
+                if self._ended():
+                    return True
                 if action == _CONTINUE:
-                    self._resume(i)
-                elif action >= _STOP_NO_BUFFER:
+                    return self._resume(i)
+                if action >= _STOP_NO_BUFFER:
                     self.buffered -= len(held)
                     held.clear()
-                return
+                return False
             action = self._call(i, slot.cb.data, body, eos)
+            if self._ended():
+                return True
             if action != _CONTINUE:
                 slot.stopped = True
                 if action < _STOP_NO_BUFFER:
@@ -183,32 +189,32 @@ class Direction:
                 else:
                     slot.held_data = bytearray()
                     slot.held_eos = eos
-                return
-        self._sink.data(bytes(body), eos)
+                return False
+        return self._sink.data(bytes(body), eos)
 
-    def _flow_trailers(self, start: int) -> None:
+    def _flow_trailers(self, start: int) -> bool:
         for i in range(start, len(self._slots)):
             slot = self._slots[i]
             if slot.stopped_all:
                 slot.held_trailers = True
-                return
+                return False
             action = self._call(i, slot.cb.trailers, self._trailer_count())
+            if self._ended():
+                return True
             if slot.stopped:
                 slot.held_trailers = True
-                if action == _CONTINUE:
-                    self._resume(i)
-                return
+                return action == _CONTINUE and self._resume(i)
             if action != _CONTINUE:
                 slot.stopped = True
                 slot.held_trailers = True
-                return
-        self._sink.trailers()
+                return False
+        return self._sink.trailers()
 
-    def _resume(self, index: int) -> None:
+    def _resume(self, index: int) -> bool:
         """Filter ``index`` continues: pass on what it held, in order."""
         slot = self._slots[index]
         if not slot.stopped:
-            return
+            return False
         stopped_all = slot.stopped_all
         slot.stopped = slot.stopped_all = False
         headers, headers_eos = slot.held_headers, slot.held_headers_eos
@@ -218,11 +224,10 @@ class Direction:
         slot.held_data = None
         if data is not None:
             self.buffered -= len(data)
-        if headers:
-            self._flow_headers(index + 1, headers_eos)
+        if headers and self._flow_headers(index + 1, headers_eos):
+            return True
         # After StopAll the filter itself has not seen the buffered body yet.
         start = index if stopped_all else index + 1
-        if data is not None and (data or data_eos):
-            self._flow_data(start, data, data_eos)
-        if trailers:
-            self._flow_trailers(start)
+        if data is not None and (data or data_eos) and self._flow_data(start, data, data_eos):
+            return True
+        return trailers and self._flow_trailers(start)

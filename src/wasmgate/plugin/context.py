@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from wasmgate.abi.constants import BufferType, MapType
@@ -13,13 +12,28 @@ if TYPE_CHECKING:
     from wasmgate.plugin.vm import PluginVM
 
 
-@dataclass
 class LocalReply:
-    status: int
-    body: bytes = b""
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    details: str = ""
-    grpc_status: int = -1
+    """A reply the proxy sends itself (a plugin's, or for an error). A plain class, not
+    a dataclass: compiled, a dataclass keeps an interpreted __init__ (one per 403)."""
+
+    __slots__ = ("body", "details", "grpc_status", "headers", "status")
+
+    def __init__(self, status: int, body: bytes = b"", headers: list[tuple[bytes, bytes]] | None = None,
+                 details: str = "", grpc_status: int = -1):
+        self.status = status
+        self.body = body
+        self.headers: list[tuple[bytes, bytes]] = headers if headers is not None else []
+        self.details = details
+        self.grpc_status = grpc_status
+
+    def _key(self) -> tuple[int, bytes, list[tuple[bytes, bytes]], str, int]:
+        return self.status, self.body, self.headers, self.details, self.grpc_status
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalReply) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return f"LocalReply{self._key()!r}"
 
 
 class Stream:

@@ -16,14 +16,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import wasmtime
 
 from wasmgate import host
 from wasmgate.abi.constants import ABI_MARKERS, AbiVersion, LogLevel, WasmResult
+from wasmgate.compiled import Referable
 from wasmgate.engine.wasm import GuestFunc, HostFunc, Instance, WasmError, WasmTrap, exports_of
 from wasmgate.host.attributes import XdsInfo
 from wasmgate.log import PY_LEVEL, wasm_log
@@ -70,13 +71,14 @@ class PluginStats:
 _serials = itertools.count(1)
 
 
-class SharedVM:
+class SharedVM(Referable):  # held weakly by host/metrics.py
     """One module instance and what belongs to it rather than to a plugin: context ids,
     callout tokens, the failure. Host functions act for ``current``, the plugin whose
     context is the effective one."""
 
+    # (__weakref__ comes from Referable)
     __slots__ = ("call_token", "current", "failed", "grpc_call_token", "grpc_stream_token", "initialized",
-                 "instance", "key", "next_id", "plugins", "contexts", "retiring", "serial", "__weakref__")
+                 "instance", "key", "next_id", "plugins", "contexts", "retiring", "serial")
 
     def __init__(self, current: PluginVM, key: str = ""):
         self.serial = next(_serials)  # tells instances apart on /plugins (a key outlives its instances)
@@ -100,7 +102,7 @@ class SharedVM:
         return list(dict.fromkeys(p.name for p in self.plugins))
 
 
-class PluginVM:
+class PluginVM(Referable):  # held weakly by plugin/shared.py
     """One plugin on a module instance: its root context, stream contexts and callbacks."""
 
     def __init__(self, spec: PluginSpec, engine: wasmtime.Engine, module: wasmtime.Module,
@@ -480,13 +482,17 @@ class PluginVM:
             return  # no loop (a unit test driving the VM by hand): no timer
         self._tick_handle = loop.call_later(self.tick_period, self._tick)
 
+    def _tick_scheduled(self) -> bool:
+        # A method, not `self._tick_handle is None` after setting it: see wasmgate/compiled.py.
+        return self._tick_handle is not None
+
     def _tick(self) -> None:
         self._tick_handle = None
         if self._on_tick is None or self.failed is not None:
             return
         with contextlib.suppress(PluginFailed):  # fail() has logged it; the timer stops
             self._call(self._on_tick, self.root, self.root.id)
-        if self._tick_handle is None:
+        if not self._tick_scheduled():  # on_tick may have set a new period (and scheduled it)
             self._schedule_tick()
 
     # ---- guest calls ---------------------------------------------------------------
@@ -498,19 +504,19 @@ class PluginVM:
         self.shared.current = self
         stats = self.stats
         stats.calls += 1
-        t0 = time.perf_counter()
+        t0 = perf_counter()
         try:
             return self.instance.call(fn, *args)
         except WasmTrap as trap:
             stats.errors += 1
-            self.fail(trap)
-            raise PluginFailed(self.failed or trap.message) from None
+            raise PluginFailed(self.fail(trap)) from None
         finally:
-            stats.seconds += time.perf_counter() - t0
+            stats.seconds += perf_counter() - t0
 
-    def fail(self, trap: WasmTrap) -> None:
+    def fail(self, trap: WasmTrap) -> str:
         """Mark the instance failed (once), and with it every plugin on it, as Envoy fails
-        the whole VM; each plugin's handle applies its own fail strategy from here."""
+        the whole VM; each plugin's handle applies its own fail strategy from here. Returns
+        why it failed."""
         callback = trap.message.split(":", 1)[0]
         if trap.exit_code is not None:
             failed = f"proc_exit({trap.exit_code}) in {callback}"
@@ -532,6 +538,7 @@ class PluginVM:
         for p in victims:
             if p.on_failed is not None:
                 p.on_failed(p)
+        return failed
 
     def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
         """Copy ``data`` into guest-allocated memory; write its pointer and size."""
