@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from wasmgate.abi.constants import Action, MapType
 from wasmgate.plugin.context import HttpContext, LocalReply, Stream
@@ -20,10 +20,14 @@ FAIL_STATUS = 503
 FAIL_DETAILS = "wasm_fail_stream"
 NO_MODULE_DETAILS = "wasm_module_unavailable"
 
-_REQ_HEADERS = 1 << MapType.REQUEST_HEADERS
-_REQ_TRAILERS = 1 << MapType.REQUEST_TRAILERS
-_RESP_HEADERS = 1 << MapType.RESPONSE_HEADERS
-_RESP_TRAILERS = 1 << MapType.RESPONSE_TRAILERS
+# Bits of HttpContext.open_maps, as literals: compiled (mypyc), a class attribute's
+# default must be a constant. Checked against the ABI's map types right here.
+_REQ_HEADERS: Final = 1
+_REQ_TRAILERS: Final = 2
+_RESP_HEADERS: Final = 4
+_RESP_TRAILERS: Final = 8
+assert [1 << t for t in (MapType.REQUEST_HEADERS, MapType.REQUEST_TRAILERS, MapType.RESPONSE_HEADERS,
+                         MapType.RESPONSE_TRAILERS)] == [_REQ_HEADERS, _REQ_TRAILERS, _RESP_HEADERS, _RESP_TRAILERS]
 _CONTINUE = int(Action.CONTINUE)  # a plain int: no Enum lookup per callback
 
 
@@ -117,11 +121,9 @@ class _Side:
 
     __slots__ = ("f",)
     __deletable__ = ("f",)  # mypyc: unlink() deletes it
-    # _ResponseSide overrides these. Literals: mypyc takes no other attribute defaults
-    # (a wrong bit hides a header map from plugins: the end-to-end tests catch it).
-    is_request = True
-    headers_bit = 1  # 1 << MapType.REQUEST_HEADERS
-    trailers_bit = 2  # 1 << MapType.REQUEST_TRAILERS
+    is_request = True  # _ResponseSide overrides these three
+    headers_bit = _REQ_HEADERS
+    trailers_bit = _REQ_TRAILERS
 
     def __init__(self, f: PluginFilter):
         self.f = f
@@ -190,6 +192,5 @@ class _Side:
 class _ResponseSide(_Side):
     __slots__ = ()
     is_request = False
-    headers_bit = 4  # 1 << MapType.RESPONSE_HEADERS
-    trailers_bit = 8  # 1 << MapType.RESPONSE_TRAILERS
-
+    headers_bit = _RESP_HEADERS
+    trailers_bit = _RESP_TRAILERS
