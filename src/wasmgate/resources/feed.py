@@ -10,13 +10,12 @@ modules they name; a Kubernetes watch yields the same type.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wasmgate.plugin.spec import PluginSpec
-from wasmgate.resources.fswatch import watch_dirs
+from wasmgate.resources.fswatch import relevant_changes
 from wasmgate.resources.wasmplugin import Scope, scan_plugin_specs
 
 
@@ -53,18 +52,6 @@ class DirectoryFeed:
 
     async def __aiter__(self) -> AsyncIterator[SpecSet]:
         yield self.scan()
-        rewatch = False  # after the first watch: rescan once a new one is set, or a change in between is lost
-        while self.watch:
-            roots = self._roots()
-            if not roots:  # nothing to watch yet (a path that does not exist): look again later
-                await asyncio.sleep(1.0)
+        if self.watch:
+            async for _ in relevant_changes(self._roots, self._relevant, asyncio.Event()):
                 yield self.scan()
-                continue
-            async with contextlib.aclosing(watch_dirs(roots, existing=rewatch)) as batches:
-                async for changed in batches:
-                    # A watched directory itself in ``changed`` went away: rescan.
-                    if roots & changed or self._relevant({p.resolve() for p in changed}):
-                        yield self.scan()
-                    if self._roots() != roots:
-                        break  # modules moved, or a directory went away or came back: watch what is there now
-            rewatch = True

@@ -18,7 +18,7 @@ import errno
 import logging
 import os
 import sys
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from pathlib import Path
 
 if sys.platform == "linux":
@@ -55,6 +55,30 @@ async def watch_dirs(roots: Iterable[Path], stop: asyncio.Event | None = None, *
             yield changed
     finally:
         batches.close()
+
+
+async def relevant_changes(roots: Callable[[], set[Path]], relevant: Callable[[set[Path]], bool],
+                           stop: asyncio.Event) -> AsyncGenerator[None, None]:
+    """Yields after each batch of changes that ``relevant`` accepts, or that removed a watched
+    directory, until ``stop`` is set. Watches the directories ``roots()`` names and watches
+    again when they change (then the first batch is everything there, so a change made
+    between two watches is not lost); with none, looks again every second."""
+    rewatch = False
+    while not stop.is_set():
+        dirs = roots()
+        if not dirs:  # nothing to watch yet (paths that do not exist)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+            rewatch = True
+            continue
+        async with contextlib.aclosing(watch_dirs(dirs, stop, existing=rewatch)) as batches:
+            async for changed in batches:
+                if dirs & changed or relevant({p.resolve() for p in changed}):
+                    yield
+                if roots() != dirs:
+                    break  # modules moved, or a directory went away or came back: watch what is there now
+        rewatch = True
 
 
 class _InotifyBatches:

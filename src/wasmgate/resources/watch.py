@@ -12,13 +12,12 @@ not be fetched, expiring the module cache.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 
 from wasmgate.plugin.manager import PluginManager, module_cache
 from wasmgate.plugin.spec import PluginSpec
-from wasmgate.resources.fswatch import watch_dirs
+from wasmgate.resources.fswatch import relevant_changes
 from wasmgate.resources.wasmplugin import Scope, scan_plugin_specs
 
 _log = logging.getLogger("wasmgate.config")
@@ -110,23 +109,8 @@ class PluginWatcher(ResourceSource):
         return False
 
     async def _run(self) -> None:
-        rewatch = False  # after the first watch: rescan once a new one is set, or a change in between is lost
-        while not self._stop.is_set():
-            roots = self._roots()
-            if not roots:  # nothing to watch yet (paths that do not exist): look again later
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._stop.wait()
-                rewatch = True
-                continue
-            async with contextlib.aclosing(watch_dirs(roots, self._stop, existing=rewatch)) as batches:
-                async for changed in batches:
-                    # A watched directory itself in ``changed`` went away: rescan.
-                    if roots & changed or self._relevant({p.resolve() for p in changed}):
-                        await self.reload()
-                    if self._roots() != roots:
-                        break  # modules moved, or a directory went away or came back: watch what is there now
-            rewatch = True
+        async for _ in relevant_changes(self._roots, self._relevant, self._stop):
+            await self.reload()
 
     async def reload(self) -> None:
         await self.apply_scan(*scan_plugin_specs(self.paths, self.scope))
