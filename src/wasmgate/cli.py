@@ -12,7 +12,7 @@ from wasmgate.devtools import commands as dev_commands
 from wasmgate.export import commands as export_commands
 from wasmgate.oci import commands as oci_commands
 from wasmgate.proxy.server import Limits
-from wasmgate.resources.config import key_values, load_config
+from wasmgate.resources.config import add_kube_flags, key_values, kube_flags, load_config, tcp_proxy_flags
 from wasmgate.resources.wasmplugin import ConfigError
 from wasmgate.supervisor import Supervisor, default_workers
 from wasmgate.xds import commands as xds_commands
@@ -30,13 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--upstream", help="upstream URL, e.g. http://127.0.0.1:8000 (default: demo upstream)")
     run.add_argument("--plugins", type=Path, nargs="+", metavar="FILE_OR_DIR",
                      help="WasmPlugin YAML files or directories (default: the allow-header example)")
-    run.add_argument("--kube", action="store_true",
-                     help="watch WasmPlugins and pull Secrets through the Kubernetes API (docs/kubernetes.md)")
-    run.add_argument("--namespace", metavar="NS", help="with --kube: only this namespace (default: all)")
-    run.add_argument("--kube-selector", metavar="K=V[,K=V]",
-                     help="with --kube: only WasmPlugins with these Kubernetes labels")
-    run.add_argument("--kubeconfig", metavar="PATH",
-                     help="with --kube: this kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)")
+    add_kube_flags(run)
     run.add_argument("--workers", type=int, default=None,
                      help="worker processes sharing the listener (default: the number of cores)")
     run.add_argument("--labels", action="append", default=[], metavar="K=V[,K=V]",
@@ -97,22 +91,13 @@ def _run(args: argparse.Namespace) -> int:
         opts.plugins = args.plugins
     opts.labels.update(key_values(args.labels, "--labels"))
     opts.clusters.update(key_values(args.cluster, "--cluster"))
-    for item in args.tcp_proxy:
-        listen, sep, cluster = item.rpartition("=")
-        if not sep or not listen or not cluster:
-            raise StartupError(f"--tcp-proxy: expected LISTEN=CLUSTER, got {item!r}")
-        opts.tcp_proxies.append({"listen": listen, "cluster": cluster})
+    opts.tcp_proxies += tcp_proxy_flags(args.tcp_proxy)
     opts.tls_cert = args.tls_cert or opts.tls_cert
     opts.tls_key = args.tls_key or opts.tls_key
-    if args.kube:
-        if args.plugins is not None:
-            raise StartupError("--kube and --plugins: choose one source of WasmPlugins")
+    kube = kube_flags(args, "--plugins", args.plugins is not None)
+    if kube is not None:
         opts.kube, opts.plugins = True, None
-        opts.kube_namespace = args.namespace
-        opts.kube_selector = key_values([args.kube_selector or ""], "--kube-selector")
-        opts.kubeconfig = args.kubeconfig
-    elif args.namespace or args.kube_selector or args.kubeconfig:
-        raise StartupError("--namespace, --kube-selector and --kubeconfig need --kube")
+        opts.kube_namespace, opts.kube_selector, opts.kubeconfig = kube.namespace, kube.selector, kube.kubeconfig
     if args.no_watch:
         opts.watch = False
     import uvloop

@@ -24,6 +24,8 @@ Example::
 
 from __future__ import annotations
 
+import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,3 +242,44 @@ def key_values(items: list[str], flag: str) -> dict[str, str]:
                 raise ConfigError(f"{flag}: expected KEY=VALUE, got {part!r}")
             out[key.strip()] = value.strip()
     return out
+
+
+def tcp_proxy_flags(items: list[str]) -> list[dict[str, str]]:
+    """Command-line ``--tcp-proxy LISTEN=CLUSTER`` (repeatable) as ``tcp_proxies`` entries."""
+    out = []
+    for item in items:
+        listen, sep, cluster = item.rpartition("=")
+        if not sep or not listen or not cluster:
+            raise ConfigError(f"--tcp-proxy: expected LISTEN=CLUSTER, got {item!r}")
+        out.append({"listen": listen, "cluster": cluster})
+    return out
+
+
+def add_kube_flags(parser: argparse.ArgumentParser) -> None:
+    """``--kube`` and its options, the same for ``wasmgate run`` and ``wasmgate envoy``."""
+    parser.add_argument("--kube", action="store_true",
+                        help="watch WasmPlugins and pull Secrets through the Kubernetes API (docs/kubernetes.md)")
+    parser.add_argument("--namespace", metavar="NS", help="with --kube: only this namespace (default: all)")
+    parser.add_argument("--kube-selector", metavar="K=V[,K=V]",
+                        help="with --kube: only WasmPlugins with these Kubernetes labels")
+    parser.add_argument("--kubeconfig", metavar="PATH",
+                        help="with --kube: this kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)")
+
+
+@dataclass(frozen=True)
+class KubeFlags:
+    namespace: str | None
+    selector: dict[str, str]
+    kubeconfig: str | None
+
+
+def kube_flags(args: argparse.Namespace, files_flag: str, files_given: bool) -> KubeFlags | None:
+    """The options of ``add_kube_flags``; None without ``--kube``. ``files_flag`` names the
+    command's own source of WasmPlugins, which ``--kube`` replaces."""
+    if args.kube:
+        if files_given:
+            raise ConfigError(f"--kube and {files_flag}: choose one source of WasmPlugins")
+        return KubeFlags(args.namespace, key_values([args.kube_selector or ""], "--kube-selector"), args.kubeconfig)
+    if args.namespace or args.kube_selector or args.kubeconfig:
+        raise ConfigError("--namespace, --kube-selector and --kubeconfig need --kube")
+    return None

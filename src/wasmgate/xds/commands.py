@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from wasmgate import log
-from wasmgate.resources.config import key_values, load_config
+from wasmgate.resources.config import add_kube_flags, key_values, kube_flags, load_config, tcp_proxy_flags
 from wasmgate.resources.wasmplugin import ConfigError
 
 COMMANDS = ("envoy",)
@@ -37,12 +37,7 @@ def register(sub: Any) -> None:
                    help="a TCP proxy listener to that cluster, for NETWORK WasmPlugins (repeatable)")
     e.add_argument("--labels", action="append", default=[], metavar="K=V[,K=V]",
                    help="this gateway's labels, matched by WasmPlugin spec.selector.matchLabels")
-    e.add_argument("--kube", action="store_true",
-                   help="WasmPlugins and pull Secrets from the Kubernetes API (docs/kubernetes.md)")
-    e.add_argument("--namespace", metavar="NS", help="with --kube: only this namespace (default: all)")
-    e.add_argument("--kube-selector", metavar="K=V[,K=V]", help="with --kube: only WasmPlugins with these labels")
-    e.add_argument("--kubeconfig", metavar="PATH",
-                   help="with --kube: this kubeconfig (default: in-cluster, $KUBECONFIG, ~/.kube/config)")
+    add_kube_flags(e)
     e.add_argument("--no-watch", action="store_true", help="do not push changes of plugin files")
     e.add_argument("--envoy-log", type=Path, metavar="PATH", help="append Envoy's log here (default: stderr)")
     e.add_argument("--envoy-log-level", default="info", help="Envoy's --log-level (default info)")
@@ -88,19 +83,11 @@ def run(args: argparse.Namespace) -> int:
     o.upstream = args.upstream or o.upstream
     o.clusters.update(key_values(args.cluster, "--cluster"))
     o.labels.update(key_values(args.labels, "--labels"))
-    for item in args.tcp_proxy:
-        listen, sep, name = item.rpartition("=")
-        if not sep or not listen or not name:
-            raise ConfigError(f"--tcp-proxy: expected LISTEN=CLUSTER, got {item!r}")
-        o.tcp_proxies.append({"listen": listen, "cluster": name})
+    o.tcp_proxies += tcp_proxy_flags(args.tcp_proxy)
     o.http2_clusters += [n for n in args.http2_cluster if n not in o.http2_clusters]
-    if args.kube:
-        if args.resources is not None:
-            raise ConfigError("--kube and --resources: choose one source of WasmPlugins")
-        o.kube, o.kube_namespace, o.kubeconfig = True, args.namespace, args.kubeconfig
-        o.kube_selector = key_values([args.kube_selector or ""], "--kube-selector")
-    elif args.namespace or args.kube_selector or args.kubeconfig:
-        raise ConfigError("--namespace, --kube-selector and --kubeconfig need --kube")
+    kube = kube_flags(args, "--resources", args.resources is not None)
+    if kube is not None:
+        o.kube, o.kube_namespace, o.kube_selector, o.kubeconfig = True, kube.namespace, kube.selector, kube.kubeconfig
     elif args.resources is not None:
         o.plugins = list(args.resources)
     elif not (cfg and "plugins" in cfg.model_fields_set):
