@@ -8,14 +8,18 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from wasmgate.resources.fswatch import watch_dirs
+from servers import wasmplugin_yaml
+from wasmgate.resources.feed import DirectoryFeed, SpecSet
+from wasmgate.resources.fswatch import lookup, relevant_changes, watch_dirs
 
 LOOPS = ["asyncio", "uvloop"]
 BACKENDS = ["inotify", "poll"]
@@ -202,6 +206,158 @@ def test_stop_ends_the_watch(tmp_path: Path, backend: str, loop: str) -> None:
         await idle.close()  # and while idle
 
     run(loop, main)
+
+
+class ConfigMapVolume:
+    """A directory kept as the kubelet's atomic writer keeps a mounted ConfigMap, Secret or
+    projected volume: the files in a timestamped directory, ``..data`` linking to it, and for
+    each key a link ``key -> ..data/key``."""
+
+    def __init__(self, path: Path):
+        path.mkdir()
+        self.path = path
+
+    def write(self, files: dict[str, bytes]) -> None:
+        """One update, in the kubelet's order: a new timestamped directory with every file,
+        ``..data_tmp`` linking to it renamed over ``..data``, the key links (those of keys
+        gone removed), then the old directory removed."""
+        data = self.path / "..data"
+        old = os.readlink(data) if data.is_symlink() else None
+        ts = Path(tempfile.mkdtemp(prefix=time.strftime("..%Y_%m_%d_%H_%M_%S.", time.gmtime()), dir=self.path))
+        for name, content in files.items():
+            (ts / name).write_bytes(content)
+        os.symlink(ts.name, self.path / "..data_tmp")
+        os.rename(self.path / "..data_tmp", data)
+        for name in files:
+            if not (self.path / name).is_symlink():
+                os.symlink(f"..data/{name}", self.path / name)
+        for link in self.path.iterdir():
+            if not link.name.startswith("..") and link.name not in files:
+                link.unlink()
+        if old is not None:
+            shutil.rmtree(self.path / old)
+
+
+def test_lookup_follows_every_link(tmp_path: Path) -> None:
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.write({"plugin.yaml": b"v1"})
+    ts = volume.path / os.readlink(volume.path / "..data")
+    assert lookup(volume.path / "plugin.yaml") == [volume.path / "plugin.yaml", volume.path / "..data",
+                                                   ts / "plugin.yaml"]
+    (tmp_path / "etc").symlink_to(volume.path)  # absolute, through a link to a directory
+    assert lookup(tmp_path / "etc" / "plugin.yaml") == [tmp_path / "etc", *lookup(volume.path / "plugin.yaml")]
+    plain = tmp_path / "plain.yaml"
+    assert lookup(plain) == [plain]
+    (tmp_path / "loop").symlink_to("loop")
+    assert lookup(tmp_path / "loop")[-1] == tmp_path / "loop"  # a loop ends, read as it is
+
+
+class Reloads:
+    """``relevant_changes`` consumed as a reload does: ``read`` is read after each yield."""
+
+    def __init__(self, watched: set[Path], read: Path, backend: str):
+        self.read = read
+        self.seen: list[bytes] = []
+        self.stop = asyncio.Event()
+        gen = relevant_changes(lambda: watched, self.stop, poll=backend == "poll", poll_interval=0.05)
+        self.task = asyncio.get_running_loop().create_task(self._consume(gen))
+
+    async def _consume(self, gen: AsyncGenerator[None, None]) -> None:
+        async for _ in gen:
+            self.seen.append(self.read.read_bytes())
+
+    async def ready(self) -> None:
+        for _ in range(3):  # the watches are set in the task's first step
+            await asyncio.sleep(0)
+
+    async def until(self, content: bytes) -> None:
+        async with asyncio.timeout(DEADLINE):
+            while content not in self.seen:
+                await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        self.stop.set()
+        async with asyncio.timeout(DEADLINE):
+            await self.task
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("watch", ["file", "directory", "module"])
+def test_configmap_volume_updates_are_relevant(tmp_path: Path, backend: str, watch: str) -> None:
+    """A file in a ConfigMap volume (the resource file, a directory of them, or a module a
+    resource names), updated by the kubelet: only ``..data`` and the timestamped directories
+    change, never the path read. Unrelated files beside it change nothing."""
+    volume = ConfigMapVolume(tmp_path / "config")
+    key = "plugin.wasm" if watch == "module" else "plugin.yaml"
+    volume.write({key: b"v1", "notes.txt": b"n1"})
+    resource = tmp_path / "resources" / "plugin.yaml"  # naming the module
+    resource.parent.mkdir()
+    resource.write_text("v1")
+    watched = {"file": {volume.path / key}, "directory": {volume.path},
+               "module": {resource.parent, volume.path / key}}[watch]
+
+    async def main() -> None:
+        r = Reloads(watched, volume.path / key, backend)
+        await r.ready()
+        (volume.path / "unrelated.txt").write_text("x")  # in the volume's directory, not read
+        (resource.parent / "notes.txt").write_text("x")
+        await asyncio.sleep(0.5)  # a batch (or a poll) of its own
+        for version in (b"v2", b"v3"):  # the second after the first's directory is gone
+            volume.write({key: version, "notes.txt": b"n1"})
+            await r.until(version)
+        assert b"v1" not in r.seen  # nothing reloaded for the unrelated files
+        await r.close()
+
+    run("uvloop", main)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_key_added_to_a_volume_directory(tmp_path: Path, backend: str) -> None:
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.write({"a.yaml": b"a"})
+
+    async def main() -> None:
+        r = Reloads({volume.path}, volume.path / "b.yaml", backend)
+        await r.ready()
+        volume.write({"a.yaml": b"a", "b.yaml": b"b"})
+        await r.until(b"b")
+        await r.close()
+
+    run("asyncio", main)
+
+
+def test_directory_feed_follows_a_configmap_volume(tmp_path: Path) -> None:
+    """What ``wasmgate envoy`` reads: each update's resource, under the name given."""
+    volume = ConfigMapVolume(tmp_path / "config")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+
+    def resource(tag: str) -> dict[str, bytes]:
+        return {"tag.yaml": wasmplugin_yaml(staged, "tag", staged / "tag.wasm", config={"tag": tag}).read_bytes()}
+
+    volume.write(resource("v1"))
+
+    async def main() -> None:
+        feed = DirectoryFeed([volume.path / "tag.yaml"])
+        sets: asyncio.Queue[SpecSet] = asyncio.Queue()
+
+        async def consume() -> None:
+            async for s in feed:
+                await sets.put(s)
+
+        task = asyncio.get_running_loop().create_task(consume())
+        async with asyncio.timeout(DEADLINE):
+            first = await sets.get()
+            assert first.specs[0].source == str(volume.path / "tag.yaml")
+            for tag in ("v2", "v3"):
+                volume.write(resource(tag))
+                got = await sets.get()
+                while got.specs[0].plugin_config != json.dumps({"tag": tag}, separators=(",", ":")).encode():
+                    got = await sets.get()
+                assert got.errors == {} and got.specs[0].source == first.specs[0].source
+        task.cancel()
+
+    run("uvloop", main)
 
 
 # A watcher started, then the main thread kept busy for a second, as a loaded data plane is.

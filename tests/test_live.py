@@ -13,6 +13,7 @@ from typing import Any
 
 from servers import PLUGIN_BUILD, ProxyThread, Upstream, wasmplugin_yaml
 from test_e2e import request
+from test_fswatch import ConfigMapVolume
 
 TAG = PLUGIN_BUILD / "tag.wasm"
 
@@ -207,3 +208,62 @@ def test_load_and_swap_command() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert "failed or reset: 0  responses from neither version: 0" in r.stdout
     assert "observed for 100/100 swaps" in r.stdout
+
+
+def test_configmap_volume_update_is_applied(upstream: Upstream, tmp_path: Path) -> None:
+    """``--plugins`` names a WasmPlugin file in a ConfigMap volume; the kubelet's updates
+    (the file itself never changes: its ``..data`` link does) are applied, a broken one keeps
+    the last good version under the file's own name, and a module in the volume is watched."""
+    volume = ConfigMapVolume(tmp_path / "config")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def resource(tag: str, module: str = f"file://{TAG}") -> bytes:
+        wasmplugin_yaml(scratch, "tag", TAG, config={"tag": tag})
+        return (scratch / "tag.yaml").read_text().replace(f"file://{TAG}", module).encode()
+
+    volume.write({"wasmplugin.yaml": resource("v1")})
+    proxy = ProxyThread([volume.path / "wasmplugin.yaml"], upstream.url)
+    watcher = proxy.running.watcher
+    assert watcher is not None
+    try:
+        assert tag_of(proxy) == "v1"
+        volume.write({"wasmplugin.yaml": resource("v2")})
+        wait_for(lambda: tag_of(proxy) == "v2")
+        volume.write({"wasmplugin.yaml": resource("v3")})  # after v1's directory is gone
+        wait_for(lambda: tag_of(proxy) == "v3")
+
+        applied = watcher.applied
+        volume.write({"wasmplugin.yaml": b"kind: WasmPlugin\nspec: [broken\n"})
+        wait_for(lambda: watcher.applied > applied)
+        assert tag_of(proxy) == "v3"
+        assert "invalid YAML" in plugins(proxy)["resource_errors"][str(volume.path / "wasmplugin.yaml")]
+
+        # The module in the volume too, named relative to the resource: then replaced.
+        volume.write({"wasmplugin.yaml": resource("v4", "file://plugin.wasm"), "plugin.wasm": TAG.read_bytes()})
+        wait_for(lambda: tag_of(proxy) == "v4")
+        assert plugins(proxy)["resource_errors"] == {}
+        volume.write({"wasmplugin.yaml": resource("v4", "file://plugin.wasm"),
+                      "plugin.wasm": (PLUGIN_BUILD / "mutate.wasm").read_bytes()})
+        wait_for(lambda: request(proxy.port)[1].get("x-wasm") == "hello")
+    finally:
+        proxy.stop()
+
+
+def test_configmap_volume_directory_update_is_applied(upstream: Upstream, tmp_path: Path) -> None:
+    """``--plugins`` names the volume's directory: a key's update and a key added are applied."""
+    volume = ConfigMapVolume(tmp_path / "config")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    a = wasmplugin_yaml(staged, "a", TAG, config={"tag": "A1"}, priority=2).read_bytes()
+    volume.write({"a.yaml": a})
+    proxy = ProxyThread([volume.path], upstream.url)
+    try:
+        assert tag_of(proxy) == "A1"
+        volume.write({"a.yaml": wasmplugin_yaml(staged, "a", TAG, config={"tag": "A2"}, priority=2).read_bytes()})
+        wait_for(lambda: tag_of(proxy) == "A2")
+        b = wasmplugin_yaml(staged, "b", TAG, config={"tag": "B"}, priority=1).read_bytes()
+        volume.write({"a.yaml": (staged / "a.yaml").read_bytes(), "b.yaml": b})
+        wait_for(lambda: tag_of(proxy) == "B, A2")
+    finally:
+        proxy.stop()

@@ -10,6 +10,7 @@ modules they name; a Kubernetes watch yields the same type.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,26 +33,19 @@ class DirectoryFeed:
     ``file://`` module in use changes (``watch=False``: only the first)."""
 
     def __init__(self, paths: list[Path], scope: Scope | None = None, *, watch: bool = True):
-        self.paths = [p.resolve() for p in paths]
+        # Not resolved: symlinks are followed at each read (a Kubernetes volume's ``..data``).
+        self.paths = [Path(os.path.abspath(p)) for p in paths]
         self.scope = scope or Scope()
         self.watch = watch
         self._modules: set[Path] = set()
 
     def scan(self) -> SpecSet:
         specs, errors = scan_plugin_specs(self.paths, self.scope)
-        self._modules = {s.module_path.resolve() for s in specs if s.module_path is not None}
+        self._modules = {s.module_path for s in specs if s.module_path is not None}
         return SpecSet(specs, errors)
-
-    def _roots(self) -> set[Path]:
-        roots = {p if p.is_dir() else p.parent for p in self.paths} | {m.parent for m in self._modules}
-        return {r for r in roots if r.is_dir()}
-
-    def _relevant(self, changed: set[Path]) -> bool:
-        return any(p in self._modules or p in self.paths
-                   or (p.suffix in (".yaml", ".yml") and p.parent in self.paths) for p in changed)
 
     async def __aiter__(self) -> AsyncIterator[SpecSet]:
         yield self.scan()
         if self.watch:
-            async for _ in relevant_changes(self._roots, self._relevant, asyncio.Event()):
+            async for _ in relevant_changes(lambda: {*self.paths, *self._modules}, asyncio.Event()):
                 yield self.scan()

@@ -57,28 +57,88 @@ async def watch_dirs(roots: Iterable[Path], stop: asyncio.Event | None = None, *
         batches.close()
 
 
-async def relevant_changes(roots: Callable[[], set[Path]], relevant: Callable[[set[Path]], bool],
-                           stop: asyncio.Event) -> AsyncGenerator[None, None]:
-    """Yields after each batch of changes that ``relevant`` accepts, or that removed a watched
-    directory, until ``stop`` is set. Watches the directories ``roots()`` names and watches
-    again when they change (then the first batch is everything there, so a change made
-    between two watches is not lost); with none, looks again every second."""
+async def relevant_changes(watched: Callable[[], set[Path]], stop: asyncio.Event, *, poll: bool = False,
+                           poll_interval: float = 1.0) -> AsyncGenerator[None, None]:
+    """Yields after each batch of changes that may change what reading ``watched()`` gives
+    (files, and directories of ``*.yaml``/``*.yml`` files), until ``stop`` is set.
+
+    A change counts when it is to one of those files, a YAML file in one of those directories,
+    a symlink on the way to one or where it ends (Kubernetes updates a ConfigMap or Secret
+    volume by renaming its ``..data`` symlink: the ``key -> ..data/key`` links read stay as
+    they are), or when a watched directory goes away. Watches the directories that takes and
+    watches again when they change (then the first batch is everything there, so a change
+    made between two watches is not lost); with none, looks again every second."""
     rewatch = False
     while not stop.is_set():
-        dirs = roots()
+        through, dirs = _lookups(watched())
         if not dirs:  # nothing to watch yet (paths that do not exist)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await stop.wait()
             rewatch = True
             continue
-        async with contextlib.aclosing(watch_dirs(dirs, stop, existing=rewatch)) as batches:
+        async with contextlib.aclosing(watch_dirs(dirs, stop, existing=rewatch, poll=poll,
+                                                  poll_interval=poll_interval)) as batches:
             async for changed in batches:
-                if dirs & changed or relevant({p.resolve() for p in changed}):
+                before = through
+                through, now = _lookups(watched())
+                if not changed.isdisjoint(dirs | before | through):  # the ways before the change, or now
                     yield
-                if roots() != dirs:
+                    through, now = _lookups(watched())  # the caller may use other modules now
+                if now != dirs:
                     break  # modules moved, or a directory went away or came back: watch what is there now
         rewatch = True
+
+
+def lookup(path: Path) -> list[Path]:
+    """``path``, each symlink that reading it follows and, last, what it resolves to: the
+    paths whose change may change what ``path`` reads, each named in its real directory."""
+    path = path.absolute()
+    head = Path(path.anchor)
+    rest = list(path.parts[1:])
+    links: list[Path] = []
+    while rest:
+        name = rest.pop(0)
+        if name == "..":
+            head = head.parent
+            continue
+        if name in ("", "."):
+            continue
+        target = _readlink(head / name) if len(links) < 40 else None  # 40: Linux's limit (a loop)
+        if target is None:
+            head = head / name
+            continue
+        links.append(head / name)
+        if target.is_absolute():
+            head = Path(target.anchor)
+        rest[:0] = target.parts[1:] if target.is_absolute() else target.parts
+    return [*links, head]
+
+
+def _readlink(path: Path) -> Path | None:
+    try:
+        return Path(os.readlink(path))
+    except OSError:  # not a symlink, or nothing there
+        return None
+
+
+def _lookups(watched: set[Path]) -> tuple[set[Path], set[Path]]:
+    """What reading ``watched`` goes through (``lookup`` of each file, and of each YAML file in
+    each directory), and the directories to watch for that: where those are, and the
+    directories read."""
+    through: set[Path] = set()
+    dirs: set[Path] = set()
+    for path in watched:
+        *chain, end = lookup(path)
+        if end.is_dir():
+            dirs.add(end)
+            with contextlib.suppress(OSError):
+                chain += [q for f in end.iterdir() if f.suffix in (".yaml", ".yml") for q in lookup(f)]
+        else:
+            chain.append(end)
+        through.update(chain)
+        dirs.update(q.parent for q in chain)
+    return through, {d for d in dirs if d.is_dir()}
 
 
 class _InotifyBatches:
@@ -130,7 +190,7 @@ class _InotifyBatches:
             self._lose(d, "is gone")
 
     def _lose(self, d: Path, why: str) -> None:
-        _log.warning("watched directory %s %s: not watched until it is back", d, why)
+        _log.info("watched directory %s %s: not watched until it is back", d, why)
         self.watches.pop(d, None)
         self.lost.add(d)
         self._changed(d)

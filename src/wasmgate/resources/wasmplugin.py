@@ -276,9 +276,12 @@ def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpe
 
 
 def resource_files(paths: list[Path]) -> list[Path]:
-    """The YAML files named, and the ``*.yaml``/``*.yml`` files in directories named."""
+    """The YAML files named, and the ``*.yaml``/``*.yml`` files in directories named.
+
+    Symlinks are not resolved: a file keeps its name when a Kubernetes ConfigMap or Secret
+    volume's ``..data`` link moves to a new version (and its plugins their source)."""
     files: list[Path] = []
-    for p in (q.resolve() for q in paths):
+    for p in (Path(os.path.abspath(q)) for q in paths):
         if p.is_dir():
             files += sorted(q for q in p.iterdir() if q.suffix in (".yaml", ".yml") and q.is_file())
         elif p.exists():

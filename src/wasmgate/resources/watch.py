@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from wasmgate.plugin.manager import PluginManager, module_cache
@@ -91,25 +92,15 @@ class ResourceSource:
 class PluginWatcher(ResourceSource):
     def __init__(self, paths: list[Path], manager: PluginManager, scope: Scope):
         super().__init__(manager, scope)
-        self.paths = [p.resolve() for p in paths]
+        # Not resolved: symlinks are followed at each read (a Kubernetes volume's ``..data``).
+        self.paths = [Path(os.path.abspath(p)) for p in paths]
 
-    def _roots(self) -> set[Path]:
-        """Directories to watch: the resource dirs and the dirs of every module in use."""
-        roots = {p if p.is_dir() else p.parent for p in self.paths}
-        roots |= {h.spec.module_path.resolve().parent for h in self.manager.chain.plugins if h.spec.module_path}
-        return {r for r in roots if r.is_dir()}
-
-    def _relevant(self, changed: set[Path]) -> bool:
-        modules = {h.spec.module_path.resolve() for h in self.manager.chain.plugins if h.spec.module_path}
-        for path in changed:
-            if path in modules or path in self.paths:
-                return True
-            if path.suffix in (".yaml", ".yml") and any(path.parent == p for p in self.paths):
-                return True
-        return False
+    def _watched(self) -> set[Path]:
+        """The resource files and directories, and every module in use."""
+        return {*self.paths, *(h.spec.module_path for h in self.manager.chain.plugins if h.spec.module_path)}
 
     async def _run(self) -> None:
-        async for _ in relevant_changes(self._roots, self._relevant, self._stop):
+        async for _ in relevant_changes(self._watched, self._stop):
             await self.reload()
 
     async def reload(self) -> None:
