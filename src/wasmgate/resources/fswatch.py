@@ -82,6 +82,8 @@ async def relevant_changes(watched: Callable[[], set[Path]], stop: asyncio.Event
             async for changed in batches:
                 before = through
                 through, now = _lookups(watched())
+                if now and now != dirs:
+                    break  # watch what is there now first: its first batch (everything) then yields, once
                 if not changed.isdisjoint(dirs | before | through):  # the ways before the change, or now
                     yield
                     through, now = _lookups(watched())  # the caller may use other modules now
