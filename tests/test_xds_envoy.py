@@ -259,6 +259,34 @@ def test_envoy_nack_is_reported_and_the_last_good_version_keeps_serving(
         gw.stop()
 
 
+def test_quick_changes_end_with_every_plugin_accepted_and_nothing_pending(upstream: Upstream, tmp_path: Path
+                                                                          ) -> None:
+    """Several plugins changed in a burst (one rejected, then fixed): Envoy gets pushes faster than it
+    answers them, and every push is answered in the end (docs/envoy.md, xDS state)."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    mods = {n: distinct_module(TAG, tmp_path / f"{n}.wasm", n) for n in ("p1", "p2", "p3")}
+    for i, (n, m) in enumerate(mods.items()):
+        wasmplugin_yaml(d, n, m, config={"tag": f"{n}-r0"}, priority=10 - i)
+    wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": "allow", "value": "true"}, priority=1)
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    try:
+        assert get(gw.port, headers={"allow": "true"})[1]["x-chain-resp"] == "p3-r0, p2-r0, p1-r0"
+        for r in range(1, 5):
+            for i, (n, m) in enumerate(mods.items()):
+                wasmplugin_yaml(d, n, m, config={"tag": f"{n}-r{r}"}, priority=10 - i)
+            if r == 2:  # refused in on_configure: a NACK amid the burst
+                wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": ""}, priority=1)
+            time.sleep(0.05)
+        wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": "allow", "value": "yes"}, priority=1)
+        gw.wait_for(lambda: {p["envoy"] for p in gw.status()["plugins"]} == {"accepted"}
+                    and not any(gw.status()["xds"]["pending"].values()), what="every plugin accepted")
+        assert get(gw.port, headers={"allow": "yes"})[1]["x-chain-resp"] == "p3-r4, p2-r4, p1-r4"
+        assert get(gw.port, headers={"allow": "true"})[0] == 403
+    finally:
+        gw.stop()
+
+
 def write_remote_plugin(directory: Path, name: str, url: str, fail_strategy: str, phase: str = "") -> Path:
     spec = {"url": url, "pluginName": name, "failStrategy": fail_strategy, **({"phase": phase} if phase else {})}
     path = directory / f"{name}.yaml"

@@ -4,8 +4,9 @@ The server holds a :class:`Snapshot` (listeners, clusters, ECDS extension config
 it to every connected Envoy: listeners and clusters whole whenever their version changes;
 ECDS resources one by one, only those Envoy subscribed to and whose content changed since
 they were last sent on that stream (so one rejected plugin never holds back the others, and
-a NACK names the resources it is about). ACKs and NACKs are recorded in :class:`XdsStatus`;
-a NACK is logged with the resource names and Envoy's message.
+a NACK names the resources it is about). ACKs and NACKs are recorded in :class:`XdsStatus`
+(how a request answers pushes: :class:`_Stream`); a NACK is logged with the resource names
+and Envoy's message.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class XdsStatus:
     versions: dict[str, str] = field(default_factory=dict)  # type -> version Envoy accepted last
     resources: dict[str, dict[str, ResourceStatus]] = field(default_factory=dict)
     nacks: list[dict[str, Any]] = field(default_factory=list)  # every NACK, newest last (bounded)
+    pending: dict[str, int] = field(default_factory=dict)  # type -> pushes Envoy has not answered yet
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def resource(self, type_url: str, name: str) -> ResourceStatus:
@@ -106,11 +108,36 @@ class XdsStatus:
                 "resources": {_SHORT[t]: {n: {"state": r.state, "error": r.nack if r.state == "rejected" else None}
                                           for n, r in sorted(rs.items()) if r.current}
                               for t, rs in self.resources.items()},
-                "nacks": self.nacks[-20:]}
+                "nacks": self.nacks[-20:],
+                "pending": {_SHORT[t]: n for t, n in self.pending.items()}}
+
+
+@dataclass
+class _Push:
+    """One response sent and not yet answered."""
+
+    version: str
+    digests: dict[str, str]  # name -> digest
+
+
+def _blamed(digests: Mapping[str, str], message: str) -> set[str]:
+    """The resources Envoy's message names (it names a failing plugin by PluginConfig.name)."""
+    return {n for n in digests if n.rsplit("/", 1)[-1] in message}
 
 
 class _Stream:
-    """One Envoy's ADS stream: what it subscribed to and what it was sent."""
+    """One Envoy's ADS stream: what it subscribed to and what it was sent.
+
+    SotW ACK/NACK (envoy api/xds_protocol.rst; Envoy's GrpcMuxImpl): a request's
+    response_nonce names the newest response of its type Envoy has processed; Envoy may
+    process several before it sends one request, so a request answers every push of that type
+    up to its nonce. Its version_info is the version Envoy last accepted; error_detail is the
+    message of the last push it rejected since its previous request (kept even if a later push
+    was accepted). A request whose nonce is not the newest sent is stale: it is not answered
+    and its resource names are not taken (Envoy sends them again with the newer nonce).
+    """
+
+    MAX_PENDING = 32  # pushes of one type awaiting an answer; beyond, the oldest are folded
 
     def __init__(self, server: XdsServer, peer: str):
         self.server = server
@@ -118,7 +145,8 @@ class _Stream:
         self.subscribed: dict[str, set[str] | None] = {}  # type -> names (None: wildcard)
         self.sent_version: dict[str, str] = {}  # LDS/CDS: snapshot version last sent
         self.sent: dict[str, dict[str, str]] = {}  # ECDS: name -> digest last sent
-        self.pending: dict[str, tuple[str, str, dict[str, str]]] = {}  # nonce -> (type, version, name->digest)
+        self.pending: dict[str, dict[str, _Push]] = {}  # type -> nonce -> push, oldest first
+        self.last_nonce: dict[str, str] = {}  # type -> nonce of the newest response sent
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
         type_url = req.type_url
@@ -126,19 +154,14 @@ class _Stream:
             _log.warning("xds: %s asked for %s, which wasmgate does not serve", self.peer, type_url)
             return
         status = self.server.status
-        if req.response_nonce and req.response_nonce in self.pending:
-            t, version, digests = self.pending.pop(req.response_nonce)
-            if req.HasField("error_detail"):
-                self._nack(t, version, digests, req.error_detail.message)
-            else:
-                status.versions[t] = version
-                for name, d in digests.items():
-                    r = status.resource(t, name)
-                    r.acked = d
-                    if r.nacked == d:
-                        r.nack = None
-                _log.debug("xds: %s accepted %s version %s", self.peer, _SHORT[t], version)
+        nonce = req.response_nonce
+        if nonce and nonce in self.pending.get(type_url, {}):
+            self._answered(type_url, nonce, req)
             status._bump()
+        if type_url in self.last_nonce and nonce != self.last_nonce[type_url]:
+            _log.debug("xds: %s: %s request with stale nonce %r (newest %s): not answered", self.peer,
+                       _SHORT[type_url], nonce, self.last_nonce[type_url])
+            return
         names = set(req.resource_names) if type_url == ECDS_TYPE else None
         if type_url == ECDS_TYPE and names is not None:
             for gone in set(self.sent.get(type_url, {})) - names:  # unsubscribed: resend if asked again
@@ -147,20 +170,55 @@ class _Stream:
                 r.requested = name in names
         self.subscribed[type_url] = names
 
-    def _nack(self, type_url: str, version: str, digests: dict[str, str], message: str) -> None:
+    def _answered(self, type_url: str, nonce: str, req: discovery_pb2.DiscoveryRequest) -> None:
+        """Resolve every push of ``type_url`` up to ``nonce`` from Envoy's request."""
+        pending = self.pending[type_url]
+        done: list[_Push] = []
+        for n in list(pending):
+            done.append(pending.pop(n))
+            if n == nonce:
+                break
+        self.server.pending_changed(type_url, -len(done))
+        error = req.error_detail.message if req.HasField("error_detail") else None
+        # Versions are unique per push on a stream: version_info names the last push accepted.
+        last_ok = max((i for i, p in enumerate(done) if p.version == req.version_info), default=-1)
+        rejected: dict[int, set[str]] = {}
+        if error is not None:
+            if last_ok == len(done) - 1 and len(done) > 1:
+                # the newest push was accepted: the error is an older one's, which its message names
+                suspects = range(len(done) - 1)
+                rejected = {i: _blamed(done[i].digests, error) for i in suspects}
+                if not any(rejected.values()):
+                    rejected = {i: set(done[i].digests) for i in suspects}
+            else:  # every push after the last accepted one was rejected
+                rejected = {i: _blamed(done[i].digests, error) or set(done[i].digests)
+                            for i in range(last_ok + 1, len(done))}
         status = self.server.status
-        names = list(digests)
-        if len(names) > 1:  # Envoy names the failing plugin (PluginConfig.name) in its message
-            named = [n for n in names if n.rsplit("/", 1)[-1] in message]
-            names = named or names
-        for name in names:
-            r = status.resource(type_url, name)
-            r.nack, r.nacked = message, digests[name]
-        status.nacks.append({"type": _SHORT[type_url], "version": version, "resources": names,
-                             "message": message, "time": time.time()})
-        del status.nacks[:-100]
-        _log.error("xds: Envoy rejected %s version %s (%s): %s", _SHORT[type_url], version,
-                   ", ".join(names) or "no resources", message)
+        for i, push in enumerate(done):
+            failed = rejected.get(i, set())
+            for name, d in push.digests.items():
+                r = status.resource(type_url, name)
+                if name in failed:
+                    r.nack, r.nacked = error, d
+                elif i <= last_ok or (i in rejected and type_url != ECDS_TYPE):
+                    # LDS/CDS apply the resources of a rejected update that are valid
+                    r.acked = d
+                    if r.nacked == d:
+                        r.nack = None
+                elif i in rejected and self.sent.get(type_url, {}).get(name) == d:
+                    # an ECDS update is rejected whole or in part: send the ones not blamed again alone
+                    del self.sent[type_url][name]
+        if last_ok >= 0:
+            status.versions[type_url] = done[last_ok].version
+            _log.debug("xds: %s accepted %s version %s", self.peer, _SHORT[type_url], done[last_ok].version)
+        if error is not None:
+            names = sorted(set().union(*rejected.values())) if rejected else []
+            version = done[max(rejected)].version if rejected else done[-1].version
+            status.nacks.append({"type": _SHORT[type_url], "version": version, "resources": names,
+                                 "message": error, "time": time.time()})
+            del status.nacks[:-100]
+            _log.error("xds: Envoy rejected %s version %s (%s): %s", _SHORT[type_url], version,
+                       ", ".join(names) or "no resources", error)
 
     def responses(self, snap: Snapshot, versions: Mapping[str, str]) -> list[discovery_pb2.DiscoveryResponse]:
         """What this stream has not been sent yet, in push order."""
@@ -187,12 +245,30 @@ class _Stream:
                 resources = list(have.values())
                 digests = {n: _digest(a) for n, a in have.items()}
             nonce = self.server.next_nonce()
-            self.pending[nonce] = (type_url, version, digests)
+            if type_url == ECDS_TYPE:
+                version = self.server.ecds_version(version, nonce)
+            self._track(type_url, nonce, _Push(version, digests))
             for name, d in digests.items():
                 self.server.status.resource(type_url, name).sent = d
             out.append(discovery_pb2.DiscoveryResponse(version_info=version, resources=resources,
                                                        type_url=type_url, nonce=nonce))
         return out
+
+    def _track(self, type_url: str, nonce: str, push: _Push) -> None:
+        pending = self.pending.setdefault(type_url, {})
+        pending[nonce] = push
+        self.last_nonce[type_url] = nonce
+        self.server.pending_changed(type_url, 1)
+        while len(pending) > self.MAX_PENDING:  # Envoy is not answering: fold the oldest into the next
+            oldest = pending.pop(next(iter(pending)))
+            nxt = pending[next(iter(pending))]
+            nxt.digests = {**oldest.digests, **nxt.digests}
+            self.server.pending_changed(type_url, -1)
+
+    def close(self) -> None:
+        for type_url, pending in self.pending.items():
+            self.server.pending_changed(type_url, -len(pending))
+        self.pending.clear()
 
 
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -205,12 +281,24 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._digests: dict[str, dict[str, str]] = {}
         self._counter = itertools.count(1)
         self._nonces = itertools.count(1)
+        self._ecds_base = ""  # snapshot version of the last ECDS push
         self._update = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
     def next_nonce(self) -> str:
         return str(next(self._nonces))
+
+    def ecds_version(self, version: str, nonce: str) -> str:
+        """The version_info of an ECDS push: unique, so that the version_info of Envoy's request
+        tells which push it accepted last (ECDS pushes of new subscriptions share a snapshot version)."""
+        if self._ecds_base == version:
+            return f"{version}.{nonce}"
+        self._ecds_base = version
+        return version
+
+    def pending_changed(self, type_url: str, delta: int) -> None:
+        self.status.pending[type_url] = self.status.pending.get(type_url, 0) + delta
 
     def set_snapshot(self, snap: Snapshot) -> None:
         """Make ``snap`` current; each type whose resources changed gets a new version."""
@@ -282,6 +370,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                     stream.on_request(req)
         finally:
             reader.cancel()
+            stream.close()
             self.status.connected -= 1
             self.status._bump()
             _log.info("xds: Envoy disconnected (%s)", stream.peer)

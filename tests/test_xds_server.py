@@ -1,0 +1,261 @@
+"""The ADS server's ACK/NACK bookkeeping, driven over gRPC by a client that answers as Envoy does.
+
+:class:`EnvoyLikeClient` keeps the per-type request state of Envoy's GrpcMuxImpl: processing
+a response sets response_nonce to its nonce; accepting it sets version_info to its version;
+rejecting it sets error_detail (kept until the next request is sent, even if a later response
+is accepted). Envoy sends one request after it has processed any number of queued responses
+of a type, so one request may answer several pushes; the tests choose when it sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from envoy.config.core.v3 import extension_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import wrappers_pb2  # type: ignore[import-untyped]
+
+from wasmgate.xds.resources import ECDS_TYPE
+from wasmgate.xds.server import Snapshot, XdsServer, _Stream
+
+PREFIX = "extensions.istio.io/wasmplugin/default."
+
+
+def ext(name: str, value: str) -> extension_pb2.TypedExtensionConfig:
+    msg = extension_pb2.TypedExtensionConfig(name=PREFIX + name)
+    msg.typed_config.Pack(wrappers_pb2.StringValue(value=value))
+    return msg
+
+
+def snapshot(**values: str) -> Snapshot:
+    return Snapshot.of([], [], [ext(n, v) for n, v in values.items()])
+
+
+class EnvoyLikeClient:
+    """One ADS stream, with Envoy's request state for the ECDS type."""
+
+    def __init__(self, port: int):
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel).StreamAggregatedResources()
+        self.request = discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE)
+        self.request.node.id = "test"
+        self.values: dict[str, str] = {}  # the snapshot's resources (name -> value)
+
+    async def subscribe(self, *names: str) -> None:
+        del self.request.resource_names[:]
+        self.request.resource_names.extend(PREFIX + n for n in names)
+        await self.send()
+
+    async def send(self) -> None:
+        req = discovery_pb2.DiscoveryRequest()
+        req.CopyFrom(self.request)
+        await self.call.write(req)
+        self.request.ClearField("error_detail")  # as Envoy clears it once a request is out
+
+    async def receive(self) -> discovery_pb2.DiscoveryResponse:
+        resp = await asyncio.wait_for(self.call.read(), 30)
+        assert isinstance(resp, discovery_pb2.DiscoveryResponse), resp
+        return resp
+
+    def process(self, resp: discovery_pb2.DiscoveryResponse, reject: str | None = None) -> None:
+        if reject is None:
+            self.request.version_info = resp.version_info
+        else:
+            self.request.error_detail.code = 13
+            self.request.error_detail.message = reject
+        self.request.response_nonce = resp.nonce
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+def names(resp: discovery_pb2.DiscoveryResponse) -> list[str]:
+    out = []
+    for a in resp.resources:
+        msg = extension_pb2.TypedExtensionConfig()
+        a.Unpack(msg)
+        out.append(msg.name.removeprefix(PREFIX))
+    return out
+
+
+async def until(check: Callable[[], bool], server: XdsServer, what: str) -> None:
+    async def wait() -> None:
+        while not check():
+            await server.status.changed.wait()
+    try:
+        await asyncio.wait_for(wait(), 30)
+    except TimeoutError:
+        raise AssertionError(f"{what} not reached; status: {server.status.describe()}") from None
+
+
+def states(server: XdsServer) -> dict[str, Any]:
+    return dict(server.status.describe()["resources"].get("ECDS", {}))
+
+
+def run(test: Callable[[XdsServer, EnvoyLikeClient], Awaitable[None]]) -> None:
+    async def main() -> None:
+        server = XdsServer()
+        await server.start()
+        client = EnvoyLikeClient(server.port)
+        client.values = {"a": "a1", "b": "b1", "c": "c1"}
+        server.set_snapshot(snapshot(**client.values))
+        try:
+            await client.subscribe("a", "b", "c")
+            first = await client.receive()
+            assert sorted(names(first)) == ["a", "b", "c"]
+            client.process(first)
+            await client.send()
+            await until(lambda: {r["state"] for r in states(server).values()} == {"accepted"}, server,
+                        "the first push accepted")
+            await test(server, client)
+        finally:
+            await client.close()
+            await server.stop()
+    asyncio.run(main())
+
+
+async def push(server: XdsServer, client: EnvoyLikeClient, **values: str) -> discovery_pb2.DiscoveryResponse:
+    """Change the snapshot and read the response it makes (Envoy has not processed it yet)."""
+    client.values.update(values)
+    server.set_snapshot(snapshot(**client.values))
+    return await client.receive()
+
+
+def test_one_request_answers_every_push_up_to_its_nonce() -> None:
+    """Envoy processed three queued pushes and ACKed only the newest nonce: all three are accepted."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        got = [await push(server, client, a="a2"), await push(server, client, b="b2"),
+               await push(server, client, c="c2")]
+        assert [names(r) for r in got] == [["a"], ["b"], ["c"]]
+        assert len({r.version_info for r in got}) == 3 and len({r.nonce for r in got}) == 3
+        assert server.status.describe()["pending"]["ECDS"] == 3
+        for r in got:
+            client.process(r)
+        await client.send()  # one request, the newest nonce
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 0, server, "no push pending")
+        assert {n: r["state"] for n, r in states(server).items()} == {
+            PREFIX + "a": "accepted", PREFIX + "b": "accepted", PREFIX + "c": "accepted"}
+        assert server.status.describe()["versions"]["ECDS"] == got[-1].version_info
+    run(test)
+
+
+def test_nack_of_the_newest_push_accepts_the_older_one_its_version_names() -> None:
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        one, two = await push(server, client, a="a2"), await push(server, client, b="b2")
+        client.process(one)
+        client.process(two, reject=f"Unable to create Wasm HTTP filter default.b ({two.version_info})")
+        await client.send()  # version_info: one's, error_detail: two's, nonce: two's
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 0, server, "no push pending")
+        s = states(server)
+        assert s[PREFIX + "a"] == {"state": "accepted", "error": None}
+        assert s[PREFIX + "b"]["state"] == "rejected" and "default.b" in s[PREFIX + "b"]["error"]
+        assert s[PREFIX + "c"]["state"] == "accepted"
+        nack = server.status.nacks[-1]
+        assert nack["resources"] == [PREFIX + "b"] and nack["version"] == two.version_info
+        assert server.status.versions[ECDS_TYPE] == one.version_info
+    run(test)
+
+
+def test_error_kept_from_an_older_push_is_not_blamed_on_the_accepted_newest() -> None:
+    """Envoy keeps error_detail until its next request: rejected one, accepted two, then one request."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        one, two = await push(server, client, a="bad"), await push(server, client, b="b2")
+        client.process(one, reject="Unable to create Wasm HTTP filter default.a")
+        client.process(two)
+        await client.send()  # nonce and version_info: two's; error_detail: one's
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 0, server, "no push pending")
+        s = states(server)
+        assert s[PREFIX + "a"]["state"] == "rejected" and "default.a" in s[PREFIX + "a"]["error"]
+        assert s[PREFIX + "b"] == {"state": "accepted", "error": None}
+        assert server.status.nacks[-1]["resources"] == [PREFIX + "a"]
+        # a later good version of a clears the rejection
+        three = await push(server, client, a="a3")
+        client.process(three)
+        await client.send()
+        await until(lambda: states(server)[PREFIX + "a"]["state"] == "accepted", server, "a accepted")
+    run(test)
+
+
+def test_each_push_answered_on_its_own_including_stale_nonces() -> None:
+    """Envoy answering every push in turn: the first answer carries a nonce already stale."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        one, two = await push(server, client, a="a2"), await push(server, client, a="a3", b="b2")
+        client.process(one)
+        await client.send()
+        client.process(two)
+        await client.send()
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 0, server, "no push pending")
+        assert {r["state"] for r in states(server).values()} == {"accepted"}
+    run(test)
+
+
+def test_partly_rejected_push_sends_the_others_again_alone() -> None:
+    """Envoy applies an ECDS update watch by watch: of a rejected push, the resources its message
+    does not name get a push of their own, so each gets a verdict."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        both = await push(server, client, a="bad", b="b2")
+        assert sorted(names(both)) == ["a", "b"]
+        client.process(both, reject="Unable to create Wasm HTTP filter default.a")
+        await client.send()
+        again = await client.receive()
+        assert names(again) == ["b"] and again.version_info != both.version_info
+        client.process(again)
+        await client.send()
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 0, server, "no push pending")
+        s = states(server)
+        assert s[PREFIX + "a"]["state"] == "rejected" and s[PREFIX + "b"]["state"] == "accepted"
+    run(test)
+
+
+def test_pending_is_cleared_when_the_stream_ends() -> None:
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        await push(server, client, a="a2")
+        assert server.status.describe()["pending"]["ECDS"] == 1
+        await client.close()
+        await until(lambda: server.status.connected == 0, server, "the stream closed")
+        assert server.status.describe()["pending"]["ECDS"] == 0
+    run(test)
+
+
+def stream_with_push() -> tuple[XdsServer, _Stream, discovery_pb2.DiscoveryResponse]:
+    server = XdsServer()
+    server.set_snapshot(snapshot(a="a1", d="d1"))
+    stream = _Stream(server, "test")
+    stream.on_request(discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE, resource_names=[PREFIX + "a"]))
+    (first,) = stream.responses(server.snapshot, server.versions)
+    return server, stream, first
+
+
+def test_request_with_a_stale_nonce_is_not_answered() -> None:
+    """xds_protocol: no response for a request whose nonce is not the newest sent; its resource
+    names come again with the newer nonce."""
+    server, stream, first = stream_with_push()
+    server.set_snapshot(snapshot(a="a2", d="d1"))
+    (second,) = stream.responses(server.snapshot, server.versions)
+    stale = discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE, resource_names=[PREFIX + "a", PREFIX + "d"],
+                                           version_info=first.version_info, response_nonce=first.nonce)
+    stream.on_request(stale)
+    assert stream.responses(server.snapshot, server.versions) == []
+    assert server.status.resources[ECDS_TYPE][PREFIX + "a"].acked  # its ACK still counts
+    stale.version_info, stale.response_nonce = second.version_info, second.nonce
+    stream.on_request(stale)
+    (third,) = stream.responses(server.snapshot, server.versions)
+    assert names(third) == ["d"]
+
+
+def test_pending_is_bounded_per_type() -> None:
+    server, stream, first = stream_with_push()
+    last = first
+    for i in range(2, 3 * _Stream.MAX_PENDING):
+        server.set_snapshot(snapshot(a=f"a{i}", d="d1"))
+        (last,) = stream.responses(server.snapshot, server.versions)
+    assert len(stream.pending[ECDS_TYPE]) == _Stream.MAX_PENDING
+    assert server.status.pending[ECDS_TYPE] == _Stream.MAX_PENDING
+    stream.on_request(discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE, resource_names=[PREFIX + "a"],
+                                                     version_info=last.version_info, response_nonce=last.nonce))
+    assert stream.pending[ECDS_TYPE] == {} and server.status.pending[ECDS_TYPE] == 0
+    assert server.status.describe()["resources"]["ECDS"][PREFIX + "a"]["state"] == "accepted"
