@@ -259,17 +259,21 @@ def test_envoy_nack_is_reported_and_the_last_good_version_keeps_serving(
         gw.stop()
 
 
-def test_quick_changes_end_with_every_plugin_accepted_and_nothing_pending(upstream: Upstream, tmp_path: Path
-                                                                          ) -> None:
+@pytest.mark.parametrize("rate_limit", [None, {"max_tokens": 1, "fill_rate": 1.0}], ids=["plain", "batched"])
+def test_quick_changes_end_with_every_plugin_accepted_and_nothing_pending(
+        upstream: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture, rate_limit: dict[str, float] | None
+) -> None:
     """Several plugins changed in a burst (one rejected, then fixed): Envoy gets pushes faster than it
-    answers them, and every push is answered in the end (docs/envoy.md, xDS state)."""
+    answers them, and every push is answered in the end (docs/envoy.md, xDS state). "batched": with
+    its xDS requests rate limited, Envoy processes several pushes before it sends one request."""
+    caplog.set_level("DEBUG", logger="wasmgate.config")
     d = tmp_path / "plugins"
     d.mkdir()
     mods = {n: distinct_module(TAG, tmp_path / f"{n}.wasm", n) for n in ("p1", "p2", "p3")}
     for i, (n, m) in enumerate(mods.items()):
         wasmplugin_yaml(d, n, m, config={"tag": f"{n}-r0"}, priority=10 - i)
     wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": "allow", "value": "true"}, priority=1)
-    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw", ads_rate_limit=rate_limit)
     try:
         assert get(gw.port, headers={"allow": "true"})[1]["x-chain-resp"] == "p3-r0, p2-r0, p1-r0"
         for r in range(1, 5):
@@ -283,6 +287,8 @@ def test_quick_changes_end_with_every_plugin_accepted_and_nothing_pending(upstre
                     and not any(gw.status()["xds"]["pending"].values()), what="every plugin accepted")
         assert get(gw.port, headers={"allow": "yes"})[1]["x-chain-resp"] == "p3-r4, p2-r4, p1-r4"
         assert get(gw.port, headers={"allow": "true"})[0] == 403
+        if rate_limit is not None:  # the case this test is about did happen
+            assert any("ECDS request answered" in r.getMessage() for r in caplog.records)
     finally:
         gw.stop()
 

@@ -44,8 +44,10 @@ def envoy_binary() -> Path:
                      "or set ENVOY_BIN")
 
 
-def bootstrap(xds_port: int, admin: tuple[str, int], node: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything dynamic over ADS from 127.0.0.1:``xds_port``; only the xDS cluster is static."""
+def bootstrap(xds_port: int, admin: tuple[str, int], node: dict[str, Any] | None = None,
+              ads_rate_limit: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything dynamic over ADS from 127.0.0.1:``xds_port``; only the xDS cluster is static.
+    ``ads_rate_limit``: Envoy's ``rate_limit_settings`` for its xDS requests (none by default)."""
     node = dict(node or {})
     n: dict[str, Any] = {"id": str(node.get("id") or "wasmgate"), "cluster": str(node.get("cluster") or "wasmgate")}
     if isinstance(node.get("metadata"), dict):
@@ -56,7 +58,8 @@ def bootstrap(xds_port: int, admin: tuple[str, int], node: dict[str, Any] | None
         "admin": {"address": {"socket_address": {"address": admin[0], "port_value": admin[1]}}},
         "dynamic_resources": {
             "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
-                           "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]},
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                           **({"rate_limit_settings": ads_rate_limit} if ads_rate_limit else {})},
             "cds_config": ads, "lds_config": ads},
         "static_resources": {"clusters": [{
             "name": XDS_CLUSTER, "type": "STATIC", "connect_timeout": "1s",

@@ -59,6 +59,9 @@ class EnvoyOptions:
     envoy_log_level: str = "info"
     envoy_component_log_level: str = ""  # e.g. "wasm:debug"
     concurrency: int = 0  # Envoy worker threads (0: Envoy's default, one per core)
+    # Envoy's ads_config.rate_limit_settings ({max_tokens, fill_rate}); Envoy then answers bursts of
+    # pushes with fewer requests (tests use it to make it batch its ACKs)
+    ads_rate_limit: dict[str, Any] | None = None
     start_timeout: float = 60.0
     module_cache: Path | None = None  # None: $WASMGATE_MODULE_CACHE or ~/.cache/wasmgate/modules
     xds: dict[str, Any] = field(default_factory=dict)  # the config's xds: section (names, metadata)
@@ -162,7 +165,7 @@ class Gateway:
             except OSError as e:
                 raise GatewayError(f"--admin: cannot listen on {o.admin}: {e}") from None
             self.admin_port = int(self._servers[-1].sockets[0].getsockname()[1])
-        self.envoy = EnvoyProcess(bootstrap(xds_port, (ehost, eport), o.node), log_path=o.envoy_log,
+        self.envoy = EnvoyProcess(bootstrap(xds_port, (ehost, eport), o.node, o.ads_rate_limit), log_path=o.envoy_log,
                                   log_level=o.envoy_log_level, component_log_level=o.envoy_component_log_level,
                                   concurrency=o.concurrency)
         try:

@@ -179,6 +179,8 @@ class _Stream:
             if n == nonce:
                 break
         self.server.pending_changed(type_url, -len(done))
+        if len(done) > 1:
+            _log.debug("xds: %s: one %s request answered %d pushes", self.peer, _SHORT[type_url], len(done))
         error = req.error_detail.message if req.HasField("error_detail") else None
         # Versions are unique per push on a stream: version_info names the last push accepted.
         last_ok = max((i for i, p in enumerate(done) if p.version == req.version_info), default=-1)
