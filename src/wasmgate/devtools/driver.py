@@ -29,7 +29,7 @@ from wasmgate.abi.constants import Action
 from wasmgate.headers import HeaderMap
 from wasmgate.host import metrics as host_metrics
 from wasmgate.log import wasm_log
-from wasmgate.plugin.chain import Direction, FilterCallbacks
+from wasmgate.plugin.chain import Direction, FilterCallbacks, Flow
 from wasmgate.plugin.context import Context, LocalReply, Stream
 from wasmgate.plugin.filter import PluginFilter
 from wasmgate.plugin.manager import PluginHandle, compile_spec, engine
@@ -211,12 +211,11 @@ def _capture(level: int) -> Iterator[_LogCapture]:
         wasm_log.setLevel(old)
 
 
-class _Recorder:
+class _Recorder(FilterCallbacks):
     """A filter side whose every callback result is recorded by phase."""
 
     def __init__(self, side: FilterCallbacks, prefix: str, actions: dict[str, list[str]]):
         self.side = side
-        self.buffer_limit = side.buffer_limit
         self.prefix = prefix
         self.actions = actions
         self.seconds: dict[str, list[float]] | None = None  # per-call latency, when benchmarking
@@ -226,6 +225,10 @@ class _Recorder:
             self.seconds.setdefault(phase, []).append(time.perf_counter() - t0)
         self.actions.setdefault(phase, []).append(action_name(action))
         return action
+
+    @property
+    def buffer_limit(self) -> int:
+        return self.side.buffer_limit
 
     def headers(self, count: int, eos: bool) -> int:
         t0 = time.perf_counter()
@@ -240,7 +243,7 @@ class _Recorder:
         return self._note(self.prefix + "_trailers", self.side.trailers(count), t0)
 
 
-class _Sink:
+class _Sink(Flow):
     """One end of the chain: records what passes it."""
 
     def __init__(self, stream: Stream, request: bool):
@@ -378,10 +381,8 @@ class PluginDriver:
         req_rec.seconds = resp_rec.seconds = seconds
         up = _Sink(stream, True)
         down = _Sink(stream, False)
-        req_dir = Direction([req_rec], up, lambda: len(stream.request_headers or ()),
-                            lambda: len(stream.request_trailers or ()), ended)
-        resp_dir = Direction([resp_rec], down, lambda: len(stream.response_headers or ()),
-                             lambda: len(stream.response_trailers or ()), ended)
+        req_dir = Direction([req_rec], up, stream, True)
+        resp_dir = Direction([resp_rec], down, stream, False)
         def on_continue(ctx: object, stream_type: int) -> None:
             d = req_dir if stream_type == 0 else resp_dir
             d.continue_from(0)

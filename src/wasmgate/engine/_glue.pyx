@@ -136,13 +136,20 @@ cdef class Core:
             raise self.owner._trap_from(<size_t>err or None, <size_t>trap or None, raw[4])
         return 0
 
-    def call(self, fn, *args):
-        """A top-level guest call (the CPU deadline restarts); its i32 result, or 0."""
+    cdef inline int _call_top(self, fn, tuple args) except? -1:
         cdef wg_val_raw_t buf[MAX_SLOTS]
         cdef tuple raw = fn.raw
         _set_deadline(self.ctx, self.deadline)
         self._invoke(raw, args, buf)
         return buf[0].i32 if raw[2] else 0
+
+    def call(self, fn, *args):
+        """A top-level guest call (the CPU deadline restarts); its i32 result, or 0."""
+        return self._call_top(fn, args)
+
+    def call_args(self, fn, tuple args):
+        """``call`` with the arguments as one tuple (no repacking per call)."""
+        return self._call_top(fn, args)
 
     def call_reentrant(self, fn, *args):
         """A guest call from inside a host function; its result as u32, or 0."""

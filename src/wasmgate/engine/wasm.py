@@ -262,7 +262,8 @@ class GuestFunc:
 
 
 # Instance methods the compiled glue provides (same names and behaviour).
-_CORE_METHODS = ("call", "call_reentrant", "read", "write", "write_u32", "write_u64", "memory_size", "copy_out")
+_CORE_METHODS = ("call", "call_args", "call_reentrant", "read", "write", "write_u32", "write_u64", "memory_size",
+                 "copy_out")
 
 
 class Instance:
@@ -373,6 +374,10 @@ class Instance:
         if err or self._trap.value:
             raise self._trap_from(err, self._trap.value, fn.name)
         return self._args32[0] if fn.nresults else 0
+
+    def call_args(self, fn: GuestFunc, args: tuple[int, ...]) -> int:
+        """``call`` with the arguments as one tuple (the compiled glue avoids repacking them)."""
+        return self.call(fn, *args)
 
     def keep_gil(self) -> None:
         """Guest calls from now on keep the GIL: faster, for a VM serving on the event loop.

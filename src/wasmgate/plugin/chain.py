@@ -21,26 +21,62 @@ local reply; docs/performance.md.)
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+
+from mypy_extensions import mypyc_attr
 
 from wasmgate.abi.constants import Action
+from wasmgate.plugin.context import Stream
+
+# Base classes, not Protocols: compiled (mypyc), a call through a Protocol is a lookup by
+# name, through a native base class a vtable call. Interpreted subclasses are allowed for
+# devtools/driver.py.
 
 
-class FilterCallbacks(Protocol):
+@mypyc_attr(allow_interpreted_subclasses=True)
+class FilterCallbacks:
+    """One plugin's callbacks for one direction of a stream; they return the plugin's action."""
+
     @property
-    def buffer_limit(self) -> int: ...  # most body bytes this filter may hold stopped; 0: no own limit
+    def buffer_limit(self) -> int:  # most body bytes this filter may hold stopped; 0: no own limit
+        return 0
 
-    def headers(self, count: int, eos: bool) -> int: ...
-    def data(self, body: bytearray, eos: bool) -> int: ...
-    def trailers(self, count: int) -> int: ...
+    def headers(self, count: int, eos: bool) -> int:
+        raise NotImplementedError
+
+    def data(self, body: bytearray, eos: bool) -> int:
+        raise NotImplementedError
+
+    def trailers(self, count: int) -> int:
+        raise NotImplementedError
 
 
-class Sink(Protocol):
-    """Where a direction's output goes; never ends the stream (returns False)."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class Flow:
+    """One direction of a stream as its exchange feeds it: a ``Direction``, or the sink
+    alone when no plugin takes part. Entry points return whether the stream ended in a
+    callback; a sink never ends it."""
 
-    def headers(self, eos: bool) -> bool: ...
-    def data(self, body: bytes, eos: bool) -> bool: ...
-    def trailers(self) -> bool: ...
+    current = -1  # index of the filter whose callback runs (or ran last)
+    buffered = 0  # bytes held by stopped filters
+    over_limit = False  # a filter holds more than its own buffer_limit
+
+    def headers(self, eos: bool) -> bool:
+        raise NotImplementedError
+
+    def data(self, chunk: bytes, eos: bool) -> bool:
+        raise NotImplementedError
+
+    def trailers(self) -> bool:
+        raise NotImplementedError
+
+    def index_of(self, cb: FilterCallbacks) -> int:
+        return -1
+
+    def in_call(self, index: int) -> bool:
+        return False
+
+    def continue_from(self, index: int) -> bool:
+        return False
 
 
 _CONTINUE_AND_END_STREAM = 2  # a headers result Envoy treats as continue
@@ -66,20 +102,30 @@ class _Slot:
         self.continue_requested = False
 
 
-class Direction:
-    def __init__(self, filters: list[FilterCallbacks], sink: Sink, header_count: Callable[[], int],
-                 trailer_count: Callable[[], int], ended: Callable[[], bool]):
+class Direction(Flow):
+    def __init__(self, filters: list[FilterCallbacks], sink: Flow, stream: Stream, request: bool):
         slots: list[_Slot] = []
         self._slots = slots
         for f in filters:  # (a comprehension is one more frame per stream on Python 3.11)
             slots.append(_Slot(f))
         self._sink = sink
-        self._header_count = header_count
-        self._trailer_count = trailer_count
-        self._ended = ended  # whether the stream ended (during the callback that just ran)
-        self.current = -1  # index of the filter whose callback runs (or ran last)
-        self.buffered = 0  # bytes held by stopped filters
-        self.over_limit = False  # a filter holds more than its own buffer_limit
+        self._stream = stream  # its header counts, and whether it ended (in the callback that just ran)
+        self._request = request
+        self.current = -1
+        self.buffered = 0
+        self.over_limit = False
+
+    def _ended(self) -> bool:
+        stream = self._stream
+        return stream.local_reply is not None or stream.reset
+
+    def _header_count(self) -> int:
+        stream = self._stream
+        return len((stream.request_headers if self._request else stream.response_headers) or ())
+
+    def _trailer_count(self) -> int:
+        stream = self._stream
+        return len((stream.request_trailers if self._request else stream.response_trailers) or ())
 
     # ---- input ---------------------------------------------------------------------
 

@@ -6,12 +6,14 @@ import logging
 from typing import TYPE_CHECKING, Final
 
 from wasmgate.abi.constants import Action, MapType
+from wasmgate.plugin.chain import FilterCallbacks
 from wasmgate.plugin.context import HttpContext, LocalReply, Stream
 from wasmgate.plugin.spec import FailStrategy
 from wasmgate.plugin.vm import PluginFailed
 
 if TYPE_CHECKING:
-    from wasmgate.plugin.manager import Plugin, PluginHandle
+    from wasmgate.plugin.manager import PluginHandle
+    from wasmgate.plugin.vm import Plugin
 
 _log = logging.getLogger("wasmgate.wasm")
 
@@ -31,6 +33,14 @@ assert [1 << t for t in (MapType.REQUEST_HEADERS, MapType.REQUEST_TRAILERS, MapT
 _CONTINUE = int(Action.CONTINUE)  # a plain int: no Enum lookup per callback
 
 
+def stream_filters(handles: list[PluginHandle], stream: Stream) -> list[PluginFilter]:
+    """The chain's HTTP plugins for one new stream (Chain.filters)."""
+    out = []
+    for h in handles:  # a loop: a comprehension is one more frame on Python 3.11
+        out.append(PluginFilter(h, stream))
+    return out
+
+
 class PluginFilter:
     """Request and response callbacks of one plugin for one stream.
 
@@ -38,16 +48,24 @@ class PluginFilter:
     one that answered locally first hears of the stream in ``on_log``.
     """
 
-    __slots__ = ("ctx", "handle", "plugin", "request", "response", "skip", "stream")
+    __slots__ = ("_response", "ctx", "handle", "plugin", "request", "skip", "stream")
 
     def __init__(self, handle: PluginHandle, stream: Stream):
         self.handle = handle
         self.stream = stream
-        self.plugin: Plugin | None = handle.checkout()  # this stream's VM, kept to its end
+        cur = handle.current  # PluginHandle.checkout, inline: per plugin per stream
+        self.plugin: Plugin | None = cur if cur is not None and cur.checkout() else None  # kept to the stream's end
         self.ctx: HttpContext | None = None
         self.skip = False
         self.request = _Side(self)
-        self.response = _ResponseSide(self)
+        self._response: _ResponseSide | None = None  # made when a response starts
+
+    @property
+    def response(self) -> _ResponseSide:
+        side = self._response
+        if side is None:
+            side = self._response = _ResponseSide(self)
+        return side
 
     def wants(self, request: bool) -> bool:
         """Whether this plugin needs to see that direction of the stream."""
@@ -108,15 +126,16 @@ class PluginFilter:
         if self.ctx is not None:
             self.ctx.vm.finish_stream(self.ctx)
         plugin, self.plugin = self.plugin, None
-        if plugin is not None:
-            self.handle.checkin(plugin)
+        if plugin is not None and plugin.checkin():
+            self.handle.released(plugin)
         # The sides point back here: unlink them so the stream's objects are freed by
         # reference counting instead of waiting for the cycle collector.
         self.request.unlink()
-        self.response.unlink()
+        if self._response is not None:
+            self._response.unlink()
 
 
-class _Side:
+class _Side(FilterCallbacks):
     """The chain's view of one direction of a ``PluginFilter``."""
 
     __slots__ = ("f",)
@@ -133,8 +152,10 @@ class _Side:
         return self.f.handle.spec.limits.max_buffered_body
 
     def unlink(self) -> None:
-        if hasattr(self, "f"):  # not finished already
+        try:  # noqa: SIM105 (contextlib.suppress runs interpreted: several times the cost)
             del self.f
+        except AttributeError:  # finished already
+            pass
 
     def headers(self, count: int, eos: bool) -> int:
         f = self.f

@@ -31,9 +31,9 @@ from wasmgate.oci.auth import Keychain
 from wasmgate.oci.errors import OciError
 from wasmgate.oci.fetch import ModuleCache, fetch_module
 from wasmgate.plugin.context import Stream
-from wasmgate.plugin.filter import PluginFilter
+from wasmgate.plugin.filter import PluginFilter, stream_filters
 from wasmgate.plugin.spec import FailStrategy, PluginSpec
-from wasmgate.plugin.vm import PluginError, PluginStats, PluginVM, SharedVM
+from wasmgate.plugin.vm import Plugin, PluginError, PluginStats, PluginVM, SharedVM
 from wasmgate.proxy.callout import Callouts
 
 _log = logging.getLogger("wasmgate.wasm")
@@ -188,22 +188,6 @@ class VmPool:
         return vm
 
 
-class Plugin:
-    """One VM generation of a plugin."""
-
-    __slots__ = ("active", "handle", "retired", "vm")
-
-    def __init__(self, handle: PluginHandle, vm: PluginVM):
-        self.handle = handle
-        self.vm = vm
-        self.active = 0  # streams using this VM
-        self.retired = False
-
-    @property
-    def name(self) -> str:
-        return self.handle.name
-
-
 class PluginHandle:
     """One WasmPlugin resource: its current VM, its state, its counters."""
 
@@ -253,21 +237,20 @@ class PluginHandle:
     def checkout(self) -> Plugin | None:
         """The VM for a new stream, or None when there is no healthy one."""
         cur = self.current
-        if cur is None or cur.vm.failed is not None:
-            return None
-        cur.active += 1
-        return cur
+        return cur if cur is not None and cur.checkout() else None
 
     def checkin(self, plugin: Plugin) -> None:
-        plugin.active -= 1
+        if plugin.checkin():
+            self.released(plugin)
+
+    def released(self, plugin: Plugin) -> None:
+        """A stream checked ``plugin`` in and it asked for this (Plugin.checkin): tear down
+        a retired generation, or recycle an instance over its memory limit."""
         if plugin.retired:
-            if plugin.active == 0:
-                _teardown(plugin.vm)
-            return
-        limit = self.spec.limits.memory_recycle_bytes
-        if limit and plugin.vm.failed is None and not self.reloading and plugin.vm.memory_bytes() > limit:
+            _teardown(plugin.vm)
+        elif not self.reloading:
             _log.warning("plugin %s: linear memory %d bytes is over %d; recycling its VM",
-                         self.name, plugin.vm.memory_bytes(), limit)
+                         self.name, plugin.vm.memory_bytes(), plugin.recycle_limit)
             self._recycle_vm(plugin.vm)
 
     # ---- VM generations ------------------------------------------------------------
@@ -382,10 +365,7 @@ class Chain:
         self.network = [h for h in plugins if h.spec.network]  # for the TCP proxy listeners
 
     def filters(self, stream: Stream) -> list[PluginFilter]:
-        out = []
-        for h in self.http:  # per request: a loop is cheaper than a comprehension on Python 3.11
-            out.append(PluginFilter(h, stream))
-        return out
+        return stream_filters(self.http, stream)
 
 
 def load_handle(spec: PluginSpec, pool: VmPool | None = None) -> PluginHandle:

@@ -39,8 +39,8 @@ from wasmgate.plugin.spec import FailStrategy
 from wasmgate.plugin.vm import PluginFailed
 
 if TYPE_CHECKING:
-    from wasmgate.plugin.manager import Plugin, PluginHandle
-    from wasmgate.plugin.vm import PluginVM
+    from wasmgate.plugin.manager import PluginHandle
+    from wasmgate.plugin.vm import Plugin, PluginVM
 
 _log = logging.getLogger("wasmgate.wasm")
 

@@ -33,6 +33,7 @@ from wasmgate.plugin.context import Context, HttpContext, NetConnection, Network
 from wasmgate.plugin.spec import PluginSpec
 
 if TYPE_CHECKING:
+    from wasmgate.plugin.manager import PluginHandle
     from wasmgate.proxy.callout import Callouts, CallResponse
     from wasmgate.proxy.grpc_callout import GrpcReceive
 
@@ -506,7 +507,7 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         stats.calls += 1
         t0 = perf_counter()
         try:
-            return self.instance.call(fn, *args)
+            return self.instance.call_args(fn, args)
         except WasmTrap as trap:
             stats.errors += 1
             raise PluginFailed(self.fail(trap)) from None
@@ -566,3 +567,37 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
 
     def memory_bytes(self) -> int:
         return self.instance.memory_size()
+
+
+class Plugin:
+    """One VM generation of a plugin: its handle's ``current`` until replaced, and in use
+    by the streams that checked it out (compiled, as every stream does)."""
+
+    __slots__ = ("active", "handle", "recycle_limit", "retired", "vm")
+
+    def __init__(self, handle: PluginHandle, vm: PluginVM):
+        self.handle = handle
+        self.vm = vm
+        self.active = 0  # streams using this VM
+        self.retired = False
+        self.recycle_limit = handle.spec.limits.memory_recycle_bytes  # 0: none
+
+    @property
+    def name(self) -> str:
+        return self.handle.name
+
+    def checkout(self) -> bool:
+        """A new stream takes this VM, unless it failed."""
+        if self.vm.failed is not None:
+            return False
+        self.active += 1
+        return True
+
+    def checkin(self) -> bool:
+        """A stream is done with it. True when the handle must act (PluginHandle.released):
+        retired and now unused, or linear memory over the recycle limit."""
+        self.active -= 1
+        if self.retired:
+            return self.active == 0
+        limit = self.recycle_limit
+        return limit > 0 and self.vm.failed is None and self.vm.memory_bytes() > limit

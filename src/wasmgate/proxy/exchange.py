@@ -17,12 +17,12 @@ import random
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from wasmgate.headers import HeaderMap, Pair
-from wasmgate.plugin.chain import Direction, FilterCallbacks
+from wasmgate.plugin.chain import Direction, FilterCallbacks, Flow
 from wasmgate.plugin.context import LocalReply, Stream
-from wasmgate.plugin.filter import PluginFilter
+from wasmgate.plugin.filter import PluginFilter, stream_filters
 from wasmgate.proxy import http
 from wasmgate.proxy.upstream import UpstreamConnection
 
@@ -35,23 +35,6 @@ UPSTREAM_FAILURE_BODY = b"upstream connect error or disconnect/reset before head
 
 
 _NO_FILTERS: list[PluginFilter] = []
-
-
-class Flow(Protocol):
-    """One direction of the exchange as the exchange drives it: a ``Direction``, or
-    its sink alone when no plugin takes part in that direction. Each step returns
-    whether the stream ended in a plugin callback."""
-
-    current: int
-    buffered: int
-    over_limit: bool
-
-    def headers(self, eos: bool) -> bool: ...
-    def data(self, chunk: bytes, eos: bool) -> bool: ...
-    def trailers(self) -> bool: ...
-    def index_of(self, cb: FilterCallbacks) -> int: ...
-    def in_call(self, index: int) -> bool: ...
-    def continue_from(self, index: int) -> bool: ...
 
 
 class Exchange:
@@ -113,7 +96,7 @@ class Exchange:
 
     def start(self) -> None:
         stream = self.stream
-        filters = self.filters = self.conn.app.chain.filters(stream)
+        filters = self.filters = stream_filters(self.conn.app.chain.http, stream)
         if not filters:  # no plugin: straight through, no per-stream plugin objects
             self.upgrade_ok = self.upgrade is not None
             sink = self.request = _UpstreamSink(self)
@@ -135,12 +118,18 @@ class Exchange:
         request: Flow = _UpstreamSink(self)
         if sides:
             self._req_may_resize = self.has_body and _may_resize(req_filters, True)
-            request = Direction(sides, request, self._request_header_count, self._request_trailer_count, self._ended)
+            request = Direction(sides, request, stream, True)
         self.request = request
-        self.response = self._response_direction(filters)
+        # The response direction is made when a response starts (_response_flow): a local
+        # reply from the request direction goes through fewer plugins.
         stream.on_continue = self._on_continue
         stream.on_end = self._on_end
-        self._guard(request.headers, True, not self.has_body)
+        self._in_chain += 1
+        try:
+            if request.headers(not self.has_body):
+                self._halted(True)
+        finally:
+            self._in_chain -= 1
 
     def _response_direction(self, filters: list[PluginFilter]) -> Flow:
         wanting: list[FilterCallbacks] = []
@@ -150,8 +139,14 @@ class Exchange:
         if not wanting:
             return _DownstreamSink(self)
         self._resp_may_resize = _may_resize(filters, False)
-        return Direction(wanting, _DownstreamSink(self), self._response_header_count, self._response_trailer_count,
-                         self._ended)
+        return Direction(wanting, _DownstreamSink(self), self.stream, False)
+
+    def _response_flow(self) -> Flow:
+        """The response direction, made on first use."""
+        response = self.response
+        if response is None:
+            response = self.response = self._response_direction(self.filters)
+        return response
 
     def request_body(self, data: bytes) -> None:
         request = self.request
@@ -178,22 +173,6 @@ class Exchange:
             request.data(b"", True)
         else:
             self._guard(request.data, True, b"", True)
-
-    def _request_header_count(self) -> int:
-        return len(self.stream.request_headers or ())
-
-    def _request_trailer_count(self) -> int:
-        return len(self.stream.request_trailers or ())
-
-    def _response_header_count(self) -> int:
-        return len(self.stream.response_headers or ())
-
-    def _response_trailer_count(self) -> int:
-        return len(self.stream.response_trailers or ())
-
-    def _ended(self) -> bool:
-        stream = self.stream
-        return stream.local_reply is not None or stream.reset
 
     def _on_continue(self, ctx: object, stream_type: int) -> None:
         if self._finished:
@@ -405,10 +384,12 @@ class Exchange:
                       b"%d" % int((time.monotonic() - self._upstream_sent_at) * 1000)))
         self.stream.response_headers = HeaderMap.of(pairs)
         self.stream.code_details = "via_upstream"
-        response = self.response
+        if self._finished:
+            return
+        response = self._response_flow()
         if isinstance(response, _Sink):
             response.headers(no_body)
-        elif response is not None:
+        else:
             self._guard(response.headers, False, no_body)
 
     def upstream_body(self, data: bytes) -> None:
@@ -468,10 +449,7 @@ class Exchange:
         stream.response_headers = _local_reply_headers(reply)
         stream.code_details = reply.details
         stream.local_reply = None  # from here on a new reply would replace this one
-        response = self.response
-        if response is None:
-            self._write_local_reply(reply)
-            return
+        response = self._response_flow()
         if response.headers(not reply.body) or (reply.body and response.data(reply.body, True)):
             self._write_local_reply(self._latest_reply(reply))
 
@@ -707,25 +685,13 @@ _ids: Final = _RequestIds()
 os.register_at_fork(after_in_child=_ids.reseed)
 
 
-class _Sink:
+class _Sink(Flow):
     """A direction's sink; alone, the direction of an exchange no plugin takes part in."""
 
     __slots__ = ("ex",)
-    current = -1
-    buffered = 0
-    over_limit = False
 
     def __init__(self, ex: Exchange):
         self.ex = ex
-
-    def index_of(self, cb: FilterCallbacks) -> int:
-        return -1
-
-    def in_call(self, index: int) -> bool:
-        return False
-
-    def continue_from(self, index: int) -> bool:
-        return False
 
 
 class _UpstreamSink(_Sink):
