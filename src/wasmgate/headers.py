@@ -17,10 +17,10 @@ class HeaderMap:
     def __init__(self, pairs: Iterable[Pair] = ()):
         self.pairs: list[Pair] = list(pairs)
 
-    @classmethod
-    def of(cls, pairs: list[Pair]) -> HeaderMap:
+    @staticmethod
+    def of(pairs: list[Pair]) -> HeaderMap:
         """A map over ``pairs`` (lower-case keys, pseudo-headers first), taken as is."""
-        m = cls()
+        m = HeaderMap()  # (not a classmethod: compiled, cls() is a generic call)
         m.pairs = pairs
         return m
 

@@ -63,7 +63,7 @@ class Flow:
     def headers(self, eos: bool) -> bool:
         raise NotImplementedError
 
-    def data(self, chunk: bytes, eos: bool) -> bool:
+    def data(self, body: bytes, eos: bool) -> bool:
         raise NotImplementedError
 
     def trailers(self) -> bool:
@@ -133,8 +133,8 @@ class Direction(Flow):
         """Returns whether the stream ended in a callback (so for all entry points)."""
         return self._flow_headers(0, eos)
 
-    def data(self, chunk: bytes, eos: bool) -> bool:
-        return self._flow_data(0, bytearray(chunk), eos)
+    def data(self, body: bytes, eos: bool) -> bool:
+        return self._flow_data(0, bytearray(body), eos)
 
     def trailers(self) -> bool:
         return self._flow_trailers(0)
