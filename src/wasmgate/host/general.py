@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from wasmgate.abi.constants import LogLevel, WasmResult
 from wasmgate.host.registry import hostcall
@@ -14,10 +14,10 @@ if TYPE_CHECKING:
     from wasmgate.plugin.vm import PluginVM
 
 R = WasmResult
-MAX_LOG_LINE = 16 * 1024  # longer plugin log lines are cut, not written whole
-_PY_LEVELS = tuple(PY_LEVEL[lvl] for lvl in LogLevel)  # by proxy-wasm level (0..5), no Enum call per line
-_OK = int(R.OK)
-_INVALID_MEMORY_ACCESS = int(R.INVALID_MEMORY_ACCESS)
+MAX_LOG_LINE: Final = 16 * 1024  # longer plugin log lines are cut, not written whole
+_PY_LEVELS: Final = tuple(PY_LEVEL[lvl] for lvl in LogLevel)  # by proxy-wasm level (0..5), no Enum call per line
+_OK: Final = int(R.OK)
+_INVALID_MEMORY_ACCESS: Final = int(R.INVALID_MEMORY_ACCESS)
 
 
 @hostcall("iii")

@@ -21,6 +21,7 @@ local reply; docs/performance.md.)
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from mypy_extensions import mypyc_attr
 
@@ -79,10 +80,10 @@ class Flow:
         return False
 
 
-_CONTINUE_AND_END_STREAM = 2  # a headers result Envoy treats as continue
+_CONTINUE_AND_END_STREAM: Final = 2  # a headers result Envoy treats as continue
 # Plain ints: an Enum member lookup costs ~70 ns on Python 3.11, several times per callback.
-_CONTINUE = int(Action.CONTINUE)
-_STOP_NO_BUFFER = int(Action.STOP_NO_BUFFER)
+_CONTINUE: Final = int(Action.CONTINUE)
+_STOP_NO_BUFFER: Final = int(Action.STOP_NO_BUFFER)
 
 
 class _Slot:

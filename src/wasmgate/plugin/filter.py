@@ -15,12 +15,12 @@ if TYPE_CHECKING:
     from wasmgate.plugin.manager import PluginHandle
     from wasmgate.plugin.vm import Plugin
 
-_log = logging.getLogger("wasmgate.wasm")
+_log: Final = logging.getLogger("wasmgate.wasm")
 
 # Envoy's reply when a Wasm filter fails a stream (failStream with fail_open=false).
-FAIL_STATUS = 503
-FAIL_DETAILS = "wasm_fail_stream"
-NO_MODULE_DETAILS = "wasm_module_unavailable"
+FAIL_STATUS: Final = 503
+FAIL_DETAILS: Final = "wasm_fail_stream"
+NO_MODULE_DETAILS: Final = "wasm_module_unavailable"
 
 # Bits of HttpContext.open_maps, as literals: compiled (mypyc), a class attribute's
 # default must be a constant. Checked against the ABI's map types right here.
@@ -30,7 +30,7 @@ _RESP_HEADERS: Final = 4
 _RESP_TRAILERS: Final = 8
 assert [1 << t for t in (MapType.REQUEST_HEADERS, MapType.REQUEST_TRAILERS, MapType.RESPONSE_HEADERS,
                          MapType.RESPONSE_TRAILERS)] == [_REQ_HEADERS, _REQ_TRAILERS, _RESP_HEADERS, _RESP_TRAILERS]
-_CONTINUE = int(Action.CONTINUE)  # a plain int: no Enum lookup per callback
+_CONTINUE: Final = int(Action.CONTINUE)  # a plain int: no Enum lookup per callback
 
 
 def stream_filters(handles: list[PluginHandle], stream: Stream) -> list[PluginFilter]:

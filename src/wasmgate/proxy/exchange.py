@@ -29,12 +29,12 @@ from wasmgate.proxy.upstream import UpstreamConnection
 if TYPE_CHECKING:
     from wasmgate.proxy.server import HttpConnection
 
-_log = logging.getLogger("wasmgate.http")
+_log: Final = logging.getLogger("wasmgate.http")
 
-UPSTREAM_FAILURE_BODY = b"upstream connect error or disconnect/reset before headers. reset reason: "
+UPSTREAM_FAILURE_BODY: Final = b"upstream connect error or disconnect/reset before headers. reset reason: "
 
 
-_NO_FILTERS: list[PluginFilter] = []
+_NO_FILTERS: Final[list[PluginFilter]] = []
 
 
 class Exchange:
@@ -631,7 +631,7 @@ def _may_resize(filters: list[PluginFilter], request: bool) -> bool:
     return False
 
 
-_REPLY_SET = frozenset({b"content-length", b"content-type"})  # what a local reply may set itself
+_REPLY_SET: Final = frozenset({b"content-length", b"content-type"})  # what a local reply may set itself
 
 
 def _local_reply_headers(reply: LocalReply) -> HeaderMap:
@@ -661,8 +661,8 @@ def _local_reply_headers(reply: LocalReply) -> HeaderMap:
 # for 2**48 requests, random-looking, and several times cheaper than formatting 128 fresh
 # random bits per request. Kept below 2**63 so compiled it is plain machine arithmetic.
 # Not for secrets.
-_ID_STEP = 0x9E3779B97F4B  # odd: the sequence visits every 48-bit value once
-_ID_MASK = (1 << 48) - 1
+_ID_STEP: Final = 0x9E3779B97F4B  # odd: the sequence visits every 48-bit value once
+_ID_MASK: Final = (1 << 48) - 1
 
 
 class _RequestIds:

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 from wasmgate.headers import HeaderMap, Pair
 
 # Connection-scoped headers: never forwarded, never shown to plugins as end-to-end.
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te",
     b"upgrade", b"trailer", b"proxy-authenticate", b"proxy-authorization",
 })
 
-CRLF = b"\r\n"
+CRLF: Final = b"\r\n"
 
 
 def reason(status: int) -> bytes:
@@ -22,8 +23,9 @@ def reason(status: int) -> bytes:
         return b"Unknown"
 
 
-_STATUS_BYTES = {s.value: str(s.value).encode() for s in HTTPStatus}
-_STATUS_LINES = {(v, s.value): b"HTTP/1.%d %d %s" % (v, s.value, s.phrase.encode()) for s in HTTPStatus for v in (0, 1)}
+_STATUS_BYTES: Final = {s.value: str(s.value).encode() for s in HTTPStatus}
+_STATUS_LINES: Final = {(v, s.value): b"HTTP/1.%d %d %s" % (v, s.value, s.phrase.encode())
+                        for s in HTTPStatus for v in (0, 1)}
 
 
 def status_bytes(status: int) -> bytes:
@@ -38,7 +40,7 @@ def _status_line(status: int, http10: bool) -> bytes:
 
 
 # Downstream request headers that need more than passing on (see DownstreamRequest).
-_REQUEST_SPECIAL = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-proto", b"x-request-id"}
+_REQUEST_SPECIAL: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-proto", b"x-request-id"}
 
 
 class DownstreamRequest:
@@ -136,9 +138,9 @@ def _regular(headers: HeaderMap) -> list[bytes]:
     return [k + b": " + v for k, v in headers.pairs if k[:1] != b":" and k not in HOP_BY_HOP]
 
 
-_SKIP_CHUNKED = HOP_BY_HOP | {b"content-length"}
-_SKIP_XFF = HOP_BY_HOP | {b"x-forwarded-for"}
-_SKIP_CHUNKED_XFF = _SKIP_XFF | {b"content-length"}
+_SKIP_CHUNKED: Final = HOP_BY_HOP | {b"content-length"}
+_SKIP_XFF: Final = HOP_BY_HOP | {b"x-forwarded-for"}
+_SKIP_CHUNKED_XFF: Final = _SKIP_XFF | {b"content-length"}
 
 
 def request_head(headers: HeaderMap, chunked: bool, upgrade: bytes | None = None,

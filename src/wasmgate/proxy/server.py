@@ -14,7 +14,7 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import httptools
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from wasmgate.plugin.manager import Chain, PluginManager
     from wasmgate.proxy.upstream import Cluster
 
-_log = logging.getLogger("wasmgate.http")
+_log: Final = logging.getLogger("wasmgate.http")
 
 
 @dataclass
@@ -100,7 +100,7 @@ class _Pending:
         self.events: list[bytes | list[Pair]] = []  # body chunks, then the trailers at the end
 
 
-_connection_ids = itertools.count(1)
+_connection_ids: Final = itertools.count(1)
 
 
 class HttpConnection(asyncio.Protocol):

@@ -6,14 +6,14 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
 
 from wasmgate.proxy.batch import WriteBatch
 
-_log = logging.getLogger("wasmgate.upstream")
+_log: Final = logging.getLogger("wasmgate.upstream")
 
 
 class Corkable(Protocol):
