@@ -286,6 +286,9 @@ cdef class HostBinding:
             if n == 5:
                 return f(b, self._arg(args, 0), self._arg(args, 1), self._arg(args, 2), self._arg(args, 3),
                          self._arg(args, 4))
+            if n == 8:  # proxy_send_local_response, once per local reply
+                return f(b, self._arg(args, 0), self._arg(args, 1), self._arg(args, 2), self._arg(args, 3),
+                         self._arg(args, 4), self._arg(args, 5), self._arg(args, 6), self._arg(args, 7))
             rest = [b]
         else:
             rest = []
