@@ -102,6 +102,12 @@ class _Pending:
 
 _connection_ids: Final = itertools.count(1)
 
+# HttpConnection._deadline_of: which timeout the connection's deadline is.
+_NO_DEADLINE: Final = 0
+_HEADER_DEADLINE: Final = 1  # reading a request's line and headers (408), or idle before its first byte
+_REQUEST_DEADLINE: Final = 2  # reading the whole request (408)
+_IDLE_DEADLINE: Final = 3  # a keep-alive connection with no request
+
 
 class HttpConnection(asyncio.Protocol):
     def __init__(self, app: ProxyApp):
@@ -130,7 +136,7 @@ class HttpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._deadline = 0.0
-        self._deadline_fn: Callable[[], None] | None = None
+        self._deadline_of = _NO_DEADLINE  # whose deadline: a constant below (no bound method per arming)
         limits = app.limits
         self._timer_step = min((t for t in (limits.header_timeout, limits.request_timeout, limits.idle_timeout)
                                 if t > 0), default=0.0)
@@ -156,7 +162,7 @@ class HttpConnection(asyncio.Protocol):
         self.peer_ip_bytes = self.peer_ip.encode()
         self.app.connections.add(self)
         self.app.stats.active_connections += 1
-        self._arm(self.app.limits.header_timeout, self._header_timeout)
+        self._arm(self.app.limits.header_timeout, _HEADER_DEADLINE)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -200,7 +206,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self._arm(0, None)
+        self._arm(0, _NO_DEADLINE)
         self.app.connections.discard(self)
         self.app.stats.active_connections -= 1
         active, self._active = self._active, None
@@ -222,7 +228,7 @@ class HttpConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self._active is None:
-            self._arm(self.app.limits.header_timeout, self._header_timeout)
+            self._arm(self.app.limits.header_timeout, _HEADER_DEADLINE)
         self._reading_head = True
         self._url = b""
         self._headers = []
@@ -251,9 +257,9 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._reading_head = False
         if self.app.limits.request_timeout > 0:
-            self._arm(self.app.limits.request_timeout, self._request_timeout)
+            self._arm(self.app.limits.request_timeout, _REQUEST_DEADLINE)
         else:
-            self._deadline_fn = None  # the header timeout ends here; the lazy timer lets it go
+            self._deadline_of = _NO_DEADLINE  # the header timeout ends here; the lazy timer lets it go
         p = self._parser
         self._in_body = True
         self.app.stats.requests += 1
@@ -283,8 +289,8 @@ class HttpConnection(asyncio.Protocol):
             target.events.append(body)
 
     def on_message_complete(self) -> None:
-        if self._deadline_fn is not None and self._receiving is self._active:
-            self._arm(0, None)  # the whole request is in
+        if self._deadline_of != _NO_DEADLINE and self._receiving is self._active:
+            self._arm(0, _NO_DEADLINE)  # the whole request is in
         target, self._receiving = self._receiving, None
         trailers = self._trailers
         if isinstance(target, Exchange):
@@ -350,7 +356,7 @@ class HttpConnection(asyncio.Protocol):
         if not keep_alive or (self.draining and not self._queue):
             self._close()
         elif not self._queue:
-            self._arm(self.app.limits.idle_timeout, self._close)
+            self._arm(self.app.limits.idle_timeout, _IDLE_DEADLINE)
         else:
             # Not from inside this exchange's callbacks: start the next one afresh.
             self._loop.call_soon(self._next)
@@ -397,7 +403,7 @@ class HttpConnection(asyncio.Protocol):
 
     # ---- timeouts and drain ------------------------------------------------------------
 
-    def _arm(self, seconds: float, fn: Callable[[], None] | None) -> None:
+    def _arm(self, seconds: float, which: int) -> None:
         """One deadline per connection: the phase it is in decides which (0: none).
 
         Cancelling and re-creating a loop timer several times a request is costly, so
@@ -406,15 +412,15 @@ class HttpConnection(asyncio.Protocol):
         most one shortest timeout ahead (so a later, shorter deadline never has to
         cancel it).
         """
-        if seconds <= 0 or fn is None or self.closing:
-            self._deadline_fn = None
+        if seconds <= 0 or which == _NO_DEADLINE or self.closing:
+            self._deadline_of = _NO_DEADLINE
             if self.closing and self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             return
         deadline = self._loop.time() + seconds
         self._deadline = deadline
-        self._deadline_fn = fn
+        self._deadline_of = which
         if self._timer is None or deadline < self._timer_at:
             self._set_timer(deadline)
 
@@ -426,15 +432,20 @@ class HttpConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        fn = self._deadline_fn
-        if fn is None or self.closing:
+        which = self._deadline_of
+        if which == _NO_DEADLINE or self.closing:
             return
         now = self._loop.time()
         if now < self._deadline:
             self._set_timer(min(self._deadline, now + self._timer_step))
             return
-        self._deadline_fn = None
-        fn()
+        self._deadline_of = _NO_DEADLINE
+        if which == _HEADER_DEADLINE:
+            self._header_timeout()
+        elif which == _REQUEST_DEADLINE:
+            self._request_timeout()
+        else:
+            self._close()  # idle
 
     def _header_timeout(self) -> None:
         if self._reading_head:
