@@ -154,7 +154,6 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         assert shared.instance is not None
         self.shared = shared
         self.instance: Instance = shared.instance
-        self._call_args = self.instance.call_args  # bound once: a lookup by name per call otherwise
         self.contexts = shared.contexts
         f = self.instance.func
         alloc = f("malloc") or f("proxy_on_memory_allocate")  # cpp-host's lookup order
@@ -510,7 +509,7 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         stats.calls += 1
         t0 = perf_counter()
         try:
-            return self._call_args(fn, args)
+            return self.instance.call_args(fn, args)
         except WasmTrap as trap:
             stats.errors += 1
             raise PluginFailed(self.fail(trap)) from None
