@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -293,6 +294,32 @@ def test_http_and_network_plugins_stay_on_their_listeners(tmp_path: Path, echo: 
                for m in messages) == 1
     assert sum("lifecycle: on_request_headers" in m for m in messages) == 1
     assert sum("netfilter: on_context_create" in m for m in messages) == 1
+
+
+def test_connection_ids_are_one_sequence_across_http_and_tcp(tmp_path: Path, echo: TcpEcho,
+                                                             upstream: Upstream) -> None:
+    # Envoy numbers every connection of the process in one sequence (connection.id): opened
+    # one after the other, an HTTP, a TCP and an HTTP connection get consecutive ids.
+    p = start(tmp_path, echo, upstream)
+
+    def http_round_trip(s: socket.socket) -> None:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 200")
+
+    try:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as h1:
+            http_round_trip(h1)  # accepted before the next one opens
+            with socket.create_connection(("127.0.0.1", port(p)), timeout=10) as tcp:
+                tcp.sendall(b"ping")
+                assert tcp.recv(16) == b"ping"
+                with socket.create_connection(("127.0.0.1", p.port), timeout=10) as h2:
+                    http_round_trip(h2)  # all three held open: their listeners list them now
+                    tcp_ids = [c.conn.connection_id for c in p.running.tcp[0].connections]
+                    http_ids = sorted(c.id for c in p.running.app.connections)
+    finally:
+        p.stop()
+    assert len(tcp_ids) == 1 and len(http_ids) == 2
+    assert http_ids == [tcp_ids[0] - 1, tcp_ids[0] + 1]
 
 
 def test_match_ports_pick_the_tcp_listeners(tmp_path: Path, echo: TcpEcho, upstream: Upstream,

@@ -102,6 +102,12 @@ class _Pending:
 
 _connection_ids: Final = itertools.count(1)
 
+
+def next_connection_id() -> int:
+    """Envoy's connection ids: one sequence per process, for HTTP and TCP listeners alike."""
+    return next(_connection_ids)
+
+
 # HttpConnection._deadline_of: which timeout the connection's deadline is.
 _NO_DEADLINE: Final = 0
 _HEADER_DEADLINE: Final = 1  # reading a request's line and headers (408), or idle before its first byte

@@ -21,7 +21,6 @@ as Envoy's tcp_proxy and connection code do:
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, cast
 from wasmgate.abi.constants import PeerType
 from wasmgate.plugin.context import NetConnection
 from wasmgate.plugin.network import NetworkChain
+from wasmgate.proxy.server import next_connection_id
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -135,8 +135,6 @@ class _Upstream(asyncio.Protocol):
 class TcpConnection(asyncio.Protocol):
     """One client connection: the downstream socket, and the ``ConnectionIO`` of its chain."""
 
-    _ids = itertools.count(1)
-
     def __init__(self, listener: TcpListener):
         self.listener = listener
         self.transport: asyncio.Transport | None = None
@@ -166,7 +164,7 @@ class TcpConnection(asyncio.Protocol):
         conn = self.conn
         conn.downstream_addr = (peer[0], peer[1]) if peer else ("", 0)
         conn.local_addr = (local[0], local[1]) if local else ("", 0)
-        conn.connection_id = next(self._ids)
+        conn.connection_id = next_connection_id()
         conn.start_ns = time.time_ns()
         self.listener.connections.add(self)
         STATS.connections += 1
