@@ -68,7 +68,7 @@ def proxy_get_header_map_value(vm: PluginVM, map_type: int, kp: int, ks: int, rv
     key = vm.instance.read(kp, ks)
     if key is None:
         return R.INVALID_MEMORY_ACCESS
-    if key.lower() == b"host":
+    if len(key) == 4 and key.lower() == b"host":  # (the length first: no new bytes per lookup)
         key = b":authority"  # Envoy answers Host from :authority
     value = hmap.get(key)
     if value is None:

@@ -11,6 +11,7 @@ without further callbacks.
 
 from __future__ import annotations
 
+import binascii
 import logging
 import os
 import random
@@ -663,6 +664,7 @@ def _local_reply_headers(reply: LocalReply) -> HeaderMap:
 # Not for secrets.
 _ID_STEP: Final = 0x9E3779B97F4B  # odd: the sequence visits every 48-bit value once
 _ID_MASK: Final = (1 << 48) - 1
+_hexlify: Final = binascii.hexlify  # bytes in, bytes out: no str in between
 
 
 class _RequestIds:
@@ -678,7 +680,7 @@ class _RequestIds:
 
     def next(self) -> bytes:
         n = self.last = (self.last + _ID_STEP) & _ID_MASK
-        return self.prefix + n.to_bytes(6, "big").hex().encode()
+        return self.prefix + _hexlify(n.to_bytes(6, "big"))
 
 
 _ids: Final = _RequestIds()

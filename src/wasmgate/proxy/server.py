@@ -101,6 +101,7 @@ class _Pending:
 
 
 _connection_ids: Final = itertools.count(1)
+_NO_TRAILERS: Final[list[Pair]] = []  # shared by requests without trailers (most): never appended to
 
 
 def next_connection_id() -> int:
@@ -128,7 +129,7 @@ class HttpConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[Pair] = []
-        self._trailers: list[Pair] = []
+        self._trailers: list[Pair] = _NO_TRAILERS  # a list of its own once a trailer comes
         self._header_bytes = 0
         self._in_body = False
         self._too_large = False
@@ -238,7 +239,7 @@ class HttpConnection(asyncio.Protocol):
         self._reading_head = True
         self._url = b""
         self._headers = []
-        self._trailers = []
+        self._trailers = _NO_TRAILERS
         self._header_bytes = 0
         self._in_body = False
 
@@ -251,7 +252,10 @@ class HttpConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_body:
-            self._trailers.append((name, value))
+            trailers = self._trailers
+            if trailers is _NO_TRAILERS:
+                trailers = self._trailers = []
+            trailers.append((name, value))
             return
         headers = self._headers
         headers.append((name.lower(), value))  # lower-cased once, here
