@@ -34,7 +34,7 @@ _CONTINUE: Final = int(Action.CONTINUE)  # a plain int: no Enum lookup per callb
 
 
 def stream_filters(handles: list[PluginHandle], stream: Stream) -> list[PluginFilter]:
-    """The chain's HTTP plugins for one new stream (Chain.filters)."""
+    """One filter per HTTP plugin of the chain (``Chain.http``) for a new stream."""
     out = []
     for h in handles:  # a loop: a comprehension is one more frame on Python 3.11
         out.append(PluginFilter(h, stream))

@@ -30,8 +30,6 @@ from wasmgate.host.attributes import XdsInfo
 from wasmgate.oci.auth import Keychain
 from wasmgate.oci.errors import OciError
 from wasmgate.oci.fetch import ModuleCache, fetch_module
-from wasmgate.plugin.context import Stream
-from wasmgate.plugin.filter import PluginFilter, stream_filters
 from wasmgate.plugin.spec import FailStrategy, PluginSpec
 from wasmgate.plugin.vm import Plugin, PluginError, PluginStats, PluginVM, SharedVM
 from wasmgate.proxy.callout import Callouts
@@ -363,9 +361,6 @@ class Chain:
         self.pool = pool or VmPool()  # the instances its plugins run on
         self.http = [h for h in plugins if not h.spec.network]
         self.network = [h for h in plugins if h.spec.network]  # for the TCP proxy listeners
-
-    def filters(self, stream: Stream) -> list[PluginFilter]:
-        return stream_filters(self.http, stream)
 
 
 def load_handle(spec: PluginSpec, pool: VmPool | None = None) -> PluginHandle:

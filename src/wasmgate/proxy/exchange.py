@@ -121,11 +121,11 @@ class Exchange:
             self._req_may_resize = self.has_body and _may_resize(req_filters, True)
             request = Direction(sides, request, stream, True)
         self.request = request
-        # The response direction is made when a response starts (_response_flow): a local
-        # reply from the request direction goes through fewer plugins.
+        # The response direction is made when a response starts (_response_flow); a local
+        # reply makes its own, through the sender and the plugins before it (_halted).
         stream.on_continue = self._on_continue
         stream.on_end = self._on_end
-        self._in_chain += 1
+        self._in_chain += 1  # _guard, inline: no bound method and argument tuple per request
         try:
             if request.headers(not self.has_body):
                 self._halted(True)
