@@ -92,8 +92,17 @@ class XdsStatus:
     versions: dict[str, str] = field(default_factory=dict)  # type -> version Envoy accepted last
     resources: dict[str, dict[str, ResourceStatus]] = field(default_factory=dict)
     nacks: list[dict[str, Any]] = field(default_factory=list)  # every NACK, newest last (bounded)
-    pending: dict[str, int] = field(default_factory=dict)  # type -> pushes Envoy has not answered yet
+    streams: set[_Stream] = field(default_factory=set)  # open ADS streams, for ``pending``
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def pending(self) -> dict[str, int]:
+        """Per type served, the pushes Envoy has not answered yet (over every open stream)."""
+        out = dict.fromkeys(TYPES, 0)
+        for stream in self.streams:
+            for type_url, pushes in stream.pending.items():
+                out[type_url] += len(pushes)
+        return out
 
     def resource(self, type_url: str, name: str) -> ResourceStatus:
         return self.resources.setdefault(type_url, {}).setdefault(name, ResourceStatus())
@@ -147,6 +156,7 @@ class _Stream:
         self.sent: dict[str, dict[str, str]] = {}  # ECDS: name -> digest last sent
         self.pending: dict[str, dict[str, _Push]] = {}  # type -> nonce -> push, oldest first
         self.last_nonce: dict[str, str] = {}  # type -> nonce of the newest response sent
+        server.status.streams.add(self)
 
     def on_request(self, req: discovery_pb2.DiscoveryRequest) -> None:
         type_url = req.type_url
@@ -178,7 +188,6 @@ class _Stream:
             done.append(pending.pop(n))
             if n == nonce:
                 break
-        self.server.pending_changed(type_url, -len(done))
         if len(done) > 1:
             _log.debug("xds: %s: one %s request answered %d pushes", self.peer, _SHORT[type_url], len(done))
         error = req.error_detail.message if req.HasField("error_detail") else None
@@ -260,17 +269,14 @@ class _Stream:
         pending = self.pending.setdefault(type_url, {})
         pending[nonce] = push
         self.last_nonce[type_url] = nonce
-        self.server.pending_changed(type_url, 1)
         while len(pending) > self.MAX_PENDING:  # Envoy is not answering: fold the oldest into the next
             oldest = pending.pop(next(iter(pending)))
             nxt = pending[next(iter(pending))]
             nxt.digests = {**oldest.digests, **nxt.digests}
-            self.server.pending_changed(type_url, -1)
 
     def close(self) -> None:
-        for type_url, pending in self.pending.items():
-            self.server.pending_changed(type_url, -len(pending))
         self.pending.clear()
+        self.server.status.streams.discard(self)
 
 
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -298,9 +304,6 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
             return f"{version}.{nonce}"
         self._ecds_base = version
         return version
-
-    def pending_changed(self, type_url: str, delta: int) -> None:
-        self.status.pending[type_url] = self.status.pending.get(type_url, 0) + delta
 
     def set_snapshot(self, snap: Snapshot) -> None:
         """Make ``snap`` current; each type whose resources changed gets a new version."""
