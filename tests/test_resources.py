@@ -75,6 +75,62 @@ def test_istio_ordering(tmp_path: Path) -> None:
                        "a-unspecified"]
 
 
+def created(name: str, at: str | None, **spec: Any) -> dict[str, Any]:
+    doc = plugin(name, **spec)
+    if at is not None:
+        doc["metadata"]["creationTimestamp"] = at
+    return doc
+
+
+def test_istio_ties_by_creation_time_then_name(tmp_path: Path) -> None:
+    """Istio sorts by metadata.creationTimestamp (absent: the zero time, first), then name;
+    the priority sort after it is stable, so equal priorities keep that order."""
+    f = write(tmp_path / "p.yaml",
+              created("a-new", "2024-05-02T00:00:00Z", priority=1),
+              created("z-old", "2024-05-01T00:00:00Z", priority=1),
+              created("m-old", "2024-05-01T00:00:00Z", priority=1),
+              created("y-none", None, priority=1),
+              created("b-offset", "2024-05-01T01:00:00+02:00", priority=1),  # 23:00 UTC the day before
+              created("high", "2024-05-03T00:00:00Z", priority=2))
+    assert names(chain_order(load_plugin_specs([f]))) == ["high", "y-none", "b-offset", "m-old", "z-old", "a-new"]
+
+
+def test_istio_creation_timestamp_as_yaml_writes_it(tmp_path: Path) -> None:
+    """Unquoted, YAML reads it as a timestamp; without a zone, as UTC (Kubernetes writes Z)."""
+    f = tmp_path / "p.yaml"
+    f.write_text("".join(f"""---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: {name}, creationTimestamp: {at}}}
+spec: {{url: file:///x.wasm}}
+""" for name, at in (("a", "2024-05-01T10:00:02Z"), ("b", "2024-05-01T10:00:01"), ("c", "2024-05-01"))))
+    assert names(chain_order(load_plugin_specs([f]))) == ["c", "b", "a"]
+
+
+def test_istio_unset_priority_is_the_lowest_int32(tmp_path: Path) -> None:
+    """Unset is not 0: it sorts as -2147483648, so after every other set priority (-5 too)
+    and tied with an explicit -2147483648 (then creation time and name decide)."""
+    f = write(tmp_path / "p.yaml",
+              created("b-min", "2024-05-02T00:00:00Z", priority=-(1 << 31)),
+              created("c-unset", "2024-05-01T00:00:00Z"),
+              created("a-unset", "2024-05-02T00:00:00Z"),
+              created("d-neg", "2024-05-03T00:00:00Z", priority=-5))
+    assert names(chain_order(load_plugin_specs([f]))) == ["d-neg", "c-unset", "a-unset", "b-min"]
+
+
+def test_istio_compares_names_of_its_translated_resources(tmp_path: Path) -> None:
+    """Istio 1.30+ compares the names of the TrafficExtensions it makes of WasmPlugins
+    (name + "~istio-translated-wasmplugin"): a name sorts after longer names it begins."""
+    f = write(tmp_path / "p.yaml", plugin("auth"), plugin("auth-z"), plugin("auth.b"), plugin("autha"))
+    assert names(chain_order(load_plugin_specs([f]))) == ["auth-z", "auth.b", "autha", "auth"]
+
+
+def test_bad_creation_timestamp_names_the_field(tmp_path: Path) -> None:
+    f = write(tmp_path / "p.yaml", created("p", "yesterday"))
+    with pytest.raises(ConfigError, match=r"p\.yaml: WasmPlugin p: metadata\.creationTimestamp: "):
+        load_plugin_specs([f])
+
+
 def test_image_pull_secret_from_another_file(tmp_path: Path) -> None:
     config = json.dumps({"auths": {"r.example": {"auth": "dTpw"}}}).encode()
     write(tmp_path / "a-secret.yaml", {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/dockerconfigjson",

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import wasmtime
@@ -61,10 +62,20 @@ def cache_dir() -> Path | None:
     return Path(env) if env else Path.home() / ".cache" / "wasmgate" / "compiled"
 
 
+# Istio's order (docs/configuration.md, spec.priority): it lists a namespace's plugins by
+# creation time, then name, and stable-sorts them by priority, an unset one as the lowest
+# int32. The namespaces come in the workload's, then the root's; wasmgate has neither, so
+# in name order. Since 1.30 the names compared are those of the TrafficExtensions it
+# translates WasmPlugins into: the name and this suffix.
+_UNSET_PRIORITY = -(1 << 31)
+_NO_TIME = datetime.min.replace(tzinfo=UTC)  # Go's zero time: no creationTimestamp sorts first
+_TRANSLATED_SUFFIX = "~istio-translated-wasmplugin"
+
+
 def chain_order(specs: list[PluginSpec]) -> list[PluginSpec]:
-    """Istio's order: by phase, then priority (higher first, unset last), then namespace/name."""
-    return sorted(specs, key=lambda s: (s.phase.rank, s.priority is None, -(s.priority or 0),
-                                        s.namespace, s.name))
+    """Istio's order: by phase, priority (higher first), namespace, creation time, name."""
+    return sorted(specs, key=lambda s: (s.phase.rank, -(_UNSET_PRIORITY if s.priority is None else s.priority),
+                                        s.namespace, s.created or _NO_TIME, s.name + _TRANSLATED_SUFFIX))
 
 
 @dataclass(frozen=True)

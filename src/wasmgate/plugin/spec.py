@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
@@ -50,8 +51,9 @@ class PluginSpec:
     env: dict[str, str] = field(default_factory=dict)
     fail_strategy: FailStrategy = FailStrategy.FAIL_CLOSE
     phase: Phase = Phase.UNSPECIFIED_PHASE
-    priority: int | None = None  # unset sorts after every set priority in its phase
+    priority: int | None = None  # unset: as Istio, the lowest 32-bit priority
     namespace: str = ""
+    created: datetime | None = None  # metadata.creationTimestamp, aware; None: absent
     source: str = ""  # the file it was defined in, for error messages
     limits: PluginLimits = field(default_factory=PluginLimits)
     url: str = ""  # as written in the resource (oci://, http(s)://, file://)

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,6 +88,8 @@ class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     namespace: str = "default"
+    # Istio orders by it; Kubernetes sets it, a file may (RFC 3339; without a zone: UTC)
+    creation_timestamp: datetime | None = Field(None, alias="creationTimestamp")
 
 
 class WasmPlugin(_Model):
@@ -229,6 +232,10 @@ def network_ports(wp: WasmPlugin) -> tuple[int, ...]:
     return tuple(sorted({p.number for m in entries for p in m.ports}))
 
 
+def _aware(t: datetime | None) -> datetime | None:
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
+
+
 def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpec:
     scope = scope or Scope()
     where = f"{path}: WasmPlugin {wp.metadata.name}"
@@ -263,6 +270,7 @@ def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpe
         fail_strategy=s.fail_strategy,
         phase=s.phase,
         priority=s.priority,
+        created=_aware(wp.metadata.creation_timestamp),
         source=str(path),
         limits=_limits(wp, scope.defaults, where),
         url=s.url,
