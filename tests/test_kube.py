@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +346,29 @@ def test_namespaces_kube_selector_and_istio_selector(kube: KubeServer, upstream:
         wait_for(lambda: plugin_names(proxy) == ["sel-one", "sel-two", "sel-four"], what="relabelled in")
         kube.apply(labelled("sel-one", "c"))
         wait_for(lambda: plugin_names(proxy) == ["sel-two", "sel-four"], what="relabelled out")
+    finally:
+        proxy.stop()
+        for doc in docs:
+            kube.delete(doc)
+
+
+def test_istio_order_by_creation_timestamp(kube: KubeServer, upstream: Upstream) -> None:
+    """Equal priorities (unset is the lowest int32, so an explicit -2147483648 ties with it):
+    Istio's tie-break is the API server's creationTimestamp (seconds), then the name."""
+    def created_at(doc: dict[str, Any]) -> datetime:
+        return datetime.fromisoformat(kube.apply(doc)["metadata"]["creationTimestamp"])
+
+    docs = [wasmplugin("z-first", TAG, {"tag": "z-first"}), wasmplugin("a-second", TAG, {"tag": "a-second"}),
+            wasmplugin("m-third", TAG, {"tag": "m-third"}, priority=-(1 << 31))]
+    first = created_at(docs[0])
+    while datetime.now(UTC) < first + timedelta(seconds=1.05):  # the next second: a later timestamp
+        time.sleep(0.05)
+    later = [created_at(d) for d in docs[1:]]
+    assert first < later[0] <= later[1]
+    proxy = proxy_for(kube, upstream)
+    try:
+        assert plugin_names(proxy) == ["z-first", "a-second", "m-third"]
+        assert tag_of(proxy) == "m-third, a-second, z-first"  # the response runs the chain backwards
     finally:
         proxy.stop()
         for doc in docs:
