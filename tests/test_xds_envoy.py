@@ -259,6 +259,37 @@ def test_envoy_nack_is_reported_and_the_last_good_version_keeps_serving(
         gw.stop()
 
 
+def test_nack_blames_only_the_plugin_it_names_not_one_whose_name_is_a_prefix_of_it(
+        upstream: Upstream, tmp_path: Path) -> None:
+    """Envoy names a plugin it rejects by PluginConfig.name ("... filter default.ab"): default.a,
+    changed in the same push, is not blamed for it; it is sent again alone and accepted."""
+    d, parts = tmp_path / "plugins", tmp_path / "parts"
+    d.mkdir()
+    parts.mkdir()
+
+    def write(a_tag: str, ab_config: dict[str, str]) -> None:
+        docs = [wasmplugin_yaml(parts, "a", TAG, config={"tag": a_tag}, priority=2),
+                wasmplugin_yaml(parts, "ab", ALLOW_HEADER_WASM, config=ab_config, priority=1)]
+        # one file: both changes in one snapshot, hence in one ECDS push
+        (d / "pair.yaml").write_text("\n---\n".join(p.read_text() for p in docs))
+
+    write("a-r0", {"header": "allow", "value": "true"})
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    try:
+        assert tag_of(gw, {"allow": "true"}) == "a-r0"
+        write("a-r1", {"header": ""})  # ab's refused in on_configure
+        gw.wait_for(lambda: gw.plugin("ab")["envoy"] == "rejected" and gw.plugin("a")["envoy"] == "accepted"
+                    and not any(gw.status()["xds"]["pending"].values()), timeout=30,
+                    what="ab rejected, a accepted")
+        assert "default.ab" in gw.plugin("ab")["envoy_error"] and gw.plugin("a")["envoy_error"] is None
+        nacks = gw.status()["xds"]["nacks"]
+        assert nacks and all(n["resources"] == [ECDS + "ab"] for n in nacks), nacks
+        assert tag_of(gw, {"allow": "true"}) == "a-r1"  # a's new version serves
+        assert get(gw.port)[0] == 403  # ab's last good version too
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize("rate_limit", [None, {"max_tokens": 1, "fill_rate": 1.0}], ids=["plain", "batched"])
 def test_quick_changes_end_with_every_plugin_accepted_and_nothing_pending(
         upstream: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture, rate_limit: dict[str, float] | None

@@ -19,7 +19,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import wrappers_pb2  # type: ignore[import-untyped]
 
 from wasmgate.xds.resources import ECDS_TYPE
-from wasmgate.xds.server import Snapshot, XdsServer, _Stream
+from wasmgate.xds.server import Snapshot, XdsServer, _blamed, _Stream
 
 PREFIX = "extensions.istio.io/wasmplugin/default."
 
@@ -259,3 +259,18 @@ def test_pending_is_bounded_per_type() -> None:
                                                      version_info=last.version_info, response_nonce=last.nonce))
     assert stream.pending[ECDS_TYPE] == {} and server.status.pending[ECDS_TYPE] == 0
     assert server.status.describe()["resources"]["ECDS"][PREFIX + "a"]["state"] == "accepted"
+
+
+def test_a_message_blames_a_plugin_only_by_its_whole_name() -> None:
+    """Envoy names a rejected plugin by PluginConfig.name or its resource name; a name that is a
+    prefix of the one named (default.a of default.ab, default.a.b) is not blamed."""
+    other = "extensions.istio.io/wasmplugin/x-default.a"
+    pushed = dict.fromkeys([PREFIX + "a", PREFIX + "ab", PREFIX + "a.b", other], "digest")
+    assert _blamed(pushed, "Unable to create Wasm plugin default.ab") == {PREFIX + "ab"}
+    assert _blamed(pushed, "Unable to create Wasm HTTP filter default.a.b") == {PREFIX + "a.b"}
+    assert _blamed(pushed, f"Unexpected resource name in ExtensionConfigDS response: {PREFIX}ab") == {PREFIX + "ab"}
+    assert _blamed(pushed, "Unable to create Wasm plugin default.a") == {PREFIX + "a"}
+    assert _blamed(pushed, "Unable to create Wasm plugin x-default.a") == {other}
+    both = "plugin default.a. Unable to create Wasm plugin default.ab (3)"
+    assert _blamed(pushed, both) == {PREFIX + "a", PREFIX + "ab"}
+    assert _blamed(pushed, "Error: filter config has type URL x but expect y.") == set()

@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -129,9 +130,17 @@ class _Push:
     digests: dict[str, str]  # name -> digest
 
 
+def _names(message: str, name: str) -> bool:
+    """Whether ``message`` names ``name`` whole: not as a part of a longer name (``default.a`` in
+    ``default.ab`` or ``default.a.b``). Kubernetes names are made of letters, digits, "-" and ".";
+    a "." not followed by one of those ends a sentence, not the name."""
+    return re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-]|\.[\w-])", message) is not None
+
+
 def _blamed(digests: Mapping[str, str], message: str) -> set[str]:
-    """The resources Envoy's message names (it names a failing plugin by PluginConfig.name)."""
-    return {n for n in digests if n.rsplit("/", 1)[-1] in message}
+    """The resources Envoy's message names: by PluginConfig.name ("Unable to create Wasm plugin
+    default.ab"), which is the resource name's last part, or by the resource name itself."""
+    return {n for n in digests if _names(message, n.rsplit("/", 1)[-1])}
 
 
 class _Stream:
