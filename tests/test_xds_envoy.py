@@ -290,6 +290,42 @@ def test_nack_blames_only_the_plugin_it_names_not_one_whose_name_is_a_prefix_of_
         gw.stop()
 
 
+def test_two_rejections_in_one_envoy_request_do_not_share_a_message(upstream: Upstream, tmp_path: Path) -> None:
+    """Envoy keeps one error_detail, its last rejection's: with its xDS requests rate limited it
+    rejects two pushes before it sends one request, and the first one's message reaches only its
+    log. That plugin is shown rejected, saying so, not with the other plugin's message."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    good = {"header": "allow", "value": "true"}
+    mods = {n: distinct_module(ALLOW_HEADER_WASM, tmp_path / f"{n}.wasm", n) for n in ("one", "two")}
+    for n, m in mods.items():
+        wasmplugin_yaml(d, n, m, config=good)
+    wasmplugin_yaml(d, "tag", TAG, config={"tag": "r0"})
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw", ads_rate_limit={"max_tokens": 1, "fill_rate": 1.0})
+    try:
+        assert tag_of(gw, {"allow": "true"}) == "r0"
+        wasmplugin_yaml(d, "tag", TAG, config={"tag": "r1"})  # its ACK takes Envoy's one request token
+        gw.wait_for(lambda: tag_of(gw, {"allow": "true"}) == "r1", what="tag r1")
+        for n, m in mods.items():  # refused in on_configure; both pushed before Envoy may ask again
+            wasmplugin_yaml(d, n, m, config={"header": ""})
+            time.sleep(0.05)
+        gw.wait_for(lambda: all(gw.plugin(n)["envoy"] == "rejected" for n in mods)
+                    and not any(gw.status()["xds"]["pending"].values()), what="both rejected")
+        nack = gw.status()["xds"]["nacks"][-1]
+        assert nack["resources"] == [ECDS + "two"] and len(nack["also_rejected"]) == 1, nack  # the case did happen
+        assert gw.plugin("two")["envoy_error"] == "Unable to create Wasm plugin default.two"
+        assert gw.plugin("one")["envoy_error"].startswith(
+            f"Envoy rejected ECDS version {nack['also_rejected'][0]}; its message was not sent")
+        assert "rejected: Unable to create Wasm plugin default.one" in gw.log_text()  # Envoy's log has it
+        assert get(gw.port, headers={"allow": "true"})[0] == 200  # the last good versions serve
+
+        wasmplugin_yaml(d, "one", mods["one"], config={"header": "allow", "value": "yes"})
+        gw.wait_for(lambda: gw.plugin("one")["envoy"] == "accepted", what="the fix accepted")
+        assert gw.plugin("one")["envoy_error"] is None
+    finally:
+        gw.stop()
+
+
 @pytest.mark.parametrize("rate_limit", [None, {"max_tokens": 1, "fill_rate": 1.0}], ids=["plain", "batched"])
 def test_quick_changes_end_with_every_plugin_accepted_and_nothing_pending(
         upstream: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture, rate_limit: dict[str, float] | None

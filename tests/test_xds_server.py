@@ -211,6 +211,69 @@ def test_partly_rejected_push_sends_the_others_again_alone() -> None:
     run(test)
 
 
+def test_two_rejections_in_one_request_do_not_share_a_message() -> None:
+    """Envoy keeps one error_detail, its last rejection's: a request answering two rejected pushes
+    carries the newest's message only. The older push's plugin is rejected, and says its message
+    was not sent, instead of showing the other plugin's."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        one, two = await push(server, client, a="bad"), await push(server, client, b="bad")
+        client.process(one, reject="Unable to create Wasm plugin default.a")
+        client.process(two, reject="Unable to create Wasm plugin default.b")
+        await client.send()  # version_info: the first push's; error_detail: b's
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 0, server, "no push pending")
+        s = states(server)
+        assert s[PREFIX + "b"] == {"state": "rejected", "error": "Unable to create Wasm plugin default.b"}
+        assert s[PREFIX + "a"]["state"] == "rejected"
+        assert s[PREFIX + "a"]["error"].startswith(f"Envoy rejected ECDS version {one.version_info}; its message "
+                                                   "was not sent")
+        nack = server.status.nacks[-1]
+        assert nack["resources"] == [PREFIX + "b"] and nack["version"] == two.version_info
+        assert nack["also_rejected"] == [one.version_info]
+        three = await push(server, client, a="a3")  # a fix clears it
+        client.process(three)
+        await client.send()
+        await until(lambda: states(server)[PREFIX + "a"] == {"state": "accepted", "error": None}, server,
+                    "a accepted")
+    run(test)
+
+
+def test_rejection_hidden_behind_a_later_one_is_not_taken_for_an_accept() -> None:
+    """Rejected one, accepted two, rejected three, then one request: version_info is two's and the
+    message three's, so the request does not tell whether one was accepted: it stays "sent"."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        one, two, three = (await push(server, client, a="bad"), await push(server, client, b="b2"),
+                           await push(server, client, c="bad"))
+        client.process(one, reject="Unable to create Wasm plugin default.a")
+        client.process(two)
+        client.process(three, reject="Unable to create Wasm plugin default.c")
+        await client.send()
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 0, server, "no push pending")
+        s = states(server)
+        assert s[PREFIX + "a"]["state"] == "sent" and s[PREFIX + "b"]["state"] == "accepted"
+        assert s[PREFIX + "c"] == {"state": "rejected", "error": "Unable to create Wasm plugin default.c"}
+        assert server.status.nacks[-1]["also_rejected"] == []  # one may have been accepted
+        assert server.status.versions[ECDS_TYPE] == two.version_info
+    run(test)
+
+
+def test_message_naming_none_of_several_older_pushes_blames_none_of_them() -> None:
+    """Newest accepted, and a message naming no resource: it is one of the older pushes', and the
+    request does not tell which; both stay "sent", the NACK is listed with no version."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        one, two, three = (await push(server, client, a="bad"), await push(server, client, b="b2"),
+                           await push(server, client, c="c2"))
+        client.process(one, reject="Error: filter config has type URL x but expect y.")
+        client.process(two)
+        client.process(three)
+        await client.send()
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 0, server, "no push pending")
+        assert {n: r["state"] for n, r in states(server).items()} == {
+            PREFIX + "a": "sent", PREFIX + "b": "sent", PREFIX + "c": "accepted"}
+        nack = server.status.nacks[-1]
+        assert nack["resources"] == [] and nack["version"] is None and nack["message"].startswith("Error: filter")
+    run(test)
+
+
 def test_pending_is_cleared_when_the_stream_ends() -> None:
     async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
         await push(server, client, a="a2")

@@ -137,10 +137,47 @@ def _names(message: str, name: str) -> bool:
     return re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-]|\.[\w-])", message) is not None
 
 
+def _lost_message(type_url: str, push: _Push, newer: str) -> str:
+    """The error shown for a push Envoy rejected without its message reaching wasmgate."""
+    which = "" if len(push.digests) == 1 else f" (this resource or another of the {len(push.digests)} in it)"
+    return (f"Envoy rejected {_SHORT[type_url]} version {push.version}{which}; its message was not sent: Envoy sends "
+            f"only its last rejection's in a request (version {newer}'s). See Envoy's log")
+
+
 def _blamed(digests: Mapping[str, str], message: str) -> set[str]:
     """The resources Envoy's message names: by PluginConfig.name ("Unable to create Wasm plugin
     default.ab"), which is the resource name's last part, or by the resource name itself."""
     return {n for n in digests if _names(message, n.rsplit("/", 1)[-1])}
+
+
+@dataclass
+class _Verdict:
+    """What one request tells of the pushes it answers (indexes into them, oldest first)."""
+
+    accepted: set[int]
+    owner: int | None = None  # the push error_detail is about, when the request tells which
+    blamed: set[str] = field(default_factory=set)  # the resources its message is about
+    lost: list[int] = field(default_factory=list)  # rejected too, their messages not sent
+
+
+def _verdict(done: list[_Push], last_ok: int, error: str | None) -> _Verdict:
+    """Envoy's GrpcMuxImpl sets version_info when it accepts a push and error_detail when it
+    rejects one (replacing the previous message), and clears error_detail once a request is out.
+    So with no error every push up to the last accepted was accepted. With one: the message is
+    the newest push's if that was rejected (those between it and the last accepted were rejected
+    too, their messages lost), else an older push's, the one whose resources it names (or the
+    only one), and the pushes after it were accepted. Of the others the request tells nothing."""
+    newest = len(done) - 1
+    if error is None:
+        return _Verdict(set(range(last_ok + 1)))
+    owner = newest
+    if last_ok == newest:
+        named = [i for i in range(newest) if _blamed(done[i].digests, error)]
+        if len(named) != 1 and newest != 1:  # 1: the only older push
+            return _Verdict({last_ok}, blamed=set().union(*(_blamed(done[i].digests, error) for i in named)))
+        owner = named[0] if named else 0
+    blamed = _blamed(done[owner].digests, error) or set(done[owner].digests)  # naming none: the whole push
+    return _Verdict({last_ok, *range(owner + 1, newest + 1)} - {-1}, owner, blamed, list(range(last_ok + 1, owner)))
 
 
 class _Stream:
@@ -202,43 +239,46 @@ class _Stream:
         error = req.error_detail.message if req.HasField("error_detail") else None
         # Versions are unique per push on a stream: version_info names the last push accepted.
         last_ok = max((i for i, p in enumerate(done) if p.version == req.version_info), default=-1)
-        rejected: dict[int, set[str]] = {}
-        if error is not None:
-            if last_ok == len(done) - 1 and len(done) > 1:
-                # the newest push was accepted: the error is an older one's, which its message names
-                suspects = range(len(done) - 1)
-                rejected = {i: _blamed(done[i].digests, error) for i in suspects}
-                if not any(rejected.values()):
-                    rejected = {i: set(done[i].digests) for i in suspects}
-            else:  # every push after the last accepted one was rejected
-                rejected = {i: _blamed(done[i].digests, error) or set(done[i].digests)
-                            for i in range(last_ok + 1, len(done))}
+        v = _verdict(done, last_ok, error)
         status = self.server.status
+        ecds = type_url == ECDS_TYPE
+        sent = self.sent.get(type_url, {})
         for i, push in enumerate(done):
-            failed = rejected.get(i, set())
             for name, d in push.digests.items():
                 r = status.resource(type_url, name)
-                if name in failed:
+                if i == v.owner and name in v.blamed:
                     r.nack, r.nacked = error, d
-                elif i <= last_ok or (i in rejected and type_url != ECDS_TYPE):
+                elif i in v.lost:
+                    r.nack, r.nacked = _lost_message(type_url, push, done[-1].version), d
+                elif i in v.accepted or (i == v.owner and not ecds):
                     # LDS/CDS apply the resources of a rejected update that are valid
                     r.acked = d
                     if r.nacked == d:
                         r.nack = None
-                elif i in rejected and self.sent.get(type_url, {}).get(name) == d:
-                    # an ECDS update is rejected whole or in part: send the ones not blamed again alone
-                    del self.sent[type_url][name]
+                elif i == v.owner and sent.get(name) == d:
+                    # Envoy applies an ECDS update watch by watch, up to the one that fails: the
+                    # others are sent again alone. Pushes the request tells nothing of are not:
+                    # Envoy records an ECDS config before it builds the filter, so one it rejected
+                    # is acknowledged, not applied, when sent again.
+                    del sent[name]
         if last_ok >= 0:
             status.versions[type_url] = done[last_ok].version
             _log.debug("xds: %s accepted %s version %s", self.peer, _SHORT[type_url], done[last_ok].version)
         if error is not None:
-            names = sorted(set().union(*rejected.values())) if rejected else []
-            version = done[max(rejected)].version if rejected else done[-1].version
+            names = sorted(v.blamed)
+            version = done[v.owner].version if v.owner is not None else None
+            also = [done[i].version for i in v.lost]
             status.nacks.append({"type": _SHORT[type_url], "version": version, "resources": names,
-                                 "message": error, "time": time.time()})
+                                 "message": error, "also_rejected": also, "time": time.time()})
             del status.nacks[:-100]
-            _log.error("xds: Envoy rejected %s version %s (%s): %s", _SHORT[type_url], version,
-                       ", ".join(names) or "no resources", error)
+            if version is None:
+                _log.error("xds: Envoy rejected one of %s versions %s (it does not say which): %s",
+                           _SHORT[type_url], ", ".join(p.version for p in done[:-1]), error)
+            else:
+                _log.error("xds: Envoy rejected %s version %s (%s): %s%s", _SHORT[type_url], version,
+                           ", ".join(names) or "no resources", error,
+                           f" (also rejected: version {', '.join(also)}, whose message Envoy did not send)"
+                           if also else "")
 
     def responses(self, snap: Snapshot, versions: Mapping[str, str]) -> list[discovery_pb2.DiscoveryResponse]:
         """What this stream has not been sent yet, in push order."""
