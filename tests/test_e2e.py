@@ -352,6 +352,31 @@ def test_half_closed_client_still_gets_its_response(allow_proxy: ProxyThread) ->
     assert b'"path": "/half"' in out
 
 
+@pytest.mark.parametrize(("version", "connection", "kept"), [
+    ("1.1", None, True), ("1.1", "close", False), ("1.1", "keep-alive", True), ("1.1", "upgrade", True),
+    ("1.0", None, False), ("1.0", "keep-alive", True), ("1.0", "close", False),
+])
+def test_http_version_and_connection_header(allow_proxy: ProxyThread, version: str, connection: str | None,
+                                            kept: bool) -> None:
+    """The response's version, its keep-alive and the 100 Continue follow each request's
+    version and Connection header. The second request closes, so a kept connection
+    answers both and a closed one only the first."""
+    head = f"POST /v HTTP/{version}\r\nhost: x\r\nallow: true\r\ncontent-length: 2\r\nexpect: 100-continue\r\n"
+    if connection is not None:
+        head += f"connection: {connection}\r\n"
+    out = raw_exchange(allow_proxy.port, (head + "\r\nhi").encode()
+                       + b"GET /second HTTP/1.1\r\nhost: x\r\nallow: true\r\nconnection: close\r\n\r\n")
+    responses = [r for r in out.split(b"HTTP/1.")[1:] if not r.startswith(b"1 100 ")]
+    assert out.startswith(f"HTTP/{version} 200 ".encode() if version == "1.0" else b"HTTP/1.1 100 Continue\r\n\r\n")
+    assert len(responses) == (2 if kept else 1)
+    if version == "1.0":
+        assert responses[0].startswith(b"0 200 ")
+        assert (b"connection: keep-alive\r\n" in responses[0]) == kept
+    else:
+        assert responses[0].startswith(b"1 200 ")
+        assert (b"connection: close\r\n" in responses[0]) == (not kept)
+
+
 def test_expect_100_continue_answered_by_the_proxy(allow_proxy: ProxyThread, upstream: Upstream) -> None:
     with socket.create_connection(("127.0.0.1", allow_proxy.port), timeout=5) as s:
         s.sendall(b"POST /upload HTTP/1.1\r\nhost: x\r\nallow: true\r\ncontent-length: 5\r\n"

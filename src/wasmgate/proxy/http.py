@@ -53,13 +53,14 @@ class DownstreamRequest:
     expect_continue = False
     has_xfp = False
     has_request_id = False
+    has_connection = False  # Connection or Proxy-Connection: llhttp's keep-alive reads them
     upgrade: bytes | None = None
 
     def __init__(self, lowered: list[Pair], scheme: bytes):
         self.scheme = scheme
         authority = b""
         regular: list[Pair] = []
-        has_body = expect = xfp = rid = False
+        has_body = expect = xfp = rid = conn = False
         upgrade = None
         special = _REQUEST_SPECIAL
         for kv in lowered:
@@ -86,6 +87,8 @@ class DownstreamRequest:
                         upgrade = kv[1]
                     continue
                 elif k != b"te":
+                    if k == b"connection" or k == b"proxy-connection":
+                        conn = True
                     continue  # other hop-by-hop headers
             regular.append(kv)
         if expect:
@@ -99,6 +102,8 @@ class DownstreamRequest:
             self.has_xfp = True
         if rid:
             self.has_request_id = True
+        if conn:
+            self.has_connection = True
         if upgrade is not None:
             self.upgrade = upgrade
 

@@ -155,6 +155,7 @@ class HttpConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() syscall
         self._tunnel: Exchange | None = None  # an upgraded (e.g. WebSocket) exchange
         self._reading_head = False  # between a request's first byte and its last header
+        self._last_read = False  # a request that closes the connection was read to its end
         self.draining = False
 
     # ---- asyncio.Protocol ------------------------------------------------------------
@@ -191,7 +192,11 @@ class HttpConnection(asyncio.Protocol):
                 self.draining = True  # upgrade refused: answer the request, then close
         except httptools.HttpParserError as e:
             cause = e.__context__
-            if self._too_large:
+            if self._last_read and cause is None:
+                # Bytes after a request that closes the connection (llhttp refuses them): not
+                # processed (RFC 9112 9.6), while that request is still answered, as Envoy does.
+                self.pause_reading(True, "closing")
+            elif self._too_large:
                 self._reject(431, b"Request Header Fields Too Large")
             elif cause is not None and not isinstance(cause, httptools.HttpParserError):
                 # Raised by our own handling of the request, not by its bytes: a bug to see.
@@ -274,13 +279,16 @@ class HttpConnection(asyncio.Protocol):
         self._in_body = True
         self.app.stats.requests += 1
         req = http.DownstreamRequest(self._headers, self.app.scheme)
-        version = p.get_http_version()
+        keep_alive = p.should_keep_alive()
+        # Without Connection headers llhttp keeps exactly HTTP/1.1 alive (0.9, 1.0 and 2.0 are
+        # the versions it also accepts): this spares formatting the version string per request.
+        version = "1.1" if keep_alive and not req.has_connection else p.get_http_version()
         # Expect: 100-continue, as Envoy does by default: answer 100 ourselves and drop
         # Expect, so the client sends its body while plugins and the upstream see a plain request.
         if req.expect_continue and req.has_body and version == "1.1" and self._active is None:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         upgrade = req.upgrade if req.upgrade is not None and p.should_upgrade() else None
-        ex = Exchange(self, p.get_method(), self._url, req, keep_alive=p.should_keep_alive(), http10=version == "1.0",
+        ex = Exchange(self, p.get_method(), self._url, req, keep_alive=keep_alive, http10=version == "1.0",
                       upgrade=upgrade)
         if self._active is None:
             self._start(ex)
@@ -303,6 +311,8 @@ class HttpConnection(asyncio.Protocol):
             self._arm(0, _NO_DEADLINE)  # the whole request is in
         target, self._receiving = self._receiving, None
         trailers = self._trailers
+        if target is not None and not (target if isinstance(target, Exchange) else target.exchange).keep_alive:
+            self._last_read = True
         if isinstance(target, Exchange):
             if target is self._active:
                 self._active_complete = True
