@@ -272,6 +272,7 @@ def guest_cost(allow: bool, crossing: Crossing, n: int, runs: int) -> GuestCost:
     with _host_functions_timed(probe):
         _, vm = load_seed_plugin()
     _instrument_instance(vm.instance, probe)
+    vm._call_args = vm.instance.call_args  # PluginVM binds its instance's call_args once, at start
     if request_vm(vm, allow) != (200 if allow else 403):
         raise AssertionError("instrumented VM answered wrongly")
     guest = []

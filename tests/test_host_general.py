@@ -109,6 +109,20 @@ def test_log_suppressed_below_wasm_level(g: Guest, wasm_logger: logging.Logger,
         assert _log(g, level, f"level {level}".encode()) == R.OK
     assert _wasm_records(caplog) == [(logging.ERROR, "wasm log: level 4"),
                                      (logging.CRITICAL, "wasm log: level 5")]
+    # Each level change applies to the next line (nothing remembers the previous level).
+    for name, shown in [("debug", [1]), ("error", []), ("trace", [1])]:
+        wlog.set_level("wasm", name)
+        caplog.clear()
+        assert _log(g, 1, b"debug line") == R.OK
+        assert [r[1] for r in _wasm_records(caplog)] == ["wasm log: debug line"] * len(shown)
+    wlog.set_level("wasm", "error")
+    logging.getLogger("wasmgate.wasm").disabled = True
+    try:
+        caplog.clear()
+        assert _log(g, 5, b"to a disabled logger") == R.OK
+        assert _wasm_records(caplog) == []
+    finally:
+        logging.getLogger("wasmgate.wasm").disabled = False
 
 
 # ---- proxy_get_log_level -------------------------------------------------------------

@@ -18,13 +18,20 @@ MAX_LOG_LINE: Final = 16 * 1024  # longer plugin log lines are cut, not written 
 _PY_LEVELS: Final = tuple(PY_LEVEL[lvl] for lvl in LogLevel)  # by proxy-wasm level (0..5), no Enum call per line
 _OK: Final = int(R.OK)
 _INVALID_MEMORY_ACCESS: Final = int(R.INVALID_MEMORY_ACCESS)
+# isEnabledFor's own memo (Python 3.11): logging clears it in place on every level change,
+# so a hit is current. Reading it spares an interpreted call per log line; a miss asks.
+_WASM_ENABLED: Final[dict[int, bool]] = getattr(wasm_log, "_cache", {})
 
 
 @hostcall("iii")
 def proxy_log(vm: PluginVM, level: int, ptr: int, size: int) -> int:
     if not 0 <= level <= 5:  # LogLevel.TRACE .. LogLevel.CRITICAL
         return R.BAD_ARGUMENT
-    if not wasm_log.isEnabledFor(_PY_LEVELS[level]):
+    py_level = _PY_LEVELS[level]
+    enabled = _WASM_ENABLED.get(py_level)
+    if enabled is None:
+        enabled = wasm_log.isEnabledFor(py_level)
+    if not enabled:
         # Below the wasm level: still check the pointers, skip the copy.
         in_bounds = (ptr & 0xFFFFFFFF) + (size & 0xFFFFFFFF) <= vm.instance.memory_size()
         return _OK if in_bounds else _INVALID_MEMORY_ACCESS
