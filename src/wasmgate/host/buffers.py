@@ -86,7 +86,7 @@ def proxy_set_buffer_bytes(vm: PluginVM, buffer_type: int, start: int, length: i
         return R.NOT_FOUND
     if not isinstance(buf, bytearray):
         return R.BAD_ARGUMENT  # configuration buffers and a missing body are read-only
-    data = vm.instance.read(dp, ds)
+    data = vm.read(dp, ds)
     if data is None:
         return R.INVALID_MEMORY_ACCESS
     start &= 0xFFFFFFFF

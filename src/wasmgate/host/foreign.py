@@ -129,8 +129,8 @@ def _declare_property(vm: PluginVM, arg: bytes) -> bytes:
 
 @hostcall("iiiiii")
 def proxy_call_foreign_function(vm: PluginVM, np: int, ns: int, ap: int, asz: int, rp: int, rs: int) -> int:
-    name = vm.instance.read(np, ns)
-    arg = vm.instance.read(ap, asz)
+    name = vm.read(np, ns)
+    arg = vm.read(ap, asz)
     if name is None or arg is None:
         return R.INVALID_MEMORY_ACCESS
     fn = FOREIGN.get(name.decode("utf-8", "replace"))

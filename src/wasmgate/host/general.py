@@ -35,7 +35,7 @@ def proxy_log(vm: PluginVM, level: int, ptr: int, size: int) -> int:
         # Below the wasm level: still check the pointers, skip the copy.
         in_bounds = (ptr & 0xFFFFFFFF) + (size & 0xFFFFFFFF) <= vm.instance.memory_size()
         return _OK if in_bounds else _INVALID_MEMORY_ACCESS
-    msg = vm.instance.read(ptr, size)
+    msg = vm.read(ptr, size)
     if msg is None:
         return R.INVALID_MEMORY_ACCESS
     text = msg[:MAX_LOG_LINE].decode("utf-8", "replace")

@@ -212,7 +212,7 @@ def proxy_grpc_stream(vm: PluginVM, sp: int, ss: int, np: int, ns: int, mp: int,
 
 @hostcall("iiii")
 def proxy_grpc_send(vm: PluginVM, token: int, ptr: int, size: int, end_stream: int) -> int:
-    message = vm.instance.read(ptr, size)
+    message = vm.read(ptr, size)
     if message is None:
         return R.INVALID_MEMORY_ACCESS
     token &= 0xFFFFFFFF

@@ -65,7 +65,7 @@ def proxy_get_header_map_value(vm: PluginVM, map_type: int, kp: int, ks: int, rv
     hmap = _map(vm, map_type)
     if hmap is None:
         return _missing(vm)
-    key = vm.instance.read(kp, ks)
+    key = vm.read(kp, ks)
     if key is None:
         return R.INVALID_MEMORY_ACCESS
     if len(key) == 4 and key.lower() == b"host":  # (the length first: no new bytes per lookup)
@@ -94,7 +94,7 @@ def proxy_set_header_map_pairs(vm: PluginVM, map_type: int, ptr: int, size: int)
     hmap = _writable(vm, map_type)
     if hmap is None:
         return R.BAD_ARGUMENT
-    data = vm.instance.read(ptr, size)
+    data = vm.read(ptr, size)
     if data is None:
         return R.INVALID_MEMORY_ACCESS
     try:
@@ -115,8 +115,8 @@ def proxy_get_header_map_size(vm: PluginVM, map_type: int, rs: int) -> int:
 
 
 def _key_value(vm: PluginVM, kp: int, ks: int, vp: int, vs: int) -> tuple[bytes, bytes] | None:
-    key = vm.instance.read(kp, ks)
-    value = vm.instance.read(vp, vs)
+    key = vm.read(kp, ks)
+    value = vm.read(vp, vs)
     if key is None or value is None:
         return None
     return key, value
@@ -151,7 +151,7 @@ def proxy_remove_header_map_value(vm: PluginVM, map_type: int, kp: int, ks: int)
     hmap = _writable(vm, map_type)
     if hmap is None:
         return R.BAD_ARGUMENT
-    key = vm.instance.read(kp, ks)
+    key = vm.read(kp, ks)
     if key is None:
         return R.INVALID_MEMORY_ACCESS
     hmap.remove(key)

@@ -31,7 +31,7 @@ def vm_metrics(vm: PluginVM) -> VmMetrics:
 
 @hostcall("iiii")
 def proxy_define_metric(vm: PluginVM, mtype: int, np: int, ns: int, id_ptr: int) -> int:
-    name = vm.instance.read(np, ns)
+    name = vm.read(np, ns)
     if name is None:
         return R.INVALID_MEMORY_ACCESS
     st, mid = vm_metrics(vm).define(mtype & 0xFFFFFFFF, name)

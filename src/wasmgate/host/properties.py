@@ -38,7 +38,7 @@ def get(vm: PluginVM, path: bytes) -> tuple[WasmResult, bytes]:
 
 @hostcall("iiii")
 def proxy_get_property(vm: PluginVM, pp: int, ps: int, rp: int, rs: int) -> int:
-    path = vm.instance.read(pp, ps)
+    path = vm.read(pp, ps)
     if path is None:
         return R.INVALID_MEMORY_ACCESS
     status, value = get(vm, path.rstrip(b"\0"))
@@ -49,8 +49,8 @@ def proxy_get_property(vm: PluginVM, pp: int, ps: int, rp: int, rs: int) -> int:
 
 @hostcall("iiii")
 def proxy_set_property(vm: PluginVM, pp: int, ps: int, vp: int, vs: int) -> int:
-    path = vm.instance.read(pp, ps)
-    value = vm.instance.read(vp, vs)
+    path = vm.read(pp, ps)
+    value = vm.read(vp, vs)
     if path is None or value is None:
         return R.INVALID_MEMORY_ACCESS
     ctx = vm.effective

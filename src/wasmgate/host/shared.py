@@ -20,7 +20,7 @@ def _vm_id(vm: PluginVM) -> bytes:
 
 @hostcall("iiiii")
 def proxy_get_shared_data(vm: PluginVM, kp: int, ks: int, rp: int, rs: int, cas_ptr: int) -> int:
-    key = vm.instance.read(kp, ks)
+    key = vm.read(kp, ks)
     if key is None:
         return R.INVALID_MEMORY_ACCESS
     entry = shared.STORE.get(_vm_id(vm), key)
@@ -35,8 +35,8 @@ def proxy_get_shared_data(vm: PluginVM, kp: int, ks: int, rp: int, rs: int, cas_
 
 @hostcall("iiiii")
 def proxy_set_shared_data(vm: PluginVM, kp: int, ks: int, vp: int, vs: int, cas: int) -> int:
-    key = vm.instance.read(kp, ks)
-    value = vm.instance.read(vp, vs)
+    key = vm.read(kp, ks)
+    value = vm.read(vp, vs)
     if key is None or value is None:
         return R.INVALID_MEMORY_ACCESS
     return shared.STORE.set(_vm_id(vm), key, value, cas & 0xFFFFFFFF)
@@ -44,7 +44,7 @@ def proxy_set_shared_data(vm: PluginVM, kp: int, ks: int, vp: int, vs: int, cas:
 
 @hostcall("iii")
 def proxy_register_shared_queue(vm: PluginVM, np: int, ns: int, token_ptr: int) -> int:
-    name = vm.instance.read(np, ns)
+    name = vm.read(np, ns)
     if name is None:
         return R.INVALID_MEMORY_ACCESS
     # Registered by a stream context or the root context alike, the queue belongs to the
@@ -55,8 +55,8 @@ def proxy_register_shared_queue(vm: PluginVM, np: int, ns: int, token_ptr: int) 
 
 @hostcall("iiiii")
 def proxy_resolve_shared_queue(vm: PluginVM, vp: int, vs: int, np: int, ns: int, token_ptr: int) -> int:
-    vm_id = vm.instance.read(vp, vs)
-    name = vm.instance.read(np, ns)
+    vm_id = vm.read(vp, vs)
+    name = vm.read(np, ns)
     if vm_id is None or name is None:
         return R.INVALID_MEMORY_ACCESS
     token = shared.STORE.resolve_queue(vm_id or _vm_id(vm), name)  # empty vm_id: the caller's
@@ -67,7 +67,7 @@ def proxy_resolve_shared_queue(vm: PluginVM, vp: int, vs: int, np: int, ns: int,
 
 @hostcall("iii")
 def proxy_enqueue_shared_queue(vm: PluginVM, token: int, vp: int, vs: int) -> int:
-    value = vm.instance.read(vp, vs)
+    value = vm.read(vp, vs)
     if value is None:
         return R.INVALID_MEMORY_ACCESS
     token &= 0xFFFFFFFF

@@ -27,9 +27,9 @@ def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, b
     ctx = _http(vm)
     if ctx is None and isinstance(vm.effective, HttpContext):
         return R.BAD_ARGUMENT  # a stream that has ended
-    details = vm.instance.read(detp, dets)
-    body = vm.instance.read(bodyp, bodys)
-    raw_headers = vm.instance.read(hp, hs)
+    details = vm.read(detp, dets)
+    body = vm.read(bodyp, bodys)
+    raw_headers = vm.read(hp, hs)
     if details is None or body is None or raw_headers is None:
         return R.INVALID_MEMORY_ACCESS
     if ctx is None:

@@ -33,13 +33,13 @@ _FILETYPE_CHARACTER_DEVICE = 2
 def fd_write(vm: PluginVM, fd: int, iovs: int, iovs_len: int, nwritten_ptr: int) -> int:
     if fd not in (1, 2):
         return EBADF
-    raw = vm.instance.read(iovs, 8 * (iovs_len & 0xFFFFFFFF))
+    raw = vm.read(iovs, 8 * (iovs_len & 0xFFFFFFFF))
     if raw is None:
         return EFAULT
     chunks = []
     for i in range(len(raw) // 8):
         ptr, size = struct.unpack_from("<II", raw, 8 * i)
-        data = vm.instance.read(ptr, size)
+        data = vm.read(ptr, size)
         if data is None:
             return EFAULT
         chunks.append(data)
@@ -171,7 +171,7 @@ def poll_oneoff(vm: PluginVM, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr
     """Report every subscription as ready at once: a plugin must never block the proxy."""
     if nsubs <= 0:
         return EINVAL
-    subs = vm.instance.read(in_ptr, 48 * (nsubs & 0xFFFFFFFF))
+    subs = vm.read(in_ptr, 48 * (nsubs & 0xFFFFFFFF))
     if subs is None:
         return EFAULT
     events = b"".join(

@@ -155,7 +155,9 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         assert shared.instance is not None
         self.shared = shared
         self.instance: Instance = shared.instance
-        self._call_args = self.instance.call_args  # bound once: a by-name call looks it up each time
+        # Bound once: a by-name method call looks the method up each time.
+        self._call_args = self.instance.call_args
+        self.read = self.instance.read  # guest bytes, or None when outside linear memory
         self.contexts = shared.contexts
         f = self.instance.func
         alloc = f("malloc") or f("proxy_on_memory_allocate")  # cpp-host's lookup order
@@ -466,7 +468,9 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         except PluginFailed:
             pass
         finally:
-            self.contexts.pop(ctx.id, None)
+            contexts = self.contexts
+            if ctx.id in contexts:  # not dict.pop: a method call by name, compiled
+                del contexts[ctx.id]
 
     # ---- timers ----------------------------------------------------------------------
 
