@@ -15,9 +15,9 @@ import binascii
 import logging
 import os
 import random
+import time
 from collections.abc import Callable
 from functools import partial
-from time import monotonic, monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Final
 
 from wasmgate.headers import HeaderMap, Pair
@@ -36,6 +36,10 @@ UPSTREAM_FAILURE_BODY: Final = b"upstream connect error or disconnect/reset befo
 
 
 _NO_FILTERS: Final[list[PluginFilter]] = []
+# C statics: an imported name is a dict lookup per use.
+_monotonic: Final = time.monotonic
+_monotonic_ns: Final = time.monotonic_ns
+_time_ns: Final = time.time_ns
 
 
 class Exchange:
@@ -80,7 +84,7 @@ class Exchange:
         stream.request_headers = headers = req.header_map(method, target)
         stream.downstream_addr = conn.peer
         stream.local_addr = conn.local
-        stream.start_ns = time_ns()
+        stream.start_ns = _time_ns()
         stream.connection_id = conn.id
         stream.downstream = conn
         if http10:
@@ -257,7 +261,7 @@ class Exchange:
     def connect_upstream(self, eos: bool) -> None:
         req = self.stream.request_headers
         assert req is not None
-        self._upstream_sent_at = monotonic()
+        self._upstream_sent_at = _monotonic()
         conn = self.conn
         if not eos and self._req_may_resize:
             # Framed once the body's first bytes have passed every plugin (_frame_request).
@@ -338,7 +342,7 @@ class Exchange:
         self.upstream = conn
         self.stream.upstream_addr = conn.peer
         self.stream.upstream_conn = conn
-        self.stream.upstream_tx_ns = monotonic_ns()
+        self.stream.upstream_tx_ns = _monotonic_ns()
         conn.start(self, self.method == b"HEAD", self.conn)
         if self._req_head_pending:
             return  # written by _frame_request
@@ -382,7 +386,7 @@ class Exchange:
                 pairs.append(kv)
         # Envoy's router adds this before the response filters run; plugins count on it.
         pairs.append((b"x-envoy-upstream-service-time",
-                      b"%d" % int((monotonic() - self._upstream_sent_at) * 1000)))
+                      b"%d" % int((_monotonic() - self._upstream_sent_at) * 1000)))
         self.stream.response_headers = HeaderMap.of(pairs)
         self.stream.code_details = "via_upstream"
         if self._finished:
@@ -408,7 +412,7 @@ class Exchange:
             self._halt_with(LocalReply(500, b"Internal Server Error", [], "response_payload_too_large"), False)
 
     def upstream_end(self, trailers: list[Pair]) -> None:
-        self.stream.upstream_rx_ns = monotonic_ns()
+        self.stream.upstream_rx_ns = _monotonic_ns()
         if self.tunneling:  # the upstream closed the tunnel
             self.upstream = None
             self.keep_alive = False
@@ -482,10 +486,7 @@ class Exchange:
             self.tunneling = True
             self.conn.write(http.switching_protocols_head(headers, self._upstream_upgrade or self.upgrade or b""))
             return
-        try:
-            status = self.status = int(raw_status or b"0")
-        except ValueError:
-            status = self.status = 0
+        status = self.status = http.parse_status(raw_status)
         conn = self.conn
         if conn.closing or conn.draining:
             self.keep_alive = False
@@ -596,7 +597,7 @@ class Exchange:
 
     def _finish_filters(self) -> None:
         # Envoy: every plugin's on_log (in chain order), then on_done/on_delete each.
-        self.stream.end_ns = time_ns()
+        self.stream.end_ns = _time_ns()
         self.stream.on_continue = None
         self.stream.on_end = None
         for f in self.filters:

@@ -221,6 +221,20 @@ def last_chunk(trailers: HeaderMap | None = None) -> bytes:
     return b"0\r\n" + tail + CRLF
 
 
+def parse_status(raw: bytes | None) -> int:
+    """A :status value as an int, 0 when it is not one; three digits without int()'s parsing."""
+    if raw is not None and len(raw) == 3:
+        a = raw[0] - 48
+        b = raw[1] - 48
+        c = raw[2] - 48
+        if 0 <= a <= 9 and 0 <= b <= 9 and 0 <= c <= 9:
+            return a * 100 + b * 10 + c
+    try:
+        return int(raw or b"0")
+    except ValueError:
+        return 0
+
+
 def body_allowed(status: int, method: bytes) -> bool:
     return not (method == b"HEAD" or 100 <= status < 200 or status in (204, 304))
 

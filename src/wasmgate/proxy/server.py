@@ -104,6 +104,17 @@ _connection_ids: Final = itertools.count(1)
 _NO_TRAILERS: Final[list[Pair]] = []  # shared by requests without trailers (most): never appended to
 
 
+_lower: Final = bytes.lower  # called unbound: no method lookup per header
+
+
+def _no_write(data: bytes) -> None:
+    pass
+
+
+def _closed() -> bool:
+    return True  # no transport yet
+
+
 def next_connection_id() -> int:
     """Envoy's connection ids: one sequence per process, for HTTP and TCP listeners alike."""
     return next(_connection_ids)
@@ -152,7 +163,13 @@ class HttpConnection(asyncio.Protocol):
         self._out: list[bytes] = []  # written, not yet sent
         self._queued = False  # in the app's write batch
         self._corked = 0  # inside an event handler: its writes are queued when it returns
-        self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() syscall
+        self._loop = loop = asyncio.get_running_loop()  # once: each lookup costs a getpid() syscall
+        # Bound once: a by-name method call looks the method up each time.
+        self._now = loop.time
+        self._get_method = self._parser.get_method
+        self._should_keep_alive = self._parser.should_keep_alive
+        self._write: Callable[[bytes], object] = _no_write
+        self._write_closed: Callable[[], bool] = _closed
         self._tunnel: Exchange | None = None  # an upgraded (e.g. WebSocket) exchange
         self._reading_head = False  # between a request's first byte and its last header
         self._last_read = False  # a request that closes the connection was read to its end
@@ -162,6 +179,8 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._write = self.transport.write
+        self._write_closed = self.transport.is_closing
         peer = transport.get_extra_info("peername")
         local = transport.get_extra_info("sockname")
         self.peer = (peer[0], peer[1]) if peer else ("", 0)
@@ -263,7 +282,7 @@ class HttpConnection(asyncio.Protocol):
             trailers.append((name, value))
             return
         headers = self._headers
-        headers.append((name.lower(), value))  # lower-cased once, here
+        headers.append((_lower(name), value))  # lower-cased once, here
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > self._max_header_bytes or len(headers) > self._max_headers:
             self._too_large = True
@@ -279,7 +298,7 @@ class HttpConnection(asyncio.Protocol):
         self._in_body = True
         self.app.stats.requests += 1
         req = http.DownstreamRequest(self._headers, self.app.scheme)
-        keep_alive = p.should_keep_alive()
+        keep_alive = self._should_keep_alive()
         # Without Connection headers llhttp keeps exactly HTTP/1.1 alive (0.9, 1.0 and 2.0 are
         # the versions it also accepts): this spares formatting the version string per request.
         version = "1.1" if keep_alive and not req.has_connection else p.get_http_version()
@@ -288,7 +307,7 @@ class HttpConnection(asyncio.Protocol):
         if req.expect_continue and req.has_body and version == "1.1" and self._active is None:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         upgrade = req.upgrade if req.upgrade is not None and p.should_upgrade() else None
-        ex = Exchange(self, p.get_method(), self._url, req, keep_alive=keep_alive, http10=version == "1.0",
+        ex = Exchange(self, self._get_method(), self._url, req, keep_alive=keep_alive, http10=version == "1.0",
                       upgrade=upgrade)
         if self._active is None:
             self._start(ex)
@@ -345,8 +364,8 @@ class HttpConnection(asyncio.Protocol):
     def flush(self) -> None:
         self._queued = False
         out = self._out
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if out and not self._write_closed():
+            self._write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
 
     def pause_reading(self, paused: bool, reason: str = "upstream") -> None:
@@ -438,7 +457,7 @@ class HttpConnection(asyncio.Protocol):
                 self._timer.cancel()
                 self._timer = None
             return
-        deadline = self._loop.time() + seconds
+        deadline = self._now() + seconds
         self._deadline = deadline
         self._deadline_of = which
         if self._timer is None or deadline < self._timer_at:
@@ -455,7 +474,7 @@ class HttpConnection(asyncio.Protocol):
         which = self._deadline_of
         if which == _NO_DEADLINE or self.closing:
             return
-        now = self._loop.time()
+        now = self._now()
         if now < self._deadline:
             self._set_timer(min(self._deadline, now + self._timer_step))
             return
