@@ -7,8 +7,13 @@ Envoy's header maps, so ``get_header_map_pairs`` returns them first.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Final
 
 Pair = tuple[bytes, bytes]
+
+# Called unbound: compiled, a by-name method call looks the method up each time.
+_lower: Final = bytes.lower
+_islower: Final = bytes.islower
 
 
 class HeaderMap:
@@ -38,20 +43,20 @@ class HeaderMap:
         for k, v in self.pairs:
             if k == key:
                 return v
-        if key.islower():
+        if _islower(key):
             return None  # already lower-case: that was the whole search
-        key = key.lower()
+        key = _lower(key)
         for k, v in self.pairs:
             if k == key:
                 return v
         return None
 
     def get_all(self, key: bytes) -> list[bytes]:
-        key = key.lower()
+        key = _lower(key)
         return [v for k, v in self.pairs if k == key]
 
     def add(self, key: bytes, value: bytes) -> None:
-        key = key.lower()
+        key = _lower(key)
         if key.startswith(b":"):
             # Keep pseudo-headers ahead of regular ones.
             i = 0
@@ -63,7 +68,7 @@ class HeaderMap:
 
     def replace(self, key: bytes, value: bytes) -> None:
         """Set ``key`` to ``value``: the first entry keeps its place, repeats go."""
-        key = key.lower()
+        key = _lower(key)
         pairs = self.pairs
         for i in range(len(pairs)):
             if pairs[i][0] == key:
@@ -72,7 +77,7 @@ class HeaderMap:
         self.add(key, value)
 
     def remove(self, key: bytes) -> None:
-        key = key.lower()
+        key = _lower(key)
         self.pairs = [p for p in self.pairs if p[0] != key]
 
     def set_all(self, pairs: Iterable[Pair]) -> None:

@@ -19,6 +19,7 @@ _ABI_0_1_0: Final = AbiVersion.V0_1_0
 
 
 _MAX_MAP_TYPE: Final = 7
+_lower: Final = bytes.lower  # called unbound: no method lookup per call
 _GRPC_MAPS: Final = (MapType.GRPC_RECEIVE_INITIAL_METADATA, MapType.GRPC_RECEIVE_TRAILING_METADATA)
 
 
@@ -68,7 +69,7 @@ def proxy_get_header_map_value(vm: PluginVM, map_type: int, kp: int, ks: int, rv
     key = vm.read(kp, ks)
     if key is None:
         return R.INVALID_MEMORY_ACCESS
-    if len(key) == 4 and key.lower() == b"host":  # (the length first: no new bytes per lookup)
+    if len(key) == 4 and _lower(key) == b"host":  # (the length first: no new bytes per lookup)
         key = b":authority"  # Envoy answers Host from :authority
     value = hmap.get(key)
     if value is None:

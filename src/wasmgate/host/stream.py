@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 R = WasmResult
 _OK: Final = int(R.OK)  # a plain int: an Enum member lookup costs ~70 ns
+_lower: Final = bytes.lower  # called unbound: no method lookup per header
 
 
 def _http(vm: PluginVM) -> HttpContext | None:
@@ -36,7 +37,7 @@ def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, b
         # Envoy: a root context or TCP connection has no HTTP reply to send; OK, nothing happens.
         return R.OK
     try:
-        headers = [(k.lower(), v) for k, v in decode_pairs(raw_headers)]
+        headers = [(_lower(k), v) for k, v in decode_pairs(raw_headers)]
     except PairsError:
         return R.BAD_ARGUMENT
     if not 100 <= status <= 999:

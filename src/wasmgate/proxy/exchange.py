@@ -633,6 +633,7 @@ def _may_resize(filters: list[PluginFilter], request: bool) -> bool:
     return False
 
 
+_islower: Final = bytes.islower  # called unbound: no method lookup per header
 _REPLY_SET: Final = frozenset({b"content-length", b"content-type"})  # what a local reply may set itself
 
 
@@ -641,7 +642,7 @@ def _local_reply_headers(reply: LocalReply) -> HeaderMap:
     pairs = [(b":status", http.status_bytes(reply.status))]
     for kv in reply.headers:  # the common case: plain lower-case names, none of ours
         k = kv[0]
-        if k[:1] == b":" or k in _REPLY_SET or not k.islower():
+        if not k or k[0] == 58 or k in _REPLY_SET or not _islower(k):  # 58: b":"
             break
         pairs.append(kv)
     else:

@@ -24,8 +24,9 @@ def reason(status: int) -> bytes:
 
 
 _STATUS_BYTES: Final = {s.value: str(s.value).encode() for s in HTTPStatus}
-_STATUS_LINES: Final = {(v, s.value): b"HTTP/1.%d %d %s" % (v, s.value, s.phrase.encode())
-                        for s in HTTPStatus for v in (0, 1)}
+# Status lines with their CRLF, by status: an int key (no tuple to build per response).
+_STATUS_LINES_10: Final = {s.value: b"HTTP/1.0 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+_STATUS_LINES_11: Final = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
 
 
 def status_bytes(status: int) -> bytes:
@@ -33,9 +34,9 @@ def status_bytes(status: int) -> bytes:
 
 
 def _status_line(status: int, http10: bool) -> bytes:
-    line = _STATUS_LINES.get((0 if http10 else 1, status))
+    line = (_STATUS_LINES_10 if http10 else _STATUS_LINES_11).get(status)
     if line is None:
-        line = (b"HTTP/1.0 " if http10 else b"HTTP/1.1 ") + str(status).encode() + b" " + reason(status)
+        line = (b"HTTP/1.0 " if http10 else b"HTTP/1.1 ") + str(status).encode() + b" " + reason(status) + CRLF
     return line
 
 
@@ -198,18 +199,22 @@ def response_head(headers: HeaderMap, *, chunked: bool, keep_alive: bool, http10
         except ValueError:
             status = 502
     skip = _SKIP_CHUNKED if chunked else HOP_BY_HOP
-    lines = [_status_line(status, http10)]
-    for k, v in headers.pairs:  # a loop: a comprehension is one more frame on Python 3.11
-        if k[:1] != b":" and k not in skip:
-            lines.append(k + b": " + v)
+    # One flat list joined once: concatenating each line would allocate twice per header.
+    out = [_status_line(status, http10)]
+    for k, v in headers.pairs:
+        if (not k or k[0] != 58) and k not in skip:  # 58: b":", without slicing
+            out.append(k)
+            out.append(b": ")
+            out.append(v)
+            out.append(CRLF)
     if chunked:
-        lines.append(b"transfer-encoding: chunked")
+        out.append(b"transfer-encoding: chunked\r\n")
     if not keep_alive:
-        lines.append(b"connection: close")
+        out.append(b"connection: close\r\n")
     elif http10:
-        lines.append(b"connection: keep-alive")
-    lines.append(CRLF)
-    return CRLF.join(lines)
+        out.append(b"connection: keep-alive\r\n")
+    out.append(CRLF)
+    return b"".join(out)
 
 
 def chunk(data: bytes) -> bytes:

@@ -14,6 +14,7 @@ import httptools
 from wasmgate.proxy.batch import WriteBatch
 
 _log: Final = logging.getLogger("wasmgate.upstream")
+_lower: Final = bytes.lower  # called unbound: no method lookup per header
 
 
 class Corkable(Protocol):
@@ -243,7 +244,7 @@ class UpstreamConnection(asyncio.Protocol):
     # ---- httptools callbacks ---------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        (self._trailers if self._in_body else self._headers).append((name.lower(), value))
+        (self._trailers if self._in_body else self._headers).append((_lower(name), value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
