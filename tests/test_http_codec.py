@@ -23,3 +23,29 @@ def test_parse_status_is_ints_reading(raw: bytes | None) -> None:
 
 def test_parse_status_every_three_digit_value() -> None:
     assert [http.parse_status(b"%03d" % n) for n in range(1000)] == list(range(1000))
+
+
+def test_request_ids_are_uuid4_shaped_and_follow_the_sequence() -> None:
+    import re
+
+    from wasmgate.proxy import exchange
+
+    ids = exchange._RequestIds()
+    last = ids.last
+    seen = set()
+    for _ in range(5000):
+        rid = ids.next()
+        assert re.fullmatch(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", rid), rid
+        last = (last + exchange._ID_STEP) & exchange._ID_MASK
+        assert rid[-12:] == b"%012x" % last
+        seen.add(rid)
+    assert len(seen) == 5000
+
+
+def test_response_counts_by_status() -> None:
+    from wasmgate.proxy.server import ProxyStats
+
+    stats = ProxyStats()
+    for status in (200, 403, 200, 0, 999, 1000, 12345, 403, 200):
+        stats.response(status)
+    assert stats.responses == {0: 1, 200: 3, 403: 2, 999: 1, 1000: 1, 12345: 1}

@@ -50,13 +50,26 @@ class Limits:
 @dataclass
 class ProxyStats:
     requests: int = 0
-    responses: dict[int, int] = field(default_factory=dict)
     upstream_failures: int = 0
     downstream_errors: dict[int, int] = field(default_factory=dict)
     active_connections: int = 0
+    # Responses by status (0: none sent): one counter per status below 1000, indexed,
+    # so counting a response boxes no key and hashes nothing; the rest in a dict.
+    _counts: list[int] = field(default_factory=lambda: [0] * 1000)
+    _other: dict[int, int] = field(default_factory=dict)
 
     def response(self, status: int) -> None:
-        self.responses[status] = self.responses.get(status, 0) + 1
+        if 0 <= status < 1000:
+            self._counts[status] += 1
+        else:
+            self._other[status] = self._other.get(status, 0) + 1
+
+    @property
+    def responses(self) -> dict[int, int]:
+        """Responses by status, statuses never sent left out."""
+        counts = {status: n for status, n in enumerate(self._counts) if n}
+        counts.update(self._other)
+        return counts
 
 
 class ProxyApp:
