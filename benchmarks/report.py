@@ -190,15 +190,18 @@ def throughput_table(rows: list[Row]) -> list[str]:
 
 
 def cpu_table(rows: list[Row]) -> list[str]:
-    header = ["case", "workers", "wasmgate CPU/req", "envoy CPU/req", "wasmgate/envoy"]
+    header = ["case", "workers", "wasmgate CPU/req", "envoy CPU/req", "wasmgate/envoy", "wrk CPU/req: wasmgate, envoy"]
     body = []
     for r in rows:
         wg = f"{r.wasmgate.cpu_us:.1f}us" if isinstance(r.wasmgate, Median) else "n/a"
         ev = f"{r.envoy.cpu_us:.1f}us" if isinstance(r.envoy, Median) else "n/a"
         rel = (f"{r.wasmgate.cpu_us / r.envoy.cpu_us:.2f}"
                if isinstance(r.wasmgate, Median) and isinstance(r.envoy, Median) and r.envoy.cpu_us else "n/a")
-        body.append([r.case.name, str(r.workers), wg, ev, rel])
-    lines = _table(header, body, "<>>>>")
+        load = ", ".join(f"{m.load_cpu_us:.1f}us" if isinstance(m, Median) else "n/a" for m in (r.wasmgate, r.envoy))
+        body.append([r.case.name, str(r.workers), wg, ev, rel, load])
+    lines = _table(header, body, "<>>>>>")
+    lines.append("  wrk shares the CPUs: where they are all busy, a proxy's req/s is about CPUs / (its CPU/req + wrk's "
+                 "+ nginx's), which bounds the ratio (docs/performance.md)")
     for workers in sorted({r.workers for r in rows}):  # what the plugin adds, against no plugin
         by = {r.case.name: r for r in rows if r.workers == workers}
         if "no plugin" not in by:
