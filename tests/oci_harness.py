@@ -249,3 +249,107 @@ def _wait_ready(host: str, proc: subprocess.Popen[bytes]) -> bool:
             pass
         time.sleep(0.05)
     return False
+
+
+class RegistryProxy:
+    """A plain-HTTP reverse proxy in front of a registry that records what reaches it: every
+    connection (a TLS attempt included) and every request as (method, path). ``hold(repo)``
+    keeps that repository's requests waiting until ``release(repo)``; ``refuse(repo)`` answers
+    them 503. Used to see which fetches contact the registry at all."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream  # host:port
+        self.connections = 0
+        self.requests: list[tuple[str, str]] = []
+        self._gates: dict[str, threading.Event] = {}
+        self._refused: set[str] = set()
+        self._cond = threading.Condition()
+        proxy = self
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def verify_request(self, request: Any, client_address: Any) -> bool:
+                with proxy._cond:
+                    proxy.connections += 1
+                return True
+
+        self.server = Server(("127.0.0.1", 0), self._handler())
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.server.server_address[1]}"
+
+    def ref(self, repo: str) -> str:
+        return f"{self.host}/{repo}"
+
+    def reset(self) -> None:
+        with self._cond:
+            self.connections = 0
+            self.requests.clear()
+
+    def paths(self, repo: str) -> list[str]:
+        """Requests for ``repo`` (a repository name), as "METHOD /v2/...". """
+        with self._cond:
+            return [f"{m} {p}" for m, p in self.requests if p.startswith(f"/v2/{repo}/")]
+
+    def wait_for(self, repo: str, timeout: float = 30.0) -> bool:
+        """Whether a request for ``repo`` arrived within ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: bool(self.paths(repo)), timeout)
+
+    def hold(self, repo: str) -> None:
+        self._gates[repo] = threading.Event()
+
+    def release(self, repo: str) -> None:
+        gate = self._gates.pop(repo, None)
+        if gate is not None:
+            gate.set()
+
+    def refuse(self, repo: str, on: bool = True) -> None:
+        (self._refused.add if on else self._refused.discard)(repo)
+
+    def close(self) -> None:
+        for repo in list(self._gates):
+            self.release(repo)
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                with proxy._cond:
+                    proxy.requests.append((self.command, self.path))
+                    proxy._cond.notify_all()
+                repo = self.path.removeprefix("/v2/").split("/manifests/")[0].split("/blobs/")[0]
+                gate = proxy._gates.get(repo)
+                if gate is not None:
+                    gate.wait(60)
+                if repo in proxy._refused:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                r = httpx.request(self.command, f"http://{proxy.upstream}{self.path}", headers=headers, timeout=30)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length", "content-encoding"):
+                        self.send_header(k, v)
+                body = b"" if self.command == "HEAD" else r.content
+                self.send_header("Content-Length", r.headers.get("content-length", "0") if self.command == "HEAD"
+                                 else str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_HEAD = _forward
+
+        return Handler

@@ -7,6 +7,12 @@ the file Envoy loads is named by its content and a module edit reaches Envoy as 
 version. A module that cannot be fetched is served as istio-agent serves it: an RBAC
 deny-all filter (FAIL_CLOSE, FAIL_RELOAD) or allow-all filter (FAIL_OPEN), and fetched again
 with backoff.
+
+What is fetched when, as istio-agent decides it (docs/envoy.md, "When modules are fetched"):
+a remote plugin whose spec is unchanged keeps its module without any request; a new or
+changed one is fetched under its pull policy (``fetch_module``: IfNotPresent uses the cache,
+Always asks the registry), all of an update's fetches at once; ``file://`` modules are read
+again on every update (the feed's signal that one changed).
 """
 
 from __future__ import annotations
@@ -77,6 +83,13 @@ def fetch(spec: PluginSpec, cache: ModuleCache) -> tuple[Path, str]:
     return path, sha
 
 
+def _unchanged(old: PluginState, spec: PluginSpec) -> bool:
+    """Whether ``old`` still serves ``spec`` with no fetch at all: the same remote resource
+    (istio-agent asks nothing for an unchanged WasmPlugin, whatever its pull policy), its
+    module still on disk. A ``file://`` module is read again: the feed's update may be its edit."""
+    return old.spec == spec and spec.remote and (old.module is None or old.module.is_file())
+
+
 class Controller:
     """Keeps the xDS snapshot equal to the selected plugins, the upstream and the clusters."""
 
@@ -111,10 +124,17 @@ class Controller:
                                  host_metadata=self.xds.get("upstream_host_metadata")),
                          *(cluster(n, u, tls, http2=n in http2) for n, u in clusters.items())]
 
-    async def apply(self, update: SpecSet) -> None:
+    async def apply(self, update: SpecSet | None,
+                    fetched: dict[tuple[str, str], PluginState] | None = None) -> None:
+        """Serve ``update`` (None: the last one again, as it is once the lock is held).
+        ``fetched``: states fetched meanwhile (the retry loop's), used for plugins whose spec
+        they were fetched for is still the one served."""
         async with self._lock:
+            if update is None:
+                if self._last is None:
+                    return
+                update = self._last
             self._last = update
-            loop = asyncio.get_running_loop()
             current = {(p.spec.namespace, p.spec.name): p for p in self.plugins}
             for source, why in update.errors.items():
                 if self.errors.get(source) != why:
@@ -129,23 +149,22 @@ class Controller:
                     _log.warning("NETWORK WasmPlugins with no TCP proxy listener (tcp_proxies) to run on: %s",
                                  ", ".join(network))
                 self.skipped = network
+            todo = []
             for spec in update.specs:
-                if f"{spec.namespace}/{spec.name}" in network or (spec.namespace, spec.name) in kept:
+                key = (spec.namespace, spec.name)
+                if f"{spec.namespace}/{spec.name}" in network or key in kept:
                     continue
-                old = current.get((spec.namespace, spec.name))
-                try:
-                    path, sha = await loop.run_in_executor(None, fetch, spec, self.cache)
-                except (OciError, OSError) as e:
-                    state = PluginState(spec, error=f"{spec.source or spec.url}: plugin {spec.name}: {e}")
-                    if old is None or old.error != state.error or old.spec != spec:
-                        _log.error("%s; Envoy serves an RBAC %s-all filter in its place (%s)", state.error,
-                                   state.fallback, spec.fail_strategy.value)
-                    states.append(state)
-                    continue
-                state = PluginState(spec, path, sha)
-                if old is None or (old.spec, old.sha256) != (spec, sha):
-                    _log.info("plugin %s: module sha256 %s%s", spec.name, sha[:12],
-                              " (changed)" if old is not None else "")
+                old = current.get(key)
+                pre = (fetched or {}).get(key)
+                if pre is not None and pre.spec == spec:
+                    self._note(old, pre)
+                    states.append(pre)
+                elif old is not None and _unchanged(old, spec):
+                    states.append(old)  # no request: its failure, if any, is the retry loop's
+                else:
+                    todo.append(spec)
+            for state in await self._fetch_all(todo):
+                self._note(current.get((state.spec.namespace, state.spec.name)), state)
                 states.append(state)
             for p in states:
                 if p.module is not None:
@@ -157,6 +176,34 @@ class Controller:
             self.plugins = sorted(states, key=lambda p: order[id(p.spec)])
             self.server.set_snapshot(self.snapshot())
             self.applied += 1
+
+    async def _fetch_all(self, specs: list[PluginSpec]) -> list[PluginState]:
+        """Fetch these modules concurrently (each blocking fetch on its own executor thread),
+        so one slow or unreachable registry costs the others no more than its own wait."""
+        loop = asyncio.get_running_loop()
+        got = await asyncio.gather(*(loop.run_in_executor(None, fetch, s, self.cache) for s in specs),
+                                   return_exceptions=True)
+        out = []
+        for spec, r in zip(specs, got, strict=True):
+            if isinstance(r, (OciError, OSError)):
+                out.append(PluginState(spec, error=f"{spec.source or spec.url}: plugin {spec.name}: {r}"))
+            elif isinstance(r, BaseException):
+                raise r
+            else:
+                out.append(PluginState(spec, *r))
+        return out
+
+    @staticmethod
+    def _note(old: PluginState | None, state: PluginState) -> None:
+        """Log what changed for one plugin (nothing when it did not)."""
+        spec = state.spec
+        if state.error is not None:
+            if old is None or old.error != state.error or old.spec != spec:
+                _log.error("%s; Envoy serves an RBAC %s-all filter in its place (%s)", state.error,
+                           state.fallback, spec.fail_strategy.value)
+        elif old is None or (old.spec, old.sha256) != (spec, state.sha256):
+            _log.info("plugin %s: module sha256 %s%s", spec.name, state.sha256[:12],
+                      " (changed)" if old is not None else "")
 
     def snapshot(self) -> Snapshot:
         host, port = self.listen
@@ -187,11 +234,14 @@ class Controller:
         delay = self.retry_initial
         while True:
             await asyncio.sleep(delay)
-            if self._last is not None and any(p.error for p in self.plugins):
-                await self.apply(self._last)
-                delay = min(delay * 2, 60.0)
-            else:
+            failed = [p.spec for p in self.plugins if p.error is not None]
+            if self._last is None or not failed:
                 delay = self.retry_initial
+                continue
+            # Fetched outside apply's lock: a registry slow to answer holds up no other update.
+            got = await self._fetch_all(failed)
+            await self.apply(None, {(s.spec.namespace, s.spec.name): s for s in got})
+            delay = min(delay * 2, 60.0)
 
     def describe(self) -> list[dict[str, Any]]:
         ecds = self.server.status.resources.get(ECDS_TYPE, {})
