@@ -357,6 +357,9 @@ def test_http_fetch_sha256_and_cache(files: FileServer, cache: ModuleCache) -> N
     # Always asks again
     fetch_module(files.url("/p.wasm"), pull_policy="Always", cache=cache)
     assert files.hits["/p.wasm"] == 2
+    # ... unless the sha256 pins the content and that module is cached
+    assert fetch_module(files.url("/p.wasm"), sha256=sha, pull_policy="Always", cache=cache).from_cache
+    assert files.hits["/p.wasm"] == 2
     with pytest.raises(FetchError) as e:
         fetch_module(files.url("/p.wasm"), sha256="0" * 64, pull_policy="Always", cache=cache)
     assert files.url("/p.wasm") in str(e.value) and "does not match" in str(e.value)
@@ -423,6 +426,13 @@ def test_pull_policy() -> None:
     assert effective_policy("oci://r/a:latest", "IfNotPresent") == "IfNotPresent"
     with pytest.raises(FetchError, match="unknown imagePullPolicy"):
         effective_policy("oci://r/a", "Never")
+    # content pinned by sha256 or a digest in the URL: IfNotPresent whatever the policy (Istio's rule)
+    assert effective_policy("oci://r/a:latest", "Always", "a" * 64) == "IfNotPresent"
+    assert effective_policy("oci://r/a:latest", "", "a" * 64) == "IfNotPresent"
+    assert effective_policy(f"oci://r/a@sha256:{'a' * 64}", "Always") == "IfNotPresent"
+    assert effective_policy(f"r/a:v1@sha256:{'a' * 64}", "Always") == "IfNotPresent"
+    assert effective_policy("https://h/a.wasm", "Always", "a" * 64) == "IfNotPresent"
+    assert effective_policy("https://h/a.wasm@sha256:x", "Always") == "Always"  # only oci URLs carry digests
 
 
 # ---- cache ---------------------------------------------------------------------------------------

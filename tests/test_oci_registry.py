@@ -268,6 +268,10 @@ def test_fetch_oci_with_k8s_secret(basic: Registry, plugin: Path, pushed: dict[s
     with pytest.raises(FetchError) as e:
         fetch_module(url, auth=wrong, pull_policy="Always", cache=cache)
     assert url in str(e.value) and "refused user 'alice'" in str(e.value) and "Wr0ng-pw-5521" not in str(e.value)
+    # Always with the content pinned (sha256, or a digest in the URL) is IfNotPresent, as in Istio
+    assert fetch_module(url, sha256=pushed["v1"], auth=wrong, pull_policy="Always", cache=cache).from_cache
+    assert fetch_module(f"oci://{basic.host}/fetch/plugin@{pushed['v1']}", auth=wrong, pull_policy="Always",
+                        cache=cache).from_cache
 
 
 def test_fetch_oci_digest_mismatch_and_latest(basic: Registry, plugin: Path, plugin_v2: Path,

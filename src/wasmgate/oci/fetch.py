@@ -9,7 +9,8 @@
 ``pull_policy`` (WasmPlugin ``imagePullPolicy``): ``IfNotPresent`` uses a module already
 fetched for the same URL (or the same expected digest/hash) without asking the network;
 ``Always`` asks every time (a manifest digest that is already cached still skips the
-download). Unset means IfNotPresent, except Always for oci URLs ending in ``:latest``.
+download). Unset means IfNotPresent, except Always for oci URLs ending in ``:latest``. A
+``sha256``, or a digest in an oci URL, pins the content: then IfNotPresent whatever the policy.
 
 Every module is checked for the ``\\0asm`` magic and a size cap before it is cached. Errors
 are :class:`FetchError` (or another :class:`OciError`) naming the URL, never credentials.
@@ -215,13 +216,16 @@ def _expected_hex(sha256: str, url: str) -> str:
     return s
 
 
-def effective_policy(url: str, pull_policy: str) -> str:
-    """"Always" or "IfNotPresent", as Istio decides it."""
+def effective_policy(url: str, pull_policy: str, sha256: str = "") -> str:
+    """"Always" or "IfNotPresent", as Istio decides it. Content pinned by ``sha256`` or by a
+    digest in an oci URL cannot have moved, so the cache answers it whatever the policy."""
     if pull_policy not in PULL_POLICIES:
         raise FetchError(f"{url}: unknown imagePullPolicy {pull_policy!r}")
+    scheme = urlsplit(url).scheme if "://" in url else "oci"
+    if sha256 or (scheme == "oci" and "@sha256:" in url):
+        return "IfNotPresent"
     if pull_policy in ("Always", "IfNotPresent"):
         return pull_policy
-    scheme = urlsplit(url).scheme if "://" in url else "oci"
     return "Always" if scheme == "oci" and url.endswith(":latest") else "IfNotPresent"
 
 
@@ -237,7 +241,7 @@ def fetch_module(url: str, *, sha256: str = "", pull_policy: str = "",
     """
     scheme = urlsplit(url).scheme.lower() if "://" in url else "oci"
     expected = _expected_hex(sha256, url)
-    policy = effective_policy(url, pull_policy)
+    policy = effective_policy(url, pull_policy, expected)
     if scheme == "file":
         return _fetch_file(url, expected, base_dir, cache)
     if scheme in ("http", "https"):
