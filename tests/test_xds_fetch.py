@@ -51,7 +51,7 @@ def proxy(registry: Registry) -> Iterator[RegistryProxy]:
 def modules(tmp_path: Path) -> dict[str, bytes]:
     """Modules of distinct content (a registry is content-addressed: no two tests share one)."""
     run = uuid.uuid4().hex[:8]
-    return {v: distinct_module(TAG, tmp_path / f"{v}.wasm", f"{run}-{v}").read_bytes() for v in ("v1", "v2")}
+    return {v: distinct_module(TAG, tmp_path / f"{v}.wasm", f"{run}-{v}").read_bytes() for v in ("v1", "v2", "v3")}
 
 
 def repo() -> str:
@@ -146,9 +146,10 @@ def test_a_changed_always_plugin_is_pulled_again_and_an_if_not_present_one_is_no
         c = controller(tmp_path)
         await c.apply(feed.scan())
         first = {n: p.sha256 for n, p in by_name(c).items()}
-        # every tag now names other content
-        for r in (f"{always}:v1", f"{cached}:v1", f"{latest}:latest"):
-            publish(registry, r, modules["v2"])
+        # every tag now names other content (not the same: each pull is then a download of its own)
+        publish(registry, f"{always}:v1", modules["v2"])
+        publish(registry, f"{cached}:v1", modules["v2"])
+        publish(registry, f"{latest}:latest", modules["v3"])
         proxy.reset()
 
         wasmplugin_yaml(d, "local", TAG, config={"tag": "two"})  # their resources unchanged
@@ -162,10 +163,10 @@ def test_a_changed_always_plugin_is_pulled_again_and_an_if_not_present_one_is_no
         await c.apply(feed.scan())
         now = by_name(c)
         # Always (explicit, or by the :latest default): the tag is resolved again, the new module pulled
-        for name, r in (("always", always), ("latest", latest)):
+        for name, r, v in (("always", always, "v2"), ("latest", latest, "v3")):
             assert any("/manifests/" in p for p in proxy.paths(r)) and any("/blobs/" in p for p in proxy.paths(r))
             module = now[name].module
-            assert now[name].sha256 != first[name] and module is not None and module.read_bytes() == modules["v2"]
+            assert now[name].sha256 != first[name] and module is not None and module.read_bytes() == modules[v]
         # IfNotPresent: the module cached for that URL, no request at all
         assert proxy.paths(cached) == [] and now["cached"].sha256 == first["cached"]
         assert config(now["cached"]) == {"tag": "c2"}
