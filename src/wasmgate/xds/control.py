@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,9 @@ class Controller:
         self.retry_initial = 2.0
         self._last: SpecSet | None = None
         self._lock = asyncio.Lock()
+        # Fetches wait on registries: threads of their own, so that many slow ones leave the
+        # loop's default executor (getaddrinfo, for the Kubernetes client too) free.
+        self._fetcher = ThreadPoolExecutor(max_workers=16, thread_name_prefix="wasmgate-fetch")
         # Checked now: a bad URL or an unknown HTTP/2 cluster stops startup with the cluster's name.
         for t in self.tcp_proxies:
             if t.cluster not in clusters:
@@ -178,10 +182,10 @@ class Controller:
             self.applied += 1
 
     async def _fetch_all(self, specs: list[PluginSpec]) -> list[PluginState]:
-        """Fetch these modules concurrently (each blocking fetch on its own executor thread),
-        so one slow or unreachable registry costs the others no more than its own wait."""
+        """Fetch these modules concurrently (each blocking fetch on a thread of its own), so one
+        slow or unreachable registry costs the others no more than its own wait."""
         loop = asyncio.get_running_loop()
-        got = await asyncio.gather(*(loop.run_in_executor(None, fetch, s, self.cache) for s in specs),
+        got = await asyncio.gather(*(loop.run_in_executor(self._fetcher, fetch, s, self.cache) for s in specs),
                                    return_exceptions=True)
         out = []
         for spec, r in zip(specs, got, strict=True):
