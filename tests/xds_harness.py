@@ -85,6 +85,21 @@ class GatewayThread:
         assert self.gateway.envoy is not None and self.gateway.envoy.proc is not None
         return int(self.gateway.envoy.proc.pid)
 
+    def restart_xds(self) -> None:
+        """Stop wasmgate's ADS server and start it again on its port, with its state: Envoy, still
+        running, loses its stream and connects again."""
+        server = self.gateway.server
+        connected = server.status.connected
+        self.call(server.stop())
+        self.call(server.start(port=server.port))
+        self.wait_for(lambda: server.status.connected == connected, what="Envoy connected again")
+
+    def restart_envoy(self) -> None:
+        """Stop Envoy and start a new process (new bootstrap) against the same ADS server."""
+        assert self.gateway.envoy is not None
+        self.call(self.gateway.envoy.stop())
+        self.call(self.gateway.start_envoy(), timeout=120)
+
     def log_text(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")

@@ -8,11 +8,14 @@ import importlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import tempfile
 from pathlib import Path
 from typing import IO, Any
+
+from wasmgate.xds.server import ENVOY_INSTANCE_HEADER
 
 XDS_CLUSTER = "xds-grpc"  # istio-agent's name for it
 
@@ -47,7 +50,8 @@ def envoy_binary() -> Path:
 def bootstrap(xds_port: int, admin: tuple[str, int], node: dict[str, Any] | None = None,
               ads_rate_limit: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything dynamic over ADS from 127.0.0.1:``xds_port``; only the xDS cluster is static.
-    ``ads_rate_limit``: Envoy's ``rate_limit_settings`` for its xDS requests (none by default)."""
+    ``ads_rate_limit``: Envoy's ``rate_limit_settings`` for its xDS requests (none by default).
+    Each bootstrap names its Envoy process on its ADS streams (``ENVOY_INSTANCE_HEADER``)."""
     node = dict(node or {})
     n: dict[str, Any] = {"id": str(node.get("id") or "wasmgate"), "cluster": str(node.get("cluster") or "wasmgate")}
     if isinstance(node.get("metadata"), dict):
@@ -58,7 +62,8 @@ def bootstrap(xds_port: int, admin: tuple[str, int], node: dict[str, Any] | None
         "admin": {"address": {"socket_address": {"address": admin[0], "port_value": admin[1]}}},
         "dynamic_resources": {
             "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
-                           "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                           "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}, "initial_metadata": [
+                               {"key": ENVOY_INSTANCE_HEADER, "value": secrets.token_hex(8)}]}],
                            **({"rate_limit_settings": ads_rate_limit} if ads_rate_limit else {})},
             "cds_config": ads, "lds_config": ads},
         "static_resources": {"clusters": [{

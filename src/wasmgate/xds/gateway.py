@@ -103,6 +103,7 @@ class Gateway:
         self.port = 0  # Envoy's listener port, once known
         self.tcp_ports: list[int] = []  # Envoy's TCP proxy listener ports, once known
         self._listener_names: list[str] = []
+        self._envoy_admin = ("127.0.0.1", 15000)
         self.admin_port = 0
         self.ready = False
         self._tasks: list[asyncio.Task[Any]] = []
@@ -120,7 +121,7 @@ class Gateway:
         try:
             lhost, lport = parse_address(o.listen, "--listen")
             ahost, aport = parse_address(o.admin, "--admin") if o.admin else ("", 0)
-            ehost, eport = parse_address(o.envoy_admin, "--envoy-admin")
+            self._envoy_admin = parse_address(o.envoy_admin, "--envoy-admin")
             tcp = []
             for i, t in enumerate(o.tcp_proxies):
                 host, port = parse_address(str(t.get("listen", "")), f"tcp_proxies[{i}].listen")
@@ -165,18 +166,24 @@ class Gateway:
             except OSError as e:
                 raise GatewayError(f"--admin: cannot listen on {o.admin}: {e}") from None
             self.admin_port = int(self._servers[-1].sockets[0].getsockname()[1])
-        self.envoy = EnvoyProcess(bootstrap(xds_port, (ehost, eport), o.node, o.ads_rate_limit), log_path=o.envoy_log,
-                                  log_level=o.envoy_log_level, component_log_level=o.envoy_component_log_level,
-                                  concurrency=o.concurrency)
+        await self.start_envoy()
+        assert self.envoy is not None
+        _log.info("envoy serving on %s:%d (envoy admin %s), configured over ADS from 127.0.0.1:%d; upstream %s; "
+                  "plugins: %s%s", lhost, self.port, self.envoy.admin_url(), xds_port, upstream,
+                  ", ".join(p.spec.name for p in self.controller.plugins) or "none",
+                  f"; status on {ahost}:{self.admin_port}" if o.admin else "")
+
+    async def start_envoy(self) -> None:
+        """Start Envoy, a new process with a bootstrap of its own, and wait until it serves."""
+        o = self.opts
+        self.envoy = EnvoyProcess(bootstrap(self.server.port, self._envoy_admin, o.node, o.ads_rate_limit),
+                                  log_path=o.envoy_log, log_level=o.envoy_log_level,
+                                  component_log_level=o.envoy_component_log_level, concurrency=o.concurrency)
         try:
             await self.envoy.start()
         except (EnvoyError, OSError) as e:
             raise GatewayError(f"cannot start envoy: {e}") from None
         await self._wait_ready()
-        _log.info("envoy serving on %s:%d (envoy admin %s), configured over ADS from 127.0.0.1:%d; upstream %s; "
-                  "plugins: %s%s", lhost, self.port, self.envoy.admin_url(), xds_port, upstream,
-                  ", ".join(p.spec.name for p in self.controller.plugins) or "none",
-                  f"; status on {ahost}:{self.admin_port}" if o.admin else "")
 
     async def _wait_ready(self) -> None:
         assert self.envoy is not None and self.envoy.proc is not None

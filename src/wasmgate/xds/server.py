@@ -6,7 +6,10 @@ ECDS resources one by one, only those Envoy subscribed to and whose content chan
 they were last sent on that stream (so one rejected plugin never holds back the others, and
 a NACK names the resources it is about). ACKs and NACKs are recorded in :class:`XdsStatus`
 (how a request answers pushes: :class:`_Stream`); a NACK is logged with the resource names
-and Envoy's message.
+and Envoy's message. What Envoy holds outlives a stream: a reconnecting Envoy answers the
+pushes of its broken stream in its first request, and acknowledges without applying an ECDS
+config it rejected (:meth:`_Stream._judge`); a new Envoy process (another
+``ENVOY_INSTANCE_HEADER``) holds nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ _log = logging.getLogger("wasmgate.config")
 # ECDS resources its filters name (Envoy asks for those only once it has the listener).
 TYPES = (CLUSTER_TYPE, LISTENER_TYPE, ECDS_TYPE)
 _SHORT = {CLUSTER_TYPE: "CDS", LISTENER_TYPE: "LDS", ECDS_TYPE: "ECDS"}
+# gRPC metadata of Envoy's ADS stream (bootstrap's initial_metadata): one value per Envoy process,
+# telling a reconnecting Envoy, which keeps its config, from a new one
+ENVOY_INSTANCE_HEADER = "x-wasmgate-envoy-instance"
 
 
 def _pack(msg: Message) -> any_pb2.Any:
@@ -73,6 +79,9 @@ class ResourceStatus:
     nack: str | None = None  # Envoy's message when it rejected ``sent``
     nacked: str = ""  # the digest it rejected
     requested: bool = False  # Envoy subscribed to it (ECDS)
+    # ECDS: the config Envoy's subscription holds, applied or not (it records a config before it
+    # builds the filter) and skips when sent it again; "" when not known
+    held: str = ""
 
     @property
     def state(self) -> str:
@@ -94,12 +103,14 @@ class XdsStatus:
     resources: dict[str, dict[str, ResourceStatus]] = field(default_factory=dict)
     nacks: list[dict[str, Any]] = field(default_factory=list)  # every NACK, newest last (bounded)
     streams: set[_Stream] = field(default_factory=set)  # open ADS streams, for ``pending``
+    orphans: dict[str, list[_Push]] = field(default_factory=dict)  # type -> unanswered pushes of broken streams
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def pending(self) -> dict[str, int]:
-        """Per type served, the pushes Envoy has not answered yet (over every open stream)."""
-        out = dict.fromkeys(TYPES, 0)
+        """Per type served, the pushes Envoy has not answered yet (over every open stream, and those
+        of broken streams, which Envoy answers when it connects again)."""
+        out = {t: len(self.orphans.get(t, ())) for t in TYPES}
         for stream in self.streams:
             for type_url, pushes in stream.pending.items():
                 out[type_url] += len(pushes)
@@ -111,6 +122,15 @@ class XdsStatus:
     def _bump(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
+
+    def forget_envoy(self) -> None:
+        """Another Envoy process: it has been sent nothing and holds nothing (NACKs stay listed)."""
+        self.versions.clear()
+        self.orphans.clear()
+        for rs in self.resources.values():
+            for r in rs.values():
+                r.sent = r.acked = r.nacked = r.held = ""
+                r.nack = None
 
     def describe(self) -> dict[str, Any]:
         return {"connected": self.connected,
@@ -158,6 +178,15 @@ class _Verdict:
     owner: int | None = None  # the push error_detail is about, when the request tells which
     blamed: set[str] = field(default_factory=set)  # the resources its message is about
     lost: list[int] = field(default_factory=list)  # rejected too, their messages not sent
+
+
+def _processed(done: list[_Push], last_ok: int, error: str | None) -> int:
+    """Of the pushes of a broken stream (oldest first), how many Envoy processed, from the first
+    request of its next stream: it processes them in order, up to the last it accepted (version_info)
+    or the last it rejected (error_detail, when that message names it). Envoy does not tell whether
+    it processed the ones after those."""
+    named = max((i for i, p in enumerate(done) if error is not None and _blamed(p.digests, error)), default=-1)
+    return max(last_ok, named) + 1
 
 
 def _verdict(done: list[_Push], last_ok: int, error: str | None) -> _Verdict:
@@ -214,6 +243,9 @@ class _Stream:
         if nonce and nonce in self.pending.get(type_url, {}):
             self._answered(type_url, nonce, req)
             status._bump()
+        elif not nonce and self.server.status.orphans.get(type_url):
+            self._resumed(type_url, req)
+            status._bump()
         if type_url in self.last_nonce and nonce != self.last_nonce[type_url]:
             _log.debug("xds: %s: %s request with stale nonce %r (newest %s): not answered", self.peer,
                        _SHORT[type_url], nonce, self.last_nonce[type_url])
@@ -224,6 +256,8 @@ class _Stream:
                 self.sent[type_url].pop(gone, None)
             for name, r in status.resources.get(type_url, {}).items():
                 r.requested = name in names
+                if not r.requested:  # Envoy dropped its subscription, and with it the config held
+                    r.held = ""
         self.subscribed[type_url] = names
 
     def _answered(self, type_url: str, nonce: str, req: discovery_pb2.DiscoveryRequest) -> None:
@@ -236,6 +270,24 @@ class _Stream:
                 break
         if len(done) > 1:
             _log.debug("xds: %s: one %s request answered %d pushes", self.peer, _SHORT[type_url], len(done))
+        self._judge(type_url, done, req)
+
+    def _resumed(self, type_url: str, req: discovery_pb2.DiscoveryRequest) -> None:
+        """The first request of ``type_url`` on a new stream from the Envoy of a broken one: its
+        version_info and error_detail are still those of the pushes it processed there unanswered."""
+        orphans = self.server.status.orphans.pop(type_url)
+        error = req.error_detail.message if req.HasField("error_detail") else None
+        last_ok = max((i for i, p in enumerate(orphans) if p.version == req.version_info), default=-1)
+        done = orphans[:_processed(orphans, last_ok, error)]
+        _log.debug("xds: %s: first %s request of the stream answers %d of the %d pushes of the last one",
+                   self.peer, _SHORT[type_url], len(done), len(orphans))
+        if done:
+            self._judge(type_url, done, req)
+        elif error is not None:
+            self._nack(type_url, error, None, [], [], orphans)
+
+    def _judge(self, type_url: str, done: list[_Push], req: discovery_pb2.DiscoveryRequest) -> None:
+        """Record what ``req`` tells of the pushes ``done`` (oldest first, the newest it answers last)."""
         error = req.error_detail.message if req.HasField("error_detail") else None
         # Versions are unique per push on a stream: version_info names the last push accepted.
         last_ok = max((i for i, p in enumerate(done) if p.version == req.version_info), default=-1)
@@ -247,12 +299,17 @@ class _Stream:
             for name, d in push.digests.items():
                 r = status.resource(type_url, name)
                 if i == v.owner and name in v.blamed:
-                    r.nack, r.nacked = error, d
+                    r.nack, r.nacked, r.held = error, d, d
                 elif i in v.lost:
-                    r.nack, r.nacked = _lost_message(type_url, push, done[-1].version), d
+                    r.nack, r.nacked, r.held = _lost_message(type_url, push, done[-1].version), d, d
+                elif ecds and i in v.accepted and r.nack is not None and r.nacked == r.held == d:
+                    # Envoy skips a config equal to the one it holds, here one it failed to build
+                    # (sent again on a new stream): it keeps serving the previous one
+                    _log.info("xds: Envoy acknowledged %s again without applying it: it rejected that config "
+                              "before (%s)", name, r.nack)
                 elif i in v.accepted or (i == v.owner and not ecds):
                     # LDS/CDS apply the resources of a rejected update that are valid
-                    r.acked = d
+                    r.acked = r.held = d
                     if r.nacked == d:
                         r.nack = None
                 elif i == v.owner and sent.get(name) == d:
@@ -265,20 +322,24 @@ class _Stream:
             status.versions[type_url] = done[last_ok].version
             _log.debug("xds: %s accepted %s version %s", self.peer, _SHORT[type_url], done[last_ok].version)
         if error is not None:
-            names = sorted(v.blamed)
-            version = done[v.owner].version if v.owner is not None else None
-            also = [done[i].version for i in v.lost]
-            status.nacks.append({"type": _SHORT[type_url], "version": version, "resources": names,
-                                 "message": error, "also_rejected": also, "time": time.time()})
-            del status.nacks[:-100]
-            if version is None:
-                _log.error("xds: Envoy rejected one of %s versions %s (it does not say which): %s",
-                           _SHORT[type_url], ", ".join(p.version for p in done[:-1]), error)
-            else:
-                _log.error("xds: Envoy rejected %s version %s (%s): %s%s", _SHORT[type_url], version,
-                           ", ".join(names) or "no resources", error,
-                           f" (also rejected: version {', '.join(also)}, whose message Envoy did not send)"
-                           if also else "")
+            self._nack(type_url, error, done[v.owner].version if v.owner is not None else None, sorted(v.blamed),
+                       [done[i].version for i in v.lost], done[:-1])
+
+    def _nack(self, type_url: str, error: str, version: str | None, names: list[str], also: list[str],
+              candidates: list[_Push]) -> None:
+        """List and log a NACK (``version`` None: Envoy does not say which of ``candidates`` it is about)."""
+        status = self.server.status
+        status.nacks.append({"type": _SHORT[type_url], "version": version, "resources": names,
+                             "message": error, "also_rejected": also, "time": time.time()})
+        del status.nacks[:-100]
+        if version is None:
+            _log.error("xds: Envoy rejected one of %s versions %s (it does not say which): %s",
+                       _SHORT[type_url], ", ".join(p.version for p in candidates), error)
+        else:
+            _log.error("xds: Envoy rejected %s version %s (%s): %s%s", _SHORT[type_url], version,
+                       ", ".join(names) or "no resources", error,
+                       f" (also rejected: version {', '.join(also)}, whose message Envoy did not send)"
+                       if also else "")
 
     def responses(self, snap: Snapshot, versions: Mapping[str, str]) -> list[discovery_pb2.DiscoveryResponse]:
         """What this stream has not been sent yet, in push order."""
@@ -318,14 +379,26 @@ class _Stream:
         pending = self.pending.setdefault(type_url, {})
         pending[nonce] = push
         self.last_nonce[type_url] = nonce
-        while len(pending) > self.MAX_PENDING:  # Envoy is not answering: fold the oldest into the next
-            oldest = pending.pop(next(iter(pending)))
-            nxt = pending[next(iter(pending))]
-            nxt.digests = {**oldest.digests, **nxt.digests}
+        _fold(pending, self.MAX_PENDING)
 
     def close(self) -> None:
+        """The stream broke: its unanswered pushes wait for the first request of the next one."""
+        for type_url, pending in self.pending.items():
+            if pending:
+                orphans = {str(i): p for i, p in enumerate([*self.server.status.orphans.get(type_url, []),
+                                                             *pending.values()])}
+                _fold(orphans, self.MAX_PENDING)
+                self.server.status.orphans[type_url] = list(orphans.values())
         self.pending.clear()
         self.server.status.streams.discard(self)
+
+
+def _fold(pushes: dict[str, _Push], most: int) -> None:
+    """Envoy is not answering: fold the oldest pushes into the next, keeping at most ``most``."""
+    while len(pushes) > most:
+        oldest = pushes.pop(next(iter(pushes)))
+        nxt = pushes[next(iter(pushes))]
+        nxt.digests = {**oldest.digests, **nxt.digests}
 
 
 class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
@@ -342,6 +415,7 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self._update = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        self.envoy_instance = ""  # ENVOY_INSTANCE_HEADER of the last stream
 
     def next_nonce(self) -> str:
         return str(next(self._nonces))
@@ -384,7 +458,16 @@ class XdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         if self._server is not None:
             await self._server.stop(grace=0.5)
 
+    def _connected(self, instance: str) -> None:
+        """A stream from Envoy ``instance`` ("": not told, taken for the same Envoy as before)."""
+        if instance and self.envoy_instance and instance != self.envoy_instance:
+            _log.info("xds: a new Envoy process connected: it holds none of the configs sent before")
+            self.status.forget_envoy()
+        self.envoy_instance = instance or self.envoy_instance
+
     async def StreamAggregatedResources(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        self._connected(str(metadata.get(ENVOY_INSTANCE_HEADER, "")))
         stream = _Stream(self, context.peer())
         requests: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
 
