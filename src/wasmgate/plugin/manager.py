@@ -394,6 +394,13 @@ def _sharing(vm: PluginVM) -> str:
     return f", sharing its VM with {', '.join(others)}" if others else ""
 
 
+def _kept_module(old: PluginHandle | None, spec: PluginSpec) -> Module | None:
+    """The module a remote plugin keeps with no fetch at all, as istio-agent does: its spec
+    is unchanged (whatever its pull policy), so another plugin's update asks no registry.
+    A ``file://`` module is read again: the update may be that file's own edit."""
+    return old.module if old is not None and spec.remote and old.spec == spec else None
+
+
 class PluginManager:
     """Owns the chain; applies new resource sets with compile and canary off the loop."""
 
@@ -429,7 +436,9 @@ class PluginManager:
             for spec in specs:
                 old = current.get((spec.namespace, spec.name))
                 try:
-                    module = await loop.run_in_executor(None, compile_spec, spec)
+                    module = _kept_module(old, spec)
+                    if module is None:
+                        module = await loop.run_in_executor(None, compile_spec, spec)
                     if old is not None and old.spec == spec and old.sha256 == module.sha256 and \
                             not old.crash_looping:
                         handles.append(old)  # unchanged
