@@ -328,6 +328,34 @@ def test_plugin_envoy_never_accepted_does_not_hold_its_listener_warming(upstream
         echo.close()
 
 
+def test_listener_rejected_for_a_rejected_plugin_is_sent_again_once_that_plugin_is_fixed(
+        upstream: Upstream, tmp_path: Path) -> None:
+    """Envoy builds a new listener's ECDS filters from the configs it holds, the rejected one too: while
+    a plugin's config is rejected, adding another plugin (a listener update) is rejected, naming it.
+    Once the plugin's fix is accepted, the listener is sent again and the new plugin serves."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": "allow", "value": "true"}, priority=2)
+    gw = GatewayThread([d], upstream.url, tmp_path / "gw")
+    listener = "127.0.0.1_0"
+    try:
+        wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": ""}, priority=2)
+        gw.wait_for(lambda: gw.plugin("allow-header")["envoy"] == "rejected", what="a NACK")
+        wasmplugin_yaml(d, "tag", TAG, config={"tag": "added"}, priority=1)
+        gw.wait_for(lambda: gw.status()["xds"]["resources"]["LDS"][listener]["state"] == "rejected",
+                    what="the listener update rejected")
+        assert "default.allow-header" in gw.status()["xds"]["resources"]["LDS"][listener]["error"]
+        assert gw.plugin("tag")["envoy"] == "waiting"  # Envoy never asked for it
+        assert get(gw.port, headers={"allow": "true"})[1].get("x-chain-resp") is None
+
+        wasmplugin_yaml(d, "allow-header", ALLOW_HEADER_WASM, config={"header": "allow", "value": "yes"}, priority=2)
+        gw.wait_for(lambda: gw.plugin("tag")["envoy"] == "accepted", timeout=30, what="the listener sent again")
+        assert gw.status()["xds"]["resources"]["LDS"][listener]["state"] == "accepted"
+        assert tag_of(gw, {"allow": "yes"}) == "added"
+    finally:
+        gw.stop()
+
+
 def test_two_rejections_in_one_envoy_request_do_not_share_a_message(upstream: Upstream, tmp_path: Path) -> None:
     """Envoy keeps one error_detail, its last rejection's: with its xDS requests rate limited it
     rejects two pushes before it sends one request, and the first one's message reaches only its

@@ -295,6 +295,7 @@ class _Stream:
         status = self.server.status
         ecds = type_url == ECDS_TYPE
         sent = self.sent.get(type_url, {})
+        applied: set[str] = set()
         for i, push in enumerate(done):
             for name, d in push.digests.items():
                 r = status.resource(type_url, name)
@@ -310,6 +311,7 @@ class _Stream:
                 elif i in v.accepted or (i == v.owner and not ecds):
                     # LDS/CDS apply the resources of a rejected update that are valid
                     r.acked = r.held = d
+                    applied.add(name)
                     if r.nacked == d:
                         r.nack = None
                 elif i == v.owner and sent.get(name) == d:
@@ -324,6 +326,19 @@ class _Stream:
         if error is not None:
             self._nack(type_url, error, done[v.owner].version if v.owner is not None else None, sorted(v.blamed),
                        [done[i].version for i in v.lost], done[:-1])
+        if ecds and applied:
+            self._unblock_listeners(applied)
+
+    def _unblock_listeners(self, applied: set[str]) -> None:
+        """Envoy builds a new listener's ECDS filters from the configs their subscriptions hold, so
+        while it holds a config it rejected, it rejects every update of a listener with that filter
+        (naming the plugin). Once it has applied another config of a plugin a listener was rejected
+        for, that listener is sent again (Envoy does not ask again for a version it rejected)."""
+        for name, r in self.server.status.resources.get(LISTENER_TYPE, {}).items():
+            if r.state == "rejected" and r.nack is not None and _blamed(dict.fromkeys(applied, ""), r.nack):
+                _log.info("xds: sending LDS again: Envoy rejected listener %s for a plugin config it has since "
+                          "replaced", name)
+                self.sent_version.pop(LISTENER_TYPE, None)
 
     def _nack(self, type_url: str, error: str, version: str | None, names: list[str], also: list[str],
               candidates: list[_Push]) -> None:
