@@ -49,3 +49,11 @@ def test_response_counts_by_status() -> None:
     for status in (200, 403, 200, 0, 999, 1000, 12345, 403, 200):
         stats.response(status)
     assert stats.responses == {0: 1, 200: 3, 403: 2, 999: 1, 1000: 1, 12345: 1}
+
+
+def test_status_bytes_and_lines_for_every_status() -> None:
+    for status in range(1200):
+        assert http.status_bytes(status) == str(status).encode()
+        for http10, version in ((True, b"1.0"), (False, b"1.1")):
+            line = http._status_line(status, http10)
+            assert line == b"HTTP/%s %d %s\r\n" % (version, status, http.reason(status)), line

@@ -33,7 +33,7 @@ def proxy_log(vm: PluginVM, level: int, ptr: int, size: int) -> int:
         enabled = wasm_log.isEnabledFor(py_level)
     if not enabled:
         # Below the wasm level: still check the pointers, skip the copy.
-        in_bounds = (ptr & 0xFFFFFFFF) + (size & 0xFFFFFFFF) <= vm.instance.memory_size()
+        in_bounds = (ptr & 0xFFFFFFFF) + (size & 0xFFFFFFFF) <= vm.memory_size()
         return _OK if in_bounds else _INVALID_MEMORY_ACCESS
     msg = vm.read(ptr, size)
     if msg is None:

@@ -158,6 +158,7 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         # Bound once: a by-name method call looks the method up each time.
         self._call_args = self.instance.call_args
         self.read = self.instance.read  # guest bytes, or None when outside linear memory
+        self.memory_size = self.instance.memory_size  # bytes of linear memory
         self.contexts = shared.contexts
         f = self.instance.func
         alloc = f("malloc") or f("proxy_on_memory_allocate")  # cpp-host's lookup order
@@ -574,7 +575,7 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         return HostFunc(module, name, params, results, unimplemented)
 
     def memory_bytes(self) -> int:
-        return self.instance.memory_size()
+        return self.memory_size()
 
 
 class Plugin:

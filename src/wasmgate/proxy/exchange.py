@@ -633,6 +633,7 @@ def _may_resize(filters: list[PluginFilter], request: bool) -> bool:
 
 
 _islower: Final = bytes.islower  # called unbound: no method lookup per header
+_TEXT_PLAIN: Final = (b"content-type", b"text/plain")
 _REPLY_SET: Final = frozenset({b"content-length", b"content-type"})  # what a local reply may set itself
 
 
@@ -646,7 +647,8 @@ def _local_reply_headers(reply: LocalReply) -> HeaderMap:
         pairs.append(kv)
     else:
         if reply.body:
-            pairs += ((b"content-length", b"%d" % len(reply.body)), (b"content-type", b"text/plain"))
+            pairs.append((b"content-length", b"%d" % len(reply.body)))
+            pairs.append(_TEXT_PLAIN)
         return HeaderMap.of(pairs)
     headers = HeaderMap.of([(b":status", http.status_bytes(reply.status))])
     for k, v in reply.headers:

@@ -23,21 +23,32 @@ def reason(status: int) -> bytes:
         return b"Unknown"
 
 
-_STATUS_BYTES: Final = {s.value: str(s.value).encode() for s in HTTPStatus}
-# Status lines with their CRLF, by status: an int key (no tuple to build per response).
-_STATUS_LINES_10: Final = {s.value: b"HTTP/1.0 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
-_STATUS_LINES_11: Final = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
+# Indexed by status (0-999): a list lookup boxes no key and hashes nothing.
+_STATUS_BYTES: Final = [b"%d" % i for i in range(1000)]
+
+
+def _status_lines(version: bytes) -> list[bytes | None]:
+    """Status lines with their CRLF; None where the status has no reason phrase of its own."""
+    lines: list[bytes | None] = [None] * 1000
+    for s in HTTPStatus:
+        lines[s.value] = b"HTTP/%s %d %s\r\n" % (version, s.value, s.phrase.encode())
+    return lines
+
+
+_STATUS_LINES_10: Final = _status_lines(b"1.0")
+_STATUS_LINES_11: Final = _status_lines(b"1.1")
 
 
 def status_bytes(status: int) -> bytes:
-    return _STATUS_BYTES.get(status) or str(status).encode()
+    return _STATUS_BYTES[status] if 0 <= status < 1000 else str(status).encode()
 
 
 def _status_line(status: int, http10: bool) -> bytes:
-    line = (_STATUS_LINES_10 if http10 else _STATUS_LINES_11).get(status)
-    if line is None:
-        line = (b"HTTP/1.0 " if http10 else b"HTTP/1.1 ") + str(status).encode() + b" " + reason(status) + CRLF
-    return line
+    if 0 <= status < 1000:
+        line = (_STATUS_LINES_10 if http10 else _STATUS_LINES_11)[status]
+        if line is not None:
+            return line
+    return (b"HTTP/1.0 " if http10 else b"HTTP/1.1 ") + str(status).encode() + b" " + reason(status) + CRLF
 
 
 # Downstream request headers that need more than passing on (see DownstreamRequest).
