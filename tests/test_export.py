@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from wasmgate.cli import main
 from wasmgate.export.istio import ExportError, ExportOptions, export_istio
 from wasmgate.oci.auth import Keychain
 from wasmgate.oci.fetch import ModuleCache, fetch_module
+from wasmgate.plugin.manager import chain_order
 from wasmgate.plugin.spec import PluginLimits, PluginSpec
 from wasmgate.resources.wasmplugin import Scope, scan_plugin_specs
 
@@ -72,7 +74,7 @@ def resources(tmp: Path, reg: Registry) -> Path:
                  url=f"file://{tmp / 'tag.wasm'}", imagePullSecret="regcred", pluginName="tag", phase="STATS",
                  pluginConfig={"name": "x-tag", "nested": {"list": [1, 2.5, None, True]}}))
     write(d / "remote.yaml",
-          plugin("everything", namespace="edge",
+          plugin("everything", namespace="edge", meta={"creationTimestamp": "2024-05-01T12:00:00+02:00"},
                  url="registry.example.com/team/everything:v2", sha256="sha256:" + "AB" * 32,
                  imagePullPolicy="Always", pluginName="root", phase="AUTHZ", priority=-3,
                  failStrategy="FAIL_RELOAD", type="HTTP", selector={"matchLabels": {"app": "gateway"}},
@@ -134,6 +136,8 @@ def test_export_validates_and_round_trips(tmp_path: Path, registry: Registry) ->
     assert wp["everything"]["spec"]["vmConfig"]["env"][1] == {"name": "HOME", "valueFrom": "HOST"}
     assert wp["target-ref"]["spec"]["targetRef"] == {"kind": "Service", "name": "svc"}
     assert "priority" not in wp["target-ref"]["spec"]
+    assert wp["everything"]["metadata"]["creationTimestamp"] == "2024-05-01T12:00:00+02:00"  # as written
+    assert "creationTimestamp" not in wp["tag"]["metadata"]
     def sha(p: Path) -> str:
         return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -143,7 +147,8 @@ def test_export_validates_and_round_trips(tmp_path: Path, registry: Registry) ->
     for expected in ("metadata.annotations: dropped wasmgate.io/callback-deadline-ms, wasmgate.io/max-memory-bytes",
                      "spec.pluginConfig: the string holds a JSON object", "env[1].value: dropped",
                      "Secret unused: not exported", "ConfigMap other: skipped", "status: dropped",
-                     "is a loopback address", "dropped wasmgate.io/vm-id: Istio sets no vm_id"):
+                     "is a loopback address", "dropped wasmgate.io/vm-id: Istio sets no vm_id",
+                     "WasmPlugin everything: metadata.creationTimestamp: kept"):
         assert expected in notes
 
     # wasmgate's directory source reads the exported file back as the same plugins.
@@ -170,6 +175,35 @@ def test_export_validates_and_round_trips(tmp_path: Path, registry: Registry) ->
             expect = dataclasses.replace(expect, plugin_config=new.plugin_config, sha256="ab" * 32)
         assert new == expect, key
     assert before[("default", "tag")].limits != PluginLimits()  # the annotations were in effect
+    assert after[("edge", "everything")].created == datetime(2024, 5, 1, 10, tzinfo=UTC)
+
+
+def test_creation_timestamp_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`export --istio` keeps a given creationTimestamp (Istio's tie-break for equal priorities),
+    as written, also from YAML's unquoted form; read back, the plugins keep their order (by
+    the instant: the zones make the text order another)."""
+    src = tmp_path / "plugins.yaml"
+    src.write_text("".join(f"""---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: {name}, namespace: default{f", creationTimestamp: {at}" if at else ""}}}
+spec: {{url: "{OCI}", priority: 5}}
+""" for name, at in (("a-mid", "2024-05-02T00:00:00Z"), ("b-last", "2024-05-01T23:30:00-01:00"),
+                     ("c-first", "'2024-05-02T00:30:00.25+01:00'"), ("d-none", ""))))
+    out = tmp_path / "istio.yaml"
+    assert main(["export", "--istio", "--resources", str(src), "-o", str(out)]) == 0
+    assert "metadata.creationTimestamp: kept" in capsys.readouterr().err
+    docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(out.read_text())}
+    assert {n: d["metadata"].get("creationTimestamp") for n, d in docs.items()} == {
+        "a-mid": "2024-05-02T00:00:00Z", "b-last": "2024-05-01T23:30:00-01:00",
+        "c-first": "2024-05-02T00:30:00.25+01:00", "d-none": None}
+    assert all(crd_errors(d) == [] for d in docs.values())
+    before = chain_order(scan_plugin_specs([src], strict=True)[0])
+    after = chain_order(scan_plugin_specs([out], strict=True)[0])
+    assert [s.name for s in after] == [s.name for s in before] == ["d-none", "c-first", "a-mid", "b-last"]
+    assert [s.created for s in after] == [s.created for s in before] == [
+        None, datetime(2024, 5, 1, 23, 30, 0, 250000, tzinfo=UTC), datetime(2024, 5, 2, tzinfo=UTC),
+        datetime(2024, 5, 2, 0, 30, tzinfo=UTC)]
 
 
 def test_output_is_deterministic(tmp_path: Path, registry: Registry) -> None:
@@ -273,7 +307,9 @@ SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "type
     ([plugin("p", url=f"oci://r.example.com/p@sha256:{'1' * 64}", sha256="2" * 64)],
      "WasmPlugin p: spec.sha256: " + "2" * 64 + " differs from the digest in spec.url"),
     ([plugin("p", sha256="abc")], "WasmPlugin p: spec.sha256: 'abc' is not 64 hex digits"),
-    ([plugin("p", priority=1 << 31)], "WasmPlugin p: spec.priority: 2147483648 does not fit"),
+    ([plugin("p", priority=1 << 31)], "WasmPlugin p: spec.priority: 2147483648 is outside the 32-bit range"),
+    ([plugin("p", meta={"creationTimestamp": "2024-05-01"})],
+     "WasmPlugin p: metadata.creationTimestamp: '2024-05-01' is not an RFC 3339 time as Kubernetes takes it"),
     ([plugin("p", selector={"matchLabels": {"a": "b"}}, targetRefs=[{"kind": "Gateway", "name": "g"}])],
      "WasmPlugin p: spec.targetRefs: Istio allows only one of selector, targetRef and targetRefs (also set: "
      "spec.selector)"),

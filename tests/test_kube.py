@@ -24,6 +24,7 @@ from oci_harness import PASSWORD, USER, Registry, shared_registry
 from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, ProxyThread, Upstream
 from test_e2e import request
 from test_reference_flow import push
+from wasmgate.resources.wasmplugin import scan_plugin_specs
 
 CRD = REPO / "deploy" / "kubernetes" / "crd-wasmplugin.yaml"
 TAG = PLUGIN_BUILD / "tag.wasm"
@@ -321,6 +322,39 @@ def test_api_server_agrees_with_the_crd_checks(kube: KubeServer) -> None:
         code, fields = send(_plugin(**spec))
         want = re.sub(r"\.(\d+)", r"[\1]", field)  # spec.match.0.mode -> spec.match[0].mode
         assert code == 422 and fields and all(want in f for f in fields), (spec, fields)
+
+
+def test_api_server_agrees_on_priority_and_creation_timestamp(kube: KubeServer, tmp_path: Path) -> None:
+    """wasmgate's file checks of spec.priority (the CRD's int32) and metadata.creationTimestamp
+    (metav1.Time: Go's RFC 3339 parse) take and refuse what the real API server does. Dry runs."""
+    from test_resources import PRIORITIES_REFUSED, PRIORITIES_TAKEN, TIMESTAMPS_REFUSED, TIMESTAMPS_TAKEN
+
+    def server_takes(doc: dict[str, Any]) -> bool:
+        with kube.client() as c:
+            r = c.post(f"/apis/extensions.istio.io/v1alpha1/namespaces/{NS}/wasmplugins",
+                       params={"dryRun": "All"}, json=doc)
+        assert r.status_code in (201, 400, 422), r.text
+        return r.status_code == 201
+
+    def wasmgate_takes(doc: dict[str, Any]) -> bool:
+        f = tmp_path / "p.yaml"
+        f.write_text(json.dumps(doc))
+        specs, errors = scan_plugin_specs([f])
+        assert bool(specs) != bool(errors)
+        return not errors
+
+    def doc(*created: object, **spec: Any) -> dict[str, Any]:
+        d = wasmplugin("p", TAG, {}, **spec)
+        if created:  # None too: an explicit null
+            d["metadata"]["creationTimestamp"] = created[0]
+        return d
+
+    cases = [(doc(at), True) for at, _ in TIMESTAMPS_TAKEN] + [(doc(at), False) for at in TIMESTAMPS_REFUSED]
+    cases += [(doc(priority=v), True) for v, _ in PRIORITIES_TAKEN]
+    cases += [(doc(priority=v), False) for v, _ in PRIORITIES_REFUSED]
+    for d, taken in cases:
+        where = (d["metadata"].get("creationTimestamp"), d["spec"].get("priority"))
+        assert (server_takes(d), wasmgate_takes(d)) == (taken, taken), where
 
 
 def test_namespaces_kube_selector_and_istio_selector(kube: KubeServer, upstream: Upstream) -> None:

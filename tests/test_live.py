@@ -132,6 +132,45 @@ def test_bad_update_keeps_last_good_version(upstream: Upstream, tmp_path: Path) 
         proxy.stop()
 
 
+def test_values_kubernetes_refuses_keep_last_good_version(upstream: Upstream, tmp_path: Path) -> None:
+    """A priority outside Istio's int32 or a creationTimestamp Kubernetes would not parse is an
+    error naming the file and the field, and the plugin's last good version keeps serving."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    yaml_path = d / "tag.yaml"
+
+    def write(tag: str, priority: str = "1", created: str = "2024-05-01T10:00:00Z") -> None:
+        yaml_path.write_text(f"""apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {{name: tag, creationTimestamp: {created}}}
+spec: {{url: "file://{TAG}", pluginName: tag, priority: {priority}, pluginConfig: {{tag: {tag}}}}}
+""")
+
+    write("good")
+    proxy = ProxyThread([d], upstream.url)
+    watcher = proxy.running.watcher
+    assert watcher is not None
+    try:
+        assert tag_of(proxy) == "good"
+        for bad, error in [({"priority": str(1 << 31)}, "spec.priority: 2147483648 is outside the 32-bit range"),
+                           ({"priority": str(-(1 << 31) - 1)}, "spec.priority: -2147483649 is outside"),
+                           ({"created": "2024-05-01T10:00:00"},
+                            "metadata.creationTimestamp: '2024-05-01T10:00:00' is not an RFC 3339 time"),
+                           ({"created": "2024-05-01"}, "metadata.creationTimestamp: '2024-05-01' is not")]:
+            applied = watcher.applied
+            write("bad", **bad)
+            wait_for(lambda n=applied: watcher.applied > n)  # type: ignore[misc]
+            assert tag_of(proxy) == "good"
+            errors = plugins(proxy)["resource_errors"]
+            assert list(errors) == [str(yaml_path)]
+            assert errors[str(yaml_path)].startswith(f"{yaml_path}: WasmPlugin tag: {error}"), errors
+        write("fixed", priority=str((1 << 31) - 1), created="2024-05-01T12:00:00+02:00")
+        wait_for(lambda: tag_of(proxy) == "fixed")
+        assert plugins(proxy)["resource_errors"] == {}
+    finally:
+        proxy.stop()
+
+
 def test_module_rebuild_is_picked_up(upstream: Upstream, tmp_path: Path) -> None:
     d = tmp_path / "plugins"
     d.mkdir()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,15 +98,74 @@ def test_istio_ties_by_creation_time_then_name(tmp_path: Path) -> None:
 
 
 def test_istio_creation_timestamp_as_yaml_writes_it(tmp_path: Path) -> None:
-    """Unquoted, YAML reads it as a timestamp; without a zone, as UTC (Kubernetes writes Z)."""
+    """Unquoted, YAML would make it a timestamp; it stays the text written, as kubectl sends it
+    (with any zone; converted to UTC for the order)."""
     f = tmp_path / "p.yaml"
     f.write_text("".join(f"""---
 apiVersion: extensions.istio.io/v1alpha1
 kind: WasmPlugin
 metadata: {{name: {name}, creationTimestamp: {at}}}
-spec: {{url: file:///x.wasm}}
-""" for name, at in (("a", "2024-05-01T10:00:02Z"), ("b", "2024-05-01T10:00:01"), ("c", "2024-05-01"))))
-    assert names(chain_order(load_plugin_specs([f]))) == ["c", "b", "a"]
+spec: {{url: file:///x.wasm, pluginConfig: {{since: 2024-05-01, at: {at}}}}}
+""" for name, at in (("a", "2024-05-01T10:00:02Z"), ("b", "2024-05-01T11:00:01+01:00"),
+                     ("c", "2024-05-01T10:00:01.5Z"))))
+    specs = chain_order(load_plugin_specs([f]))
+    assert names(specs) == ["b", "c", "a"]
+    assert specs[0].created == datetime(2024, 5, 1, 10, 0, 1, tzinfo=UTC)
+    # In pluginConfig too the plugin gets the text (a date used to stop the whole scan).
+    assert json.loads(specs[1].plugin_config) == {"since": "2024-05-01", "at": "2024-05-01T10:00:01.5Z"}
+
+
+# Kubernetes' metav1.Time is Go's time.Parse(time.RFC3339, ...); test_kube.py checks that the
+# real API server takes and refuses the same.
+TIMESTAMPS_TAKEN: list[tuple[str | None, datetime | None]] = [
+    ("2024-05-01T10:00:00Z", datetime(2024, 5, 1, 10, tzinfo=UTC)),
+    ("2024-05-01T12:30:00+02:30", datetime(2024, 5, 1, 10, tzinfo=UTC)),
+    ("2024-05-01T10:00:00-00:00", datetime(2024, 5, 1, 10, tzinfo=UTC)),
+    ("2024-05-01T10:00:00.123456789Z", datetime(2024, 5, 1, 10, 0, 0, 123456, tzinfo=UTC)),  # to the microsecond
+    ("2024-05-01T10:00:00,5Z", datetime(2024, 5, 1, 10, 0, 0, 500000, tzinfo=UTC)),
+    ("2024-05-01T9:00:00Z", datetime(2024, 5, 1, 9, tzinfo=UTC)),  # Go takes a one-digit hour
+    ("2024-05-01T10:00:00+24:00", datetime(2024, 4, 30, 10, tzinfo=UTC)),
+    ("2024-02-29T00:00:00Z", datetime(2024, 2, 29, tzinfo=UTC)),
+    ("0000-12-31T23:00:00-02:00", datetime(1, 1, 1, 1, tzinfo=UTC)),  # year 0, an offset into year 1
+    ("0000-01-01T00:00:00Z", datetime(1, 1, 1, tzinfo=UTC)),  # before year 1: as its first instant
+    (None, None),  # null: absent
+]
+TIMESTAMPS_REFUSED: list[str | int] = [
+    "2024-05-01T10:00:00", "2024-05-01", "2024-05-01 10:00:00Z", "2024-05-01t10:00:00z", "2024-05-01T10:00:00+0200",
+    "2024-05-01T10:00:00+25:00", "2024-02-30T00:00:00Z", "2023-02-29T00:00:00Z", "2024-05-01T10:00:60Z",
+    "2024-05-01T24:00:00Z", "2024-5-01T10:00:00Z", "2024-05-01T10:00:00.Z", "24-05-01T10:00:00Z", "yesterday", "",
+    1714557600]
+
+
+@pytest.mark.parametrize(("at", "want"), TIMESTAMPS_TAKEN)
+def test_creation_timestamp_forms_kubernetes_takes(tmp_path: Path, at: str | None, want: datetime | None) -> None:
+    doc = plugin("p")
+    doc["metadata"]["creationTimestamp"] = at
+    (spec,) = load_plugin_specs([write(tmp_path / "p.yaml", doc)])
+    assert spec.created == want
+
+
+@pytest.mark.parametrize("at", TIMESTAMPS_REFUSED)
+def test_creation_timestamp_forms_kubernetes_refuses(tmp_path: Path, at: str | int) -> None:
+    """Each an error naming the file and the field; the file's other plugins are not applied."""
+    f = write(tmp_path / "p.yaml", plugin("ok"), created("p", at))  # type: ignore[arg-type]
+    write(tmp_path / "other.yaml", plugin("other"))
+    specs, errors = scan_plugin_specs([tmp_path])
+    assert names(specs) == ["other"]
+    assert errors == {str(f): f"{f}: WasmPlugin p: metadata.creationTimestamp: {at!r} is not an RFC 3339 time "
+                                "as Kubernetes takes it (e.g. 2024-05-01T10:00:00Z, with the zone: Z or an offset "
+                                "such as +02:00)"}
+
+
+def test_unquoted_yaml_timestamps_kubernetes_refuses(tmp_path: Path) -> None:
+    """YAML's own timestamp forms (no zone, date only, a space) are not RFC 3339 to Kubernetes."""
+    for at in ("2024-05-01T10:00:01", "2024-05-01", "2024-05-01 10:00:01Z"):
+        f = tmp_path / "p.yaml"
+        f.write_text(f"apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\n"
+                     f"metadata: {{name: p, creationTimestamp: {at}}}\nspec: {{url: file:///x.wasm}}\n")
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(f))}: WasmPlugin p: metadata\.creationTimestamp: "
+                                              rf"'{at}' is not an RFC 3339 time"):
+            load_plugin_specs([f])
 
 
 def test_istio_unset_priority_is_the_lowest_int32(tmp_path: Path) -> None:
@@ -125,10 +186,35 @@ def test_istio_compares_names_of_its_translated_resources(tmp_path: Path) -> Non
     assert names(chain_order(load_plugin_specs([f]))) == ["auth-z", "auth.b", "autha", "auth"]
 
 
-def test_bad_creation_timestamp_names_the_field(tmp_path: Path) -> None:
-    f = write(tmp_path / "p.yaml", created("p", "yesterday"))
-    with pytest.raises(ConfigError, match=r"p\.yaml: WasmPlugin p: metadata\.creationTimestamp: "):
-        load_plugin_specs([f])
+# Istio's priority is an Int32Value (the CRD: integer, int32, nullable); test_kube.py checks
+# that the real API server takes and refuses the same.
+PRIORITIES_TAKEN: list[tuple[object, int | None]] = [
+    (-(1 << 31), -(1 << 31)), ((1 << 31) - 1, (1 << 31) - 1), (5.0, 5), (None, None)]
+PRIORITIES_REFUSED: list[tuple[object, str]] = [
+    (1 << 31, "2147483648 is outside the 32-bit range Istio's priority has (-2147483648 to 2147483647); "
+              "Kubernetes refuses it"),
+    (-(1 << 31) - 1, "-2147483649 is outside the 32-bit range"),
+    (1 << 70, "1180591620717411303424 is outside the 32-bit range"),
+    (1e10, "10000000000 is outside the 32-bit range"),
+    ("5", "expected a 32-bit integer, got '5'"),
+    (True, "expected a 32-bit integer, got True"),
+    (5.5, "expected a 32-bit integer, got 5.5"),
+]
+
+
+@pytest.mark.parametrize(("priority", "want"), PRIORITIES_TAKEN)
+def test_priority_int32_taken(tmp_path: Path, priority: float | None, want: int | None) -> None:
+    (spec,) = load_plugin_specs([write(tmp_path / "p.yaml", plugin("p", priority=priority))])
+    assert spec.priority == want and type(spec.priority) is type(want)
+
+
+@pytest.mark.parametrize(("priority", "message"), PRIORITIES_REFUSED)
+def test_priority_outside_int32_names_file_and_field(tmp_path: Path, priority: object, message: str) -> None:
+    f = write(tmp_path / "p.yaml", plugin("p", priority=priority))
+    write(tmp_path / "other.yaml", plugin("other", priority=1))
+    specs, errors = scan_plugin_specs([tmp_path])
+    assert names(specs) == ["other"]
+    assert list(errors) == [str(f)] and errors[str(f)].startswith(f"{f}: WasmPlugin p: spec.priority: {message}")
 
 
 def test_image_pull_secret_from_another_file(tmp_path: Path) -> None:

@@ -45,7 +45,6 @@ _HEX64 = re.compile(r"^[a-f0-9]{64}$")
 _GROUP = re.compile(rf"^$|^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
 _KIND = re.compile(r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$")
 _KEPT_METADATA = ("name", "namespace", "labels", "annotations")
-_INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
 class ExportError(Exception):
@@ -96,13 +95,19 @@ def _check_key(key: object, what: str) -> str | None:
 
 
 def _metadata(meta: dict[str, Any], namespace: str, where: str, p: _Problems,
-              drop_ours: bool) -> dict[str, Any]:
+              drop_ours: bool, keep_created: bool = False) -> dict[str, Any]:
     name = str(meta.get("name", ""))
     if len(name) > 253 or not _NAME.match(name):
         p.errors.append(f"{where}: metadata.name: {name!r} is not a Kubernetes name (lowercase DNS subdomain)")
     if len(namespace) > 63 or not _NAMESPACE.match(namespace):
         p.errors.append(f"{where}: metadata.namespace: {namespace!r} is not a Kubernetes namespace (DNS label)")
     out: dict[str, Any] = {"name": name, "namespace": namespace}
+    created = meta.get("creationTimestamp") if keep_created else None
+    if created is not None:  # checked as Kubernetes takes it when the WasmPlugin was parsed
+        out["creationTimestamp"] = created
+        p.notes.append(f"{where}: metadata.creationTimestamp: kept, Istio's tie-break for equal priorities where "
+                       "it reads the manifest itself (a file config source); the API server sets its own when "
+                       "the object is created (kubectl apply), so there they follow the order of creation")
     labels = meta.get("labels")
     if labels is not None:
         if not isinstance(labels, dict):
@@ -140,10 +145,10 @@ def _metadata(meta: dict[str, Any], namespace: str, where: str, p: _Problems,
                            "its proxies run WasmPlugins of the same module in one shared VM")
         if kept:
             out["annotations"] = kept
-    extra = sorted(k for k in meta if k not in _KEPT_METADATA)
+    extra = sorted(k for k in meta if k not in _KEPT_METADATA and not (k == "creationTimestamp" and created))
     if extra:
-        p.notes.append(f"{where}: metadata: dropped {', '.join(extra)} (only name, namespace, labels and "
-                       "annotations are exported)")
+        p.notes.append(f"{where}: metadata: dropped {', '.join(extra)} (only name, namespace, labels, "
+                       "annotations and a WasmPlugin's creationTimestamp are exported)")
     return out
 
 
@@ -309,8 +314,6 @@ def _spec(wp: WasmPlugin, path: Path, where: str, opts: ExportOptions, pushed: d
         spec["sha256"] = sha
     _url(spec, wp, path, where, opts, pushed, p)
     _plugin_config(spec, where, p)
-    if spec.get("priority") is not None and not _INT32[0] <= spec["priority"] <= _INT32[1]:
-        p.errors.append(f"{where}: spec.priority: {spec['priority']} does not fit Istio's 32-bit integer")
     if len(spec.get("imagePullSecret", "")) > 253:
         p.errors.append(f"{where}: spec.imagePullSecret: 253 characters at most")
     if len(spec.get("pluginName", "")) > 256:
@@ -379,7 +382,7 @@ def export_istio(paths: list[Path], opts: ExportOptions | None = None) -> Export
             p.errors.append(f"{where}: metadata.name: duplicate of the one in {sources[key]}")
             continue
         sources[key] = f
-        meta = _metadata(raw["metadata"], wp.metadata.namespace, where, p, drop_ours=True)
+        meta = _metadata(raw["metadata"], wp.metadata.namespace, where, p, drop_ours=True, keep_created=True)
         spec = _spec(wp, f, where, opts, pushed, p)
         if "status" in raw:
             p.notes.append(f"{where}: status: dropped (Istio writes it)")

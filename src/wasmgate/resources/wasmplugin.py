@@ -11,14 +11,16 @@ import binascii
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticCustomError
 
 from wasmgate.plugin.spec import FailStrategy, Phase, PluginLimits, PluginSpec
 
@@ -31,6 +33,63 @@ class ConfigError(Exception):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+INT32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def _int32(value: object) -> object:
+    """spec.priority as the CRD types it, an int32: the API server refuses strings, booleans,
+    fractions and values outside 32 bits (a whole float such as 5.0 it takes as 5)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PydanticCustomError("int32", "expected a 32-bit integer, got {got}", {"got": repr(value)})
+    if not INT32[0] <= value <= INT32[1]:
+        raise PydanticCustomError(
+            "int32", "{value} is outside the 32-bit range Istio's priority has ({lo} to {hi}); "
+            "Kubernetes refuses it", {"value": value, "lo": INT32[0], "hi": INT32[1]})
+    return value
+
+
+# What Go's time.Parse(time.RFC3339, s) takes, as Kubernetes' metav1.Time reads it: an
+# upper-case T and Z, a one- or two-digit hour, a fraction after '.' or ',', and an offset
+# with a colon (up to 24:60). Range checks follow in _timestamp.
+_RFC3339 = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{1,2}):(\d{2}):(\d{2})(?:[.,](\d+))?"
+                      r"(?:Z|([+-])(\d{2}):(\d{2}))", re.ASCII)
+_EPOCH = datetime.min.replace(tzinfo=UTC)  # 0001-01-01T00:00:00Z, Go's zero time
+_DAYS_400Y = 146097  # the Gregorian calendar repeats every 400 years
+
+
+def _timestamp(value: object) -> datetime | None:
+    """metadata.creationTimestamp as Kubernetes takes it (anything else it refuses); UTC,
+    to the microsecond. Go also has year 0 and years past 9999 after an offset, which a
+    datetime does not: those come out as 0001-01-01 or 9999-12-31 (docs/configuration.md)."""
+    if value is None:
+        return None
+    m = _RFC3339.fullmatch(value) if isinstance(value, str) else None
+    fail = PydanticCustomError(
+        "rfc3339", "{got} is not an RFC 3339 time as Kubernetes takes it (e.g. 2024-05-01T10:00:00Z, "
+        "with the zone: Z or an offset such as +02:00)", {"got": repr(value)})
+    if m is None:
+        raise fail
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    fraction, sign, off_h, off_m = m.group(7), m.group(8), m.group(9), m.group(10)
+    offset = 0 if sign is None else (1 if sign == "+" else -1) * (int(off_h) * 3600 + int(off_m) * 60)
+    try:  # year 0 (a leap year) as year 400, then 400 years back
+        days = date(year or 400, month, day).toordinal() - (0 if year else _DAYS_400Y)
+    except ValueError:
+        raise fail from None
+    if hour > 23 or minute > 59 or second > 59 or (sign and (int(off_h) > 24 or int(off_m) > 60)):
+        raise fail
+    seconds = (days - 1) * 86400 + hour * 3600 + minute * 60 + second - offset
+    micros = int((fraction or "0")[:6].ljust(6, "0"))
+    try:
+        return _EPOCH + timedelta(seconds=seconds, microseconds=micros)
+    except OverflowError:
+        return _EPOCH if seconds < 0 else datetime.max.replace(tzinfo=UTC)
 
 
 class EnvVar(_Model):
@@ -74,7 +133,7 @@ class WasmPluginSpec(_Model):
     plugin_config: dict[str, Any] | str | None = Field(None, alias="pluginConfig")
     plugin_name: str = Field("", alias="pluginName")
     phase: Phase = Phase.UNSPECIFIED_PHASE
-    priority: int | None = None
+    priority: Annotated[int | None, BeforeValidator(_int32)] = None
     fail_strategy: FailStrategy = Field(FailStrategy.FAIL_CLOSE, alias="failStrategy")
     vm_config: VmConfig | None = Field(None, alias="vmConfig")
     selector: Selector | None = None
@@ -88,8 +147,9 @@ class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     namespace: str = "default"
-    # Istio orders by it; Kubernetes sets it, a file may (RFC 3339; without a zone: UTC)
-    creation_timestamp: datetime | None = Field(None, alias="creationTimestamp")
+    # Istio orders by it; Kubernetes sets it, a file may (as Kubernetes would take it)
+    creation_timestamp: Annotated[datetime | None, BeforeValidator(_timestamp)] = Field(
+        None, alias="creationTimestamp")
 
 
 class WasmPlugin(_Model):
@@ -111,13 +171,25 @@ def _explain(e: ValidationError) -> str:
     return "; ".join(f"{_field_path(err['loc'])}: {err['msg']}" for err in e.errors())
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as kubectl sends it: a timestamp stays the text written (Kubernetes parses
+    creationTimestamp itself; in pluginConfig the plugin gets the string)."""
+
+
+def _timestamp_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
+    return str(loader.construct_scalar(node))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_text)
+
+
 def load_documents(path: Path) -> list[dict[str, Any]]:
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -232,10 +304,6 @@ def network_ports(wp: WasmPlugin) -> tuple[int, ...]:
     return tuple(sorted({p.number for m in entries for p in m.ports}))
 
 
-def _aware(t: datetime | None) -> datetime | None:
-    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
-
-
 def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpec:
     scope = scope or Scope()
     where = f"{path}: WasmPlugin {wp.metadata.name}"
@@ -270,7 +338,7 @@ def to_spec(wp: WasmPlugin, path: Path, scope: Scope | None = None) -> PluginSpe
         fail_strategy=s.fail_strategy,
         phase=s.phase,
         priority=s.priority,
-        created=_aware(wp.metadata.creation_timestamp),
+        created=wp.metadata.creation_timestamp,
         source=str(path),
         limits=_limits(wp, scope.defaults, where),
         url=s.url,
