@@ -147,12 +147,12 @@ def _instrument_instance(inst: wasm.Instance, probe: _Probe) -> None:
     call_args, reentrant, pc = inst.call_args, inst.call_reentrant, time.perf_counter
 
     def timed_call(fn: wasm.GuestFunc, *args: int) -> int:
-        return timed_call_args(fn, args)
+        return timed_call_args(fn, args, wasm.CallStats())
 
-    def timed_call_args(fn: wasm.GuestFunc, args: tuple[int, ...]) -> int:  # how PluginVM calls
+    def timed_call_args(fn: wasm.GuestFunc, args: tuple[int, ...], stats: wasm.CallStats) -> int:  # how PluginVM calls
         t0 = pc()
         try:
-            return call_args(fn, args)
+            return call_args(fn, args, stats)
         finally:
             dt = pc() - t0
             probe.outer += dt

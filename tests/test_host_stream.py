@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from wasmgate.abi.constants import WasmResult
-from wasmgate.plugin.context import HttpContext, LocalReply, Stream
+from wasmgate.plugin.context import HttpContext, LocalReply, Stream, StreamHooks
 from wat_util import MEMORY_SIZE, OOB, Guest, pairs_bytes
 
 R = WasmResult
@@ -25,8 +25,12 @@ def calls() -> list[tuple[HttpContext, int]]:
 
 @pytest.fixture
 def ctx(g: Guest, calls: list[tuple[HttpContext, int]]) -> HttpContext:
+    class Hooks(StreamHooks):
+        def on_continue(self, ctx: HttpContext, stream_type: int) -> None:
+            calls.append((ctx, stream_type))
+
     s = Stream()
-    s.on_continue = lambda c, stream_type: calls.append((c, stream_type))
+    s.hooks = Hooks()
     return g.http(s)
 
 

@@ -30,7 +30,7 @@ from wasmgate.headers import HeaderMap
 from wasmgate.host import metrics as host_metrics
 from wasmgate.log import wasm_log
 from wasmgate.plugin.chain import Direction, FilterCallbacks, Flow
-from wasmgate.plugin.context import Context, LocalReply, Stream
+from wasmgate.plugin.context import Context, HttpContext, LocalReply, Stream, StreamHooks
 from wasmgate.plugin.filter import PluginFilter
 from wasmgate.plugin.manager import PluginHandle, compile_spec, engine
 from wasmgate.plugin.metrics import MetricStore, VmMetrics
@@ -383,9 +383,10 @@ class PluginDriver:
         down = _Sink(stream, False)
         req_dir = Direction([req_rec], up, stream, True)
         resp_dir = Direction([resp_rec], down, stream, False)
-        def on_continue(ctx: object, stream_type: int) -> None:
-            d = req_dir if stream_type == 0 else resp_dir
-            d.continue_from(0)
+        class Hooks(StreamHooks):
+            def on_continue(self, ctx: HttpContext, stream_type: int) -> None:
+                d = req_dir if stream_type == 0 else resp_dir
+                d.continue_from(0)
 
         def settle(step_ended: bool) -> None:  # after each step: answer the callouts it made
             if step_ended:
@@ -394,8 +395,7 @@ class PluginDriver:
             if ended():
                 raise _Ended
 
-        stream.on_continue = on_continue
-        stream.on_end = lambda ctx: None
+        stream.hooks = Hooks()
         with contextlib.suppress(_Ended):  # a local reply or reset: handled below
             _feed(req_dir, request.body, settle)
         out.reached_upstream = up.headers_seen is not None
@@ -424,8 +424,7 @@ class PluginDriver:
             out.headers = _pairs(down.headers_seen)
         out.body = bytes(down.body)
         out.complete = down.complete
-        stream.on_continue = None
-        stream.on_end = None
+        stream.hooks = None
         f.log()
         f.finish()
         return out

@@ -21,6 +21,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport usleep
 
 
@@ -97,6 +98,21 @@ cdef inline uint64_t _u32(long long v) noexcept nogil:
     return <uint32_t>v  # the low 32 bits, as Python's v & 0xFFFFFFFF
 
 
+cdef inline double _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)  # time.perf_counter's clock, without a float object
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef class CallStats:
+    """A plugin's guest-call figures; ``Core.call_args`` counts calls and time in C."""
+
+    cdef public long long calls  # guest callbacks
+    cdef public long long errors  # callbacks that trapped
+    cdef public double seconds  # time spent in guest callbacks
+    cdef public long long failed_streams  # streams the fail strategy handled
+
+
 cdef class Core:
     """The hot operations of one ``Instance``: its store context and linear memory."""
 
@@ -147,9 +163,15 @@ cdef class Core:
         """A top-level guest call (the CPU deadline restarts); its i32 result, or 0."""
         return self._call_top(fn, args)
 
-    def call_args(self, fn, tuple args):
-        """``call`` with the arguments as one tuple (no repacking per call)."""
-        return self._call_top(fn, args)
+    def call_args(self, fn, tuple args, CallStats stats):
+        """``call`` with the arguments as one tuple (no repacking per call), counted in
+        ``stats``."""
+        cdef double t0 = _now()
+        stats.calls += 1
+        try:
+            return self._call_top(fn, args)
+        finally:
+            stats.seconds += _now() - t0
 
     def call_reentrant(self, fn, *args):
         """A guest call from inside a host function; its result as u32, or 0."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import wasmtime
 from wasmtime import _ffi as ffi
@@ -73,6 +73,23 @@ if not os.environ.get(PURE_PYTHON_ENV):
         _glue = importlib.import_module("wasmgate.engine._glue")
     except ImportError:  # not built (no C compiler at install time): the ctypes path
         _glue = None
+
+
+class CallStats:
+    """A plugin's guest-call figures, counted by ``Instance.call_args``. With the compiled
+    glue this is ``_glue.CallStats`` (same fields, counted in C: no clock objects per call)."""
+
+    __slots__ = ("calls", "errors", "seconds", "failed_streams")
+
+    def __init__(self) -> None:
+        self.calls = 0  # guest callbacks
+        self.errors = 0  # callbacks that trapped
+        self.seconds = 0.0  # time spent in guest callbacks
+        self.failed_streams = 0  # streams the fail strategy handled
+
+
+if not TYPE_CHECKING and _glue is not None:
+    CallStats = _glue.CallStats
 
 
 def _addr(fn: Any) -> int:
@@ -375,9 +392,15 @@ class Instance:
             raise self._trap_from(err, self._trap.value, fn.name)
         return self._args32[0] if fn.nresults else 0
 
-    def call_args(self, fn: GuestFunc, args: tuple[int, ...]) -> int:
-        """``call`` with the arguments as one tuple (the compiled glue avoids repacking them)."""
-        return self.call(fn, *args)
+    def call_args(self, fn: GuestFunc, args: tuple[int, ...], stats: CallStats) -> int:
+        """``call`` with the arguments as one tuple (the compiled glue avoids repacking
+        them), counted in ``stats``."""
+        t0 = time.perf_counter()
+        stats.calls += 1
+        try:
+            return self.call(fn, *args)
+        finally:
+            stats.seconds += time.perf_counter() - t0
 
     def keep_gil(self) -> None:
         """Guest calls from now on keep the GIL: faster, for a VM serving on the event loop.

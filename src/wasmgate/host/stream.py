@@ -45,8 +45,9 @@ def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, b
     stream = ctx.stream
     if stream.local_reply is None:  # the first reply wins, as in Envoy
         stream.local_reply = LocalReply(status, body, headers, details.decode("utf-8", "replace"), grpc_status)
-        if stream.on_end is not None:
-            stream.on_end(ctx)
+        hooks = stream.hooks
+        if hooks is not None:
+            hooks.on_end(ctx)
     return _OK
 
 
@@ -66,9 +67,9 @@ def _continue(vm: PluginVM, stream_type: int) -> int:
         return R.OK  # Envoy accepts it; there is no TCP filter to continue
     if stream_type == StreamType.UPSTREAM:
         return R.UNIMPLEMENTED
-    hook = ctx.stream.on_continue
-    if hook is not None:
-        hook(ctx, stream_type)
+    hooks = ctx.stream.hooks
+    if hooks is not None:
+        hooks.on_continue(ctx, stream_type)
     return R.OK  # Envoy returns OK even when nothing was stopped
 
 
@@ -114,8 +115,9 @@ def _close(vm: PluginVM, stream_type: int) -> int:
     if stream_type >= StreamType.DOWNSTREAM:
         return R.OK  # Envoy: an HTTP filter has no connection of its own to close
     ctx.stream.reset = True  # Envoy resets the stream; on HTTP/1.1 that closes the connection
-    if ctx.stream.on_end is not None:
-        ctx.stream.on_end(ctx)
+    hooks = ctx.stream.hooks
+    if hooks is not None:
+        hooks.on_end(ctx)
     return R.OK
 
 

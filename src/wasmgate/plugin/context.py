@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mypy_extensions import mypyc_attr
+
 from wasmgate.abi.constants import BufferType, MapType
 from wasmgate.headers import HeaderMap
 
@@ -36,6 +38,20 @@ class LocalReply:
         return f"LocalReply{self._key()!r}"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
+class StreamHooks:
+    """What the stream's owner (the exchange; devtools' driver) does when a plugin acts on
+    the stream from outside the chain's own step. A native base, not callables: a method
+    call through the vtable, no bound method per stream."""
+
+    def on_continue(self, ctx: HttpContext, stream_type: int) -> None:
+        """(context, stream_type): resume that direction."""
+
+    def on_end(self, ctx: HttpContext) -> None:
+        """A local reply or reset was requested (maybe from a callback of another
+        context, e.g. an HTTP-call response)."""
+
+
 class Stream:
     """One HTTP exchange as the plugins see it; shared by every plugin in the chain.
 
@@ -44,7 +60,7 @@ class Stream:
     """
 
     __slots__ = ("request_headers", "request_trailers", "response_headers", "response_trailers",
-                 "request_body", "response_body", "local_reply", "reset", "on_continue", "on_end",
+                 "request_body", "response_body", "local_reply", "reset", "hooks",
                  "downstream_addr", "local_addr", "code_details", "start_ns", "request_bytes",
                  "response_bytes", "upstream_addr", "connection_id", "filter_state", "protocol",
                  "downstream", "upstream_conn", "attempts", "end_ns", "bytes_sent", "response_flags",
@@ -59,11 +75,7 @@ class Stream:
         self.response_body: bytearray | None = None
         self.local_reply: LocalReply | None = None
         self.reset = False
-        # Set by the filter chain: (context, stream_type) -> resume that direction.
-        self.on_continue: Callable[[HttpContext, int], None] | None = None
-        # Set by the exchange: a local reply or reset was requested (maybe from a
-        # callback of another context, e.g. an HTTP-call response).
-        self.on_end: Callable[[HttpContext], None] | None = None
+        self.hooks: StreamHooks | None = None  # set while the owner runs the stream
         self.downstream_addr: tuple[str, int] = ("", 0)  # the client
         self.local_addr: tuple[str, int] = ("", 0)  # our listener
         self.code_details = ""  # why a local reply was sent (Envoy's response code details)

@@ -416,6 +416,9 @@ class PluginManager:
                 self._attach(h.vm)
         self._lock = asyncio.Lock()
         self.swaps = 0
+        # Told of each new chain (the proxy keeps its HTTP plugins at hand, not one lookup
+        # on this object per request).
+        self.on_swap: list[Callable[[Chain], None]] = []
         self.resource_errors: dict[str, str] = {}  # resource file -> why it is not applied
 
     async def apply(self, specs: list[PluginSpec], keep: set[str] | None = None) -> dict[str, str]:
@@ -466,6 +469,8 @@ class PluginManager:
             new = Chain(chain_order_handles(handles), self.pool)
             kept = {id(h) for h in new.plugins}
             old_chain, self.chain = self.chain, new  # the swap: new streams use the new chain
+            for notify in self.on_swap:
+                notify(new)
             self.pool.retain(h.current.vm.shared for h in new.plugins if h.current is not None)
             self.swaps += 1
             for h in old_chain.plugins:

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -25,7 +24,7 @@ import wasmtime
 from wasmgate import host
 from wasmgate.abi.constants import ABI_MARKERS, AbiVersion, LogLevel, WasmResult
 from wasmgate.compiled import Referable
-from wasmgate.engine.wasm import GuestFunc, HostFunc, Instance, WasmError, WasmTrap, exports_of
+from wasmgate.engine.wasm import CallStats, GuestFunc, HostFunc, Instance, WasmError, WasmTrap, exports_of
 from wasmgate.host.attributes import XdsInfo
 from wasmgate.log import PY_LEVEL, wasm_log
 from wasmgate.plugin import shared
@@ -59,18 +58,9 @@ def detect_abi(module: wasmtime.Module) -> AbiVersion:
     raise WasmError("module exports no proxy_abi_version_* marker; it is not a Proxy-Wasm module")
 
 
-class PluginStats:
-    __slots__ = ("calls", "errors", "seconds", "failed_streams")
-
-    def __init__(self) -> None:
-        self.calls = 0  # guest callbacks
-        self.errors = 0  # callbacks that trapped
-        self.seconds = 0.0  # time spent in guest callbacks
-        self.failed_streams = 0  # streams the fail strategy handled
-
+PluginStats = CallStats  # calls, errors, seconds, failed_streams of one plugin
 
 _serials: Final = itertools.count(1)
-_perf_counter: Final = time.perf_counter  # a C static: an imported name is a dict lookup per use
 
 
 class SharedVM(Referable):  # held weakly by host/metrics.py
@@ -462,16 +452,18 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
             return
         ctx.alive = False
         try:
-            if self.failed is None:
-                for fn in (self._on_done, self._on_delete):
-                    if fn is not None:
-                        self._call(fn, ctx, ctx.id)
+            if self.failed is None:  # two ifs, not a loop over a tuple: one per request
+                if self._on_done is not None:
+                    self._call(self._on_done, ctx, ctx.id)
+                if self._on_delete is not None:
+                    self._call(self._on_delete, ctx, ctx.id)
         except PluginFailed:
             pass
         finally:
+            key: object = ctx.id  # boxed once, not per use
             contexts = self.contexts
-            if ctx.id in contexts:  # not dict.pop: a method call by name, compiled
-                del contexts[ctx.id]
+            if key in contexts:  # not dict.pop: a method call by name, compiled
+                del contexts[key]
 
     # ---- timers ----------------------------------------------------------------------
 
@@ -512,16 +504,11 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
             raise PluginFailed(self.failed)
         self.effective = ctx
         self.shared.current = self
-        stats = self.stats
-        stats.calls += 1
-        t0 = _perf_counter()
         try:
-            return self._call_args(fn, args)
+            return self._call_args(fn, args, self.stats)  # counts the call and its time
         except WasmTrap as trap:
-            stats.errors += 1
+            self.stats.errors += 1
             raise PluginFailed(self.fail(trap)) from None
-        finally:
-            stats.seconds += _perf_counter() - t0
 
     def fail(self, trap: WasmTrap) -> str:
         """Mark the instance failed (once), and with it every plugin on it, as Envoy fails

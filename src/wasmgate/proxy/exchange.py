@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 from wasmgate.headers import HeaderMap, Pair
 from wasmgate.plugin.chain import Direction, FilterCallbacks, Flow
-from wasmgate.plugin.context import LocalReply, Stream
+from wasmgate.plugin.context import HttpContext, LocalReply, Stream, StreamHooks
 from wasmgate.plugin.filter import PluginFilter, stream_filters
 from wasmgate.proxy import http
 from wasmgate.proxy.upstream import UpstreamConnection
@@ -41,7 +41,7 @@ _monotonic_ns: Final = time.monotonic_ns
 _time_ns: Final = time.time_ns
 
 
-class Exchange:
+class Exchange(StreamHooks):
     # Per-exchange state starts at these class-level values; an instance gets its own
     # only when one changes (cheaper than setting ~20 attributes per request). Compiled
     # (mypyc), they are defaults of the instance's fields.
@@ -100,7 +100,7 @@ class Exchange:
 
     def start(self) -> None:
         stream = self.stream
-        filters = self.filters = stream_filters(self.conn.app.chain.http, stream)
+        filters = self.filters = stream_filters(self.conn.app.http_plugins, stream)
         if not filters:  # no plugin: straight through, no per-stream plugin objects
             self.upgrade_ok = self.upgrade is not None
             sink = self.request = _UpstreamSink(self)
@@ -126,8 +126,7 @@ class Exchange:
         self.request = request
         # The response direction is made when a response starts (_response_flow); a local
         # reply makes its own, through the sender and the plugins before it (_halted).
-        stream.on_continue = self._on_continue
-        stream.on_end = self._on_end
+        stream.hooks = self  # a cycle, broken in _finish_filters
         self._in_chain += 1  # _guard, inline: no bound method and argument tuple per request
         try:
             if request.headers(not self.has_body):
@@ -178,7 +177,7 @@ class Exchange:
         else:
             self._guard(request.data, True, b"", True)
 
-    def _on_continue(self, ctx: object, stream_type: int) -> None:
+    def on_continue(self, ctx: HttpContext, stream_type: int) -> None:
         if self._finished:
             return
         request_side = stream_type == 0
@@ -199,7 +198,7 @@ class Exchange:
                                                 request_side))
                 return
 
-    def _on_end(self, ctx: object) -> None:
+    def on_end(self, ctx: HttpContext) -> None:
         """A local reply or reset from outside this stream's own callbacks is acted on
         once that VM call returns; inside one, the chain's check handles it."""
         if self._in_chain:
@@ -597,8 +596,7 @@ class Exchange:
     def _finish_filters(self) -> None:
         # Envoy: every plugin's on_log (in chain order), then on_done/on_delete each.
         self.stream.end_ns = _time_ns()
-        self.stream.on_continue = None
-        self.stream.on_end = None
+        self.stream.hooks = None
         for f in self.filters:
             f.log()
         for f in self.filters:

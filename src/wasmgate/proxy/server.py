@@ -24,7 +24,7 @@ from wasmgate.proxy.batch import WriteBatch
 from wasmgate.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
-    from wasmgate.plugin.manager import Chain, PluginManager
+    from wasmgate.plugin.manager import Chain, PluginHandle, PluginManager
     from wasmgate.proxy.upstream import Cluster
 
 _log: Final = logging.getLogger("wasmgate.http")
@@ -89,10 +89,15 @@ class ProxyApp:
         self.batch = WriteBatch()  # downstream and upstream writes of one loop turn
         if cluster.batch is None:
             cluster.batch = self.batch
+        self.http_plugins: list[PluginHandle] = plugins.chain.http  # a new request starts on these
+        plugins.on_swap.append(self._swapped)
+
+    def _swapped(self, chain: Chain) -> None:
+        self.http_plugins = chain.http  # a swap takes effect for the next request
 
     @property
     def chain(self) -> Chain:
-        return self.plugins.chain  # read per request: a swap takes effect for the next one
+        return self.plugins.chain
 
     def defer(self, fn: Callable[[], None]) -> None:
         if self.loop is None:
