@@ -57,3 +57,34 @@ def test_status_bytes_and_lines_for_every_status() -> None:
         for http10, version in ((True, b"1.0"), (False, b"1.1")):
             line = http._status_line(status, http10)
             assert line == b"HTTP/%s %d %s\r\n" % (version, status, http.reason(status)), line
+
+
+def test_head_memo_gives_what_response_head_gives() -> None:
+    """The memo returns its last head only for equal inputs: any change to the status,
+    the flags, the header list (also edited in place) or a header's bytes builds anew."""
+    from wasmgate.headers import HeaderMap
+
+    memo = http.HeadMemo()
+    shared = HeaderMap([(b":status", b"403"), (b"x-denied", b"a"), (b"content-length", b"3")])
+    cases: list[tuple[HeaderMap, bool, bool, bool, int]] = [
+        (shared, False, True, False, 403),
+        (shared, False, True, False, 403),  # equal: reused
+        (shared, False, False, False, 403),  # keep-alive differs
+        (shared, False, False, True, 403),  # HTTP/1.0
+        (shared, True, False, True, 403),  # chunked
+        (HeaderMap([(b":status", b"429"), (b"x-denied", b"a"), (b"content-length", b"3")]), True, False, True, 429),
+        (HeaderMap([(b":status", b"429"), (b"x-denied", b"b"), (b"content-length", b"3")]), True, False, True, 429),
+        (HeaderMap([(b":status", b"429"), (b"x-denied", b"b")]), True, False, True, 429),
+    ]
+    for headers, chunked, keep_alive, http10, status in cases:
+        want = http.response_head(headers, chunked=chunked, keep_alive=keep_alive, http10=http10, status=status)
+        assert memo.response_head(headers, chunked, keep_alive, http10, status) == want
+    # The same map object, edited in place after its head was memoised.
+    memo.response_head(shared, False, True, False, 403)
+    shared.pairs[1] = (b"x-denied", b"changed")
+    want = http.response_head(shared, chunked=False, keep_alive=True, http10=False, status=403)
+    assert b"x-denied: changed" in want
+    assert memo.response_head(shared, False, True, False, 403) == want
+    shared.pairs.append((b"x-more", b"1"))
+    assert memo.response_head(shared, False, True, False, 403) == \
+        http.response_head(shared, chunked=False, keep_alive=True, http10=False, status=403)

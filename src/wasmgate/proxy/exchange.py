@@ -35,6 +35,7 @@ UPSTREAM_FAILURE_BODY: Final = b"upstream connect error or disconnect/reset befo
 
 
 _NO_FILTERS: Final[list[PluginFilter]] = []
+_local_heads: Final = http.HeadMemo()  # the last local reply's head (per process)
 # C statics: an imported name is a dict lookup per use.
 _monotonic: Final = time.monotonic
 _monotonic_ns: Final = time.monotonic_ns
@@ -69,6 +70,7 @@ class Exchange(StreamHooks):
     tunneling = False  # after 101: raw bytes both ways
     _upstream_upgrade = b""
     _upstream_sent_at = 0.0
+    _replying = False  # the response is a local reply (its head may be _local_heads')
     status = 0
 
     def __init__(self, conn: HttpConnection, method: bytes, target: bytes, req: http.DownstreamRequest,
@@ -448,6 +450,7 @@ class Exchange(StreamHooks):
     # ---- response side ---------------------------------------------------------------
 
     def _local_reply_through_filters(self, reply: LocalReply) -> None:
+        self._replying = True
         stream = self.stream
         stream.response_headers = _local_reply_headers(reply)
         stream.code_details = reply.details
@@ -465,6 +468,7 @@ class Exchange(StreamHooks):
         if self._response_started:
             self.abort("local reply after response started")
             return
+        self._replying = True
         self.stream.response_headers = _local_reply_headers(reply)
         self.stream.code_details = reply.details
         self.write_head(eos=not reply.body)
@@ -528,8 +532,12 @@ class Exchange(StreamHooks):
                 self.keep_alive = False  # HTTP/1.0 without a length: the body ends at close
             else:
                 chunked = self._downstream_chunked = True
-        self.conn.write(http.response_head(headers, chunked=chunked, keep_alive=self.keep_alive, http10=self.http10,
-                                           status=status or None))
+        if self._replying and status:
+            head = _local_heads.response_head(headers, chunked, self.keep_alive, self.http10, status)
+        else:
+            head = http.response_head(headers, chunked=chunked, keep_alive=self.keep_alive, http10=self.http10,
+                                      status=status or None)
+        self.conn.write(head)
         if eos or not body_ok:
             self._response_eos_sent = eos
             if eos:
