@@ -52,6 +52,20 @@ def test_local_response_stored(g: Guest, ctx: HttpContext) -> None:
         403, b"nope\n", [(b"x-reason", b"Policy"), (b"content-type", b"text/plain")], "denied_by_wasm", -1)
 
 
+def test_local_response_headers_on_later_streams(g: Guest) -> None:
+    """A plugin's next replies, on new streams, carry their own headers: the same bytes
+    again, different ones, none, and bad ones (refused, then the good ones still work)."""
+    a = pairs_bytes([(b"X-Reason", b"Policy")])
+    b = pairs_bytes([(b"x-reason", b"other"), (b"x-more", b"1")])
+    for raw, want, result in [(a, [(b"x-reason", b"Policy")], R.OK), (a, [(b"x-reason", b"Policy")], R.OK),
+                              (b, [(b"x-reason", b"other"), (b"x-more", b"1")], R.OK), (b"", [], R.OK),
+                              (b"\x01\x00", None, R.BAD_ARGUMENT), (a, [(b"x-reason", b"Policy")], R.OK)]:
+        ctx = g.http(Stream())
+        assert _reply(g, 403, headers=raw) == result
+        reply = ctx.stream.local_reply
+        assert (reply.headers if reply is not None else None) == want
+
+
 def test_local_response_empty_parts(g: Guest, ctx: HttpContext) -> None:
     assert g.call("proxy_send_local_response", 200, 0, 0, 0, 0, 0, 0, 14) == R.OK
     assert ctx.stream.local_reply == LocalReply(200, b"", [], "", 14)

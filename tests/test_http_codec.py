@@ -88,3 +88,25 @@ def test_head_memo_gives_what_response_head_gives() -> None:
     shared.pairs.append((b"x-more", b"1"))
     assert memo.response_head(shared, False, True, False, 403) == \
         http.response_head(shared, chunked=False, keep_alive=True, http10=False, status=403)
+
+
+def test_local_reply_headers_for_replies_sharing_a_header_list() -> None:
+    """Replies sharing one header list (a plugin's repeated reply) get the headers of their
+    own status and body; a map changed after it was made does not leak into the next one."""
+    from wasmgate.plugin.context import LocalReply
+    from wasmgate.proxy.exchange import _local_reply_headers
+
+    def want(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> list[tuple[bytes, bytes]]:
+        length = [(b"content-length", b"%d" % len(body)), (b"content-type", b"text/plain")] if body else []
+        return [(b":status", b"%d" % status), *headers, *length]
+
+    shared = [(b"x-denied", b"yes")]
+    other = [(b"x-denied", b"no")]
+    for status, headers, body in [(403, shared, b"no\n"), (403, shared, b"no\n"), (429, shared, b"no\n"),
+                                  (429, shared, b"slow down\n"), (429, shared, b""), (403, other, b"no\n"),
+                                  (403, shared, b"no\n"), (403, [], b"")]:
+        got = _local_reply_headers(LocalReply(status, body, headers))
+        assert got.pairs == want(status, headers, body)
+        got.add(b"x-added-later", b"1")
+        got.pairs[0] = (b":status", b"500")
+    assert _local_reply_headers(LocalReply(403, b"no\n", shared)).pairs == want(403, shared, b"no\n")

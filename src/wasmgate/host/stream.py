@@ -36,10 +36,15 @@ def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, b
     if ctx is None:
         # Envoy: a root context or TCP connection has no HTTP reply to send; OK, nothing happens.
         return R.OK
-    try:
-        headers = [(_lower(k), v) for k, v in decode_pairs(raw_headers)]
-    except PairsError:
-        return R.BAD_ARGUMENT
+    if raw_headers == vm.reply_raw:  # the plugin's last reply headers: decoded then
+        headers = vm.reply_headers
+    else:
+        try:
+            headers = [(_lower(k), v) for k, v in decode_pairs(raw_headers)]
+        except PairsError:
+            return R.BAD_ARGUMENT
+        vm.reply_raw = raw_headers
+        vm.reply_headers = headers
     if not 100 <= status <= 999:
         return R.BAD_ARGUMENT
     stream = ctx.stream

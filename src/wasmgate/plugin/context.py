@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 
 class LocalReply:
     """A reply the proxy sends itself (a plugin's, or for an error). A plain class, not
-    a dataclass: compiled, a dataclass keeps an interpreted __init__ (one per 403)."""
+    a dataclass: compiled, a dataclass keeps an interpreted __init__ (one per 403).
+
+    ``headers`` is never changed in place: a plugin's replies share one list while its
+    headers repeat (host/stream.py), and the exchange keys what it builds from them on
+    that list (proxy/exchange.py)."""
 
     __slots__ = ("body", "details", "grpc_status", "headers", "status")
 

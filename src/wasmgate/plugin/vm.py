@@ -105,6 +105,10 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         self.failed: str | None = None
         self.contexts: dict[int, Context] = {}
         self.effective: Context | None = None
+        # This plugin's last local-reply headers, raw and decoded (host/stream.py): a plugin
+        # usually answers with the same ones, decoded once and shared (never changed in place).
+        self.reply_raw: bytes | None = None
+        self.reply_headers: list[tuple[bytes, bytes]] = []
         self.callouts: Callouts | None = None  # clusters for proxy_http_call, set by the manager
         self.xds = XdsInfo()  # the proxy's node, listener, route, cluster (xds.* attributes); set by the manager
         # declare_property: name -> (WasmType, readonly)

@@ -643,8 +643,28 @@ _TEXT_PLAIN: Final = (b"content-type", b"text/plain")
 _REPLY_SET: Final = frozenset({b"content-length", b"content-type"})  # what a local reply may set itself
 
 
+class _ReplyPairs:
+    """The last local reply's header list as _local_reply_headers built it, kept with what
+    it was built from: the plugin's header list (by identity: LocalReply.headers is never
+    changed in place, and this reference keeps it alive), the status and the body length."""
+
+    __slots__ = ("body_len", "pairs", "source", "status")
+
+    def __init__(self) -> None:
+        self.source: list[Pair] | None = None
+        self.status = 0
+        self.body_len = 0
+        self.pairs: list[Pair] = []
+
+
+_reply_pairs: Final = _ReplyPairs()
+
+
 def _local_reply_headers(reply: LocalReply) -> HeaderMap:
     """As Envoy builds them: the plugin's headers, then length and type if there is a body."""
+    memo = _reply_pairs
+    if reply.headers is memo.source and reply.status == memo.status and len(reply.body) == memo.body_len:
+        return HeaderMap.of(memo.pairs[:])  # a copy: the stream's map may be changed
     pairs = [(b":status", http.status_bytes(reply.status))]
     for kv in reply.headers:  # the common case: plain lower-case names, none of ours
         k = kv[0]
@@ -655,6 +675,10 @@ def _local_reply_headers(reply: LocalReply) -> HeaderMap:
         if reply.body:
             pairs.append((b"content-length", b"%d" % len(reply.body)))
             pairs.append(_TEXT_PLAIN)
+        memo.source = reply.headers
+        memo.status = reply.status
+        memo.body_len = len(reply.body)
+        memo.pairs = pairs[:]
         return HeaderMap.of(pairs)
     headers = HeaderMap.of([(b":status", http.status_bytes(reply.status))])
     for k, v in reply.headers:
