@@ -37,9 +37,23 @@ def test_request_ids_are_uuid4_shaped_and_follow_the_sequence() -> None:
         rid = ids.next()
         assert re.fullmatch(rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", rid), rid
         last = (last + exchange._ID_STEP) & exchange._ID_MASK
-        assert rid[-12:] == b"%012x" % last
+        assert rid[:8] + rid[9:13] == b"%012x" % last
         seen.add(rid)
     assert len(seen) == 5000
+
+
+def test_request_ids_lead_with_what_varies() -> None:
+    """Envoy takes an x-request-id's first 8 hex digits as its integer (random_sampling,
+    runtime_fraction): over consecutive ids of one process, that integer modulo 100 must
+    fall in every bucket about equally, as with Envoy's random UUIDs."""
+    from collections import Counter
+
+    from wasmgate.proxy import exchange
+
+    ids = exchange._RequestIds()
+    buckets = Counter(int(ids.next()[:8], 16) % 100 for _ in range(100_000))
+    assert len(buckets) == 100
+    assert max(buckets.values()) < 1300 and min(buckets.values()) > 700  # 1000 each, give or take
 
 
 def test_response_counts_by_status() -> None:

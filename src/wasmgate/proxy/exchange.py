@@ -690,31 +690,35 @@ def _local_reply_headers(reply: LocalReply) -> HeaderMap:
     return headers
 
 
-# x-request-id: a UUID4 as Envoy adds, made of a random per-process prefix (74 random
-# bits) and a 48-bit Weyl sequence (a random start plus an odd step, mod 2**48): unique
+# x-request-id: a UUID4 as Envoy adds, made of a 48-bit Weyl sequence (a random start
+# plus an odd step, mod 2**48) and a random per-process suffix (74 random bits): unique
 # for 2**48 requests, random-looking, and several times cheaper than formatting 128 fresh
-# random bits per request. Kept below 2**63 so compiled it is plain machine arithmetic.
-# Not for secrets.
+# random bits per request. The sequence comes first: Envoy reads the first 8 hex digits
+# as the id's integer (random_sampling, runtime_fraction), so they must vary per request.
+# Kept below 2**63 so compiled it is plain machine arithmetic. Not for secrets.
 _ID_STEP: Final = 0x9E3779B97F4B  # odd: the sequence visits every 48-bit value once
 _ID_MASK: Final = (1 << 48) - 1
 _HEX3: Final = [b"%03x" % i for i in range(4096)]  # 12 bits as three hex digits
+_HEX2: Final = [b"%02x" % i for i in range(256)]
+_HEX2_DASH: Final = [b"%02x-" % i for i in range(256)]  # the end of the first group
 
 
 class _RequestIds:
     def __init__(self) -> None:
-        self.prefix = b""
+        self.suffix = b""
         self.last = 0
         self.reseed()
 
     def reseed(self) -> None:
         r = random.getrandbits
-        self.prefix = b"%08x-%04x-4%03x-%04x-" % (r(32), r(16), r(12), r(14) | 0x8000)
+        self.suffix = b"-4%03x-%04x-%012x" % (r(12), r(14) | 0x8000, r(48))
         self.last = r(48)
 
     def next(self) -> bytes:
+        """xxxxxxxx-xxxx from the sequence, then the suffix: table lookups joined once."""
         n = self.last = (self.last + _ID_STEP) & _ID_MASK
-        hx = _HEX3  # 12 hex digits from four table lookups, joined once
-        return b"".join((self.prefix, hx[n >> 36], hx[(n >> 24) & 0xFFF], hx[(n >> 12) & 0xFFF], hx[n & 0xFFF]))
+        return b"".join((_HEX3[n >> 36], _HEX3[(n >> 24) & 0xFFF], _HEX2_DASH[(n >> 16) & 0xFF],
+                         _HEX2[(n >> 8) & 0xFF], _HEX2[n & 0xFF], self.suffix))
 
 
 _ids: Final = _RequestIds()
