@@ -167,6 +167,24 @@ def test_bound_attribute_is_read_at_each_call(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_bound_attribute_with_a_c_getter_is_read_at_each_call(impl: str) -> None:
+    """An attribute its class serves with a C getter (a compiled class's field, as
+    SharedVM.current; here an instance's ``__dict__``), read through it at each call."""
+    host = Host()
+    seen: list[tuple[object, tuple[int, ...]]] = []
+    funcs = host.funcs()
+    funcs[("env", "nothing")] = HostFunc("env", "nothing", "i", "", lambda d, *a: seen.append((d.get("tag"), a)),
+                                         host, "__dict__")
+    inst = Instance(engine(), _compiled_module(), funcs, unknown, compiled=impl == "compiled")
+    inst.keep_gil()
+    host.tag = "first"  # type: ignore[attr-defined]
+    inst.call(fn(inst, "call_nothing"), 1)
+    host.__dict__ = {**host.__dict__, "tag": "second"}  # another dict object
+    inst.call(fn(inst, "call_nothing"), 2)
+    assert seen == [("first", (1,)), ("second", (2,))]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_host_exceptions_become_traps(impl: str) -> None:
     inst, host = new_instance(impl)
 

@@ -27,6 +27,12 @@ from posix.unistd cimport usleep
 
 cdef extern from "Python.h":
     unsigned long long PyLong_AsUnsignedLongLongMask(object) except? <unsigned long long>-1
+    ctypedef object (*getter)(object, void *)  # a new reference, or NULL with an exception set
+    ctypedef struct PyGetSetDef:
+        getter get
+        void *closure
+    ctypedef struct PyGetSetDescrObject:
+        PyGetSetDef *d_getset
 
 
 cdef extern from *:
@@ -66,6 +72,7 @@ cdef enum:
     MAX_SLOTS = 16  # arguments/results of one call, as wasm.py's ctypes buffers
 
 cdef object _HostError = None
+cdef object _GetSetDescriptor = type(type.__dict__["__name__"])  # types.GetSetDescriptorType
 
 
 def setup(size_t call_unchecked, size_t mem_data, size_t mem_size, size_t set_deadline, size_t trap_new,
@@ -262,6 +269,8 @@ cdef class HostBinding:
     cdef object impl
     cdef object bound  # passed first when not None (the PluginVM)...
     cdef object bound_attr  # ... or this attribute of it, read at each call (SharedVM.current)
+    cdef getter attr_get  # that attribute's C getter, when it has one (a compiled class's field)
+    cdef void *attr_closure
     cdef char kinds[MAX_SLOTS]  # 'i' or 'I' per parameter
     cdef Py_ssize_t nparams
     cdef char result  # 0, 'i' or 'I'
@@ -275,6 +284,15 @@ cdef class HostBinding:
         self.impl = impl
         self.bound = bound
         self.bound_attr = bound_attr or None
+        self.attr_get = NULL
+        if self.bound_attr is not None and bound is not None:
+            for cls in type(bound).__mro__:  # the descriptor getattr() would find first
+                d = cls.__dict__.get(bound_attr)
+                if d is not None:
+                    if type(d) is _GetSetDescriptor:  # called directly: no lookup by name per call
+                        self.attr_get = (<PyGetSetDescrObject *>d).d_getset.get
+                        self.attr_closure = (<PyGetSetDescrObject *>d).d_getset.closure
+                    break
         self.nparams = len(params)
         for i in range(self.nparams):
             self.kinds[i] = ord(params[i])
@@ -291,7 +309,9 @@ cdef class HostBinding:
         cdef object f = self.impl
         cdef object b = self.bound
         cdef Py_ssize_t n = self.nparams
-        if self.bound_attr is not None:
+        if self.attr_get != NULL:
+            b = self.attr_get(b, self.attr_closure)
+        elif self.bound_attr is not None:
             b = getattr(b, self.bound_attr)
         cdef list rest
         if b is not None:
