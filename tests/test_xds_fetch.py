@@ -305,6 +305,7 @@ def test_envoy_gets_a_new_latest_module_when_its_resource_changes(
         gw.wait_for(lambda: get(gw.port)[0] == 403, what="the new :latest module in Envoy")
         assert get(gw.port, headers={"allow": "true"})[0] == 200
         assert any("/blobs/" in p for p in proxy.paths(r))
-        assert gw.plugin("remote")["envoy"] == "accepted"
+        # Envoy answers the push with its ACK after it serves the new listener: wait for it.
+        gw.wait_for(lambda: gw.plugin("remote")["envoy"] == "accepted", what="Envoy's ACK of the new module")
     finally:
         gw.stop()
