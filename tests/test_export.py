@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from crd_schema import errors as crd_errors
-from oci_harness import PASSWORD, USER, Registry, shared_registry
+from oci_harness import PASSWORD, USER, Registry
 from wasmgate.cli import main
 from wasmgate.export.istio import ExportError, ExportOptions, export_istio
 from wasmgate.oci.auth import Keychain
@@ -32,9 +32,7 @@ SCOPE = Scope(labels={"app": "gateway"})  # selects every plugin below (wasmgate
 OCI = "oci://registry.example.com/team/plugin:v1"
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    return shared_registry("basic", tmp_path_factory.getbasetemp())
+REGISTRY_KIND = "basic"  # of conftest's registry fixture
 
 
 def _dockerconfig(reg: Registry) -> str:

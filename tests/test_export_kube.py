@@ -16,7 +16,7 @@ import yaml
 
 from crd_schema import load_crd
 from kube_harness import KubeServer, kube_server, object_path
-from oci_harness import Registry, shared_registry
+from oci_harness import Registry
 from test_export import OCI, SCOPE, _pushing, plugin, resources
 from wasmgate.export.istio import ExportError, export_istio
 from wasmgate.plugin.spec import PluginSpec
@@ -36,9 +36,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    return shared_registry("basic", tmp_path_factory.getbasetemp())
+REGISTRY_KIND = "basic"  # of conftest's registry fixture
 
 
 def _create(kube: KubeServer, doc: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -18,16 +18,14 @@ from typing import Any
 
 import pytest
 
-from oci_harness import PASSWORD, USER, Registry, shared_registry
+from oci_harness import PASSWORD, USER, Registry
 from servers import REPO, ProxyThread, Upstream
 from test_e2e import request
 
 WASMGATE = [sys.executable, "-m", "wasmgate"]
 
 
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    return shared_registry("basic", tmp_path_factory.getbasetemp())
+REGISTRY_KIND = "basic"  # of conftest's registry fixture
 
 
 def wg(*args: str, stdin: str | None = None) -> str:

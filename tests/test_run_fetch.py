@@ -9,6 +9,7 @@ A real registry (tests/oci_harness.py, docker-registry) behind a recording proxy
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from oci_harness import Registry, RegistryProxy, shared_registry
+from oci_harness import Registry, RegistryProxy
 from servers import PLUGIN_BUILD, ProxyThread, Upstream, wasmplugin_yaml
 from test_live import plugins, tag_of, wait_for
 from test_xds_fetch import publish, remote_yaml
@@ -25,18 +26,6 @@ from xds_harness import distinct_module
 
 TAG = PLUGIN_BUILD / "tag.wasm"
 REMOTE = ("latest", "always", "cached")
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    return shared_registry("open", tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[RegistryProxy]:
-    p = RegistryProxy(registry.host)
-    yield p
-    p.close()
 
 
 @pytest.fixture
@@ -60,10 +49,14 @@ def tags(p: ProxyThread) -> set[str]:
     return {t.strip() for t in tag_of(p).split(",")}
 
 
-def start(registry: Registry, proxy: RegistryProxy, modules: dict[str, bytes], d: Path,
-          upstream: Upstream) -> tuple[dict[str, str], ProxyThread]:
+@contextlib.contextmanager
+def running(registry: Registry, proxy: RegistryProxy, modules: dict[str, bytes], upstream: Upstream,
+            tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], ProxyThread]]:
     """Three remote plugins (":latest", so Always by default; Always; IfNotPresent) and a local
-    one, running; then every remote tag moved to its v2 module. Returns the repositories."""
+    one, running from their directory; then every remote tag moved to its v2 module and the
+    proxy's record cleared. Yields the directory, the repositories and the running proxy."""
+    d = tmp_path / "plugins"
+    d.mkdir()
     repos = {n: f"run-fetch/{uuid.uuid4().hex[:12]}" for n in REMOTE}
     refs = {n: f"{repos[n]}:{'latest' if n == 'latest' else 'v1'}" for n in REMOTE}
     for n in REMOTE:
@@ -81,20 +74,16 @@ def start(registry: Registry, proxy: RegistryProxy, modules: dict[str, bytes], d
             assert proxy.paths(repos[n])  # the first fetch did ask the registry
         for n in REMOTE:  # what Always would find now
             publish(registry, refs[n], modules[f"{n}-v2"])
-    except BaseException:
+        proxy.reset()
+        yield d, repos, p
+    finally:
         p.stop()
-        raise
-    proxy.reset()
-    return repos, p
 
 
 def test_another_plugins_update_contacts_no_registry(registry: Registry, proxy: RegistryProxy,
                                                      modules: dict[str, bytes], upstream: Upstream,
                                                      tmp_path: Path) -> None:
-    d = tmp_path / "plugins"
-    d.mkdir()
-    _, p = start(registry, proxy, modules, d, upstream)
-    try:
+    with running(registry, proxy, modules, upstream, tmp_path) as (d, _, p):
         before = by_name(p)
         wasmplugin_yaml(d, "local", TAG, config={"tag": "two"})
         wait_for(lambda: "two" in tags(p))
@@ -107,17 +96,12 @@ def test_another_plugins_update_contacts_no_registry(registry: Registry, proxy: 
                 (before[n]["vm_instance"], before[n]["root_context_id"])
             assert after[n]["state"] == "running"
         assert after["local"]["root_context_id"] != before["local"]["root_context_id"]
-    finally:
-        p.stop()
 
 
 def test_a_changed_always_plugin_is_pulled_again(registry: Registry, proxy: RegistryProxy,
                                                  modules: dict[str, bytes], upstream: Upstream,
                                                  tmp_path: Path) -> None:
-    d = tmp_path / "plugins"
-    d.mkdir()
-    repos, p = start(registry, proxy, modules, d, upstream)
-    try:
+    with running(registry, proxy, modules, upstream, tmp_path) as (d, repos, p):
         remote_yaml(d, "always", f"oci://{proxy.ref(repos['always'])}:v1", policy="Always", config={"tag": "a2"})
         remote_yaml(d, "cached", f"oci://{proxy.ref(repos['cached'])}:v1", policy="IfNotPresent",
                     config={"tag": "c2"})
@@ -129,5 +113,3 @@ def test_a_changed_always_plugin_is_pulled_again(registry: Registry, proxy: Regi
         assert info["cached"]["sha256"] == sha(modules["cached-v1"])
         assert proxy.paths(repos["latest"]) == []  # unchanged
         assert info["latest"]["sha256"] == sha(modules["latest-v1"])
-    finally:
-        p.stop()

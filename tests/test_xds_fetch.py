@@ -13,13 +13,12 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from oci_harness import Registry, RegistryProxy, shared_registry
+from oci_harness import Registry, RegistryProxy
 from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, Upstream, wasmplugin_yaml
 from test_xds_envoy import get
 from wasmgate.oci.fetch import ModuleCache
@@ -33,18 +32,6 @@ from wasmgate.xds.server import XdsServer
 from xds_harness import GatewayThread, distinct_module
 
 TAG = PLUGIN_BUILD / "tag.wasm"
-
-
-@pytest.fixture(scope="module")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
-    return shared_registry("open", tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture
-def proxy(registry: Registry) -> Iterator[RegistryProxy]:
-    p = RegistryProxy(registry.host)
-    yield p
-    p.close()
 
 
 @pytest.fixture
