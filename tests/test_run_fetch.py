@@ -113,3 +113,176 @@ def test_a_changed_always_plugin_is_pulled_again(registry: Registry, proxy: Regi
         assert info["cached"]["sha256"] == sha(modules["cached-v1"])
         assert proxy.paths(repos["latest"]) == []  # unchanged
         assert info["latest"]["sha256"] == sha(modules["latest-v1"])
+
+
+def test_a_failing_plugins_retry_holds_up_no_other_update(registry: Registry, proxy: RegistryProxy,
+                                                           upstream: Upstream, tmp_path: Path) -> None:
+    """A plugin whose fetch failed is fetched again by the retry loop only, outside apply: while
+    its registry keeps that fetch waiting, another plugin's edit is served; once it answers,
+    the plugin comes up and the edit stays."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    broken = f"run-fetch/{uuid.uuid4().hex[:12]}"
+    wasm = distinct_module(TAG, tmp_path / "broken.wasm", uuid.uuid4().hex).read_bytes()
+    publish(registry, f"{broken}:v1", wasm)
+    remote_yaml(d, "broken", f"oci://{proxy.ref(broken)}:v1", fail_strategy="FAIL_OPEN", config={"tag": "b1"})
+    wasmplugin_yaml(d, "local", TAG, config={"tag": "one"})
+    proxy.refuse(broken)
+    p = ProxyThread([d], upstream.url)
+    try:
+        assert by_name(p)["broken"]["state"] == "unavailable" and tags(p) == {"one"}
+        proxy.hold(broken)  # the retry loop's next fetch waits at the registry
+        proxy.refuse(broken, False)
+        proxy.reset()
+        assert proxy.wait_for(broken, 30), "no retry"
+        wasmplugin_yaml(d, "local", TAG, config={"tag": "two"})
+        wait_for(lambda: tags(p) == {"two"}, timeout=10)  # the held fetch would last 15 s or more
+        assert by_name(p)["broken"]["state"] == "unavailable"  # still held
+        assert len(proxy.paths(broken)) == 1  # the edit asked the failing plugin's registry nothing
+        proxy.release(broken)
+        wait_for(lambda: by_name(p)["broken"]["state"] == "running", timeout=30)
+        assert by_name(p)["broken"]["sha256"] == sha(wasm)
+        assert tags(p) == {"b1", "two"}  # the retry kept the newer edit
+    finally:
+        proxy.release(broken)
+        p.stop()
+
+
+def applied(p: ProxyThread) -> int:
+    """Completed applies of the proxy's resource source (the watcher, or the retry loop's reload)."""
+    assert p.running.watcher is not None
+    return p.running.watcher.applied
+
+
+def unavailable(registry: Registry, proxy: RegistryProxy, upstream: Upstream, d: Path, tmp_path: Path,
+                **extra: str) -> tuple[str, ProxyThread]:
+    """A running proxy with a local plugin ("one") and a remote one, "broken", whose registry refused
+    its first fetch; the retry loop's next fetch of it is waiting at the registry (held)."""
+    broken = f"run-fetch/{uuid.uuid4().hex[:12]}"
+    publish(registry, f"{broken}:v1", distinct_module(TAG, tmp_path / "b1.wasm", uuid.uuid4().hex).read_bytes())
+    remote_yaml(d, "broken", f"oci://{proxy.ref(broken)}:v1", fail_strategy="FAIL_OPEN", config={"tag": "b1"},
+                **extra)
+    wasmplugin_yaml(d, "local", TAG, config={"tag": "one"})
+    proxy.refuse(broken)
+    p = ProxyThread([d], upstream.url)
+    try:
+        assert by_name(p)["broken"]["state"] == "unavailable" and "one" in tags(p) and "b1" not in tags(p)
+        proxy.hold(broken)
+        proxy.refuse(broken, False)
+        proxy.reset()
+        assert proxy.wait_for(broken, 30), "no retry"
+    except BaseException:
+        proxy.release(broken)
+        p.stop()
+        raise
+    return broken, p
+
+
+def test_an_update_made_while_the_retry_fetches_wins(registry: Registry, proxy: RegistryProxy,
+                                                     upstream: Upstream, tmp_path: Path) -> None:
+    """The failing plugin's own resource changes while the retry loop fetches its old version:
+    the new version is served, and the old one, fetched afterwards, is never installed."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    broken, p = unavailable(registry, proxy, upstream, d, tmp_path)
+    try:
+        moved = f"run-fetch/{uuid.uuid4().hex[:12]}"
+        new = distinct_module(TAG, tmp_path / "b2.wasm", uuid.uuid4().hex).read_bytes()
+        publish(registry, f"{moved}:v1", new)
+        remote_yaml(d, "broken", f"oci://{proxy.ref(moved)}:v1", fail_strategy="FAIL_OPEN", config={"tag": "b2"})
+        wait_for(lambda: by_name(p)["broken"]["state"] == "running", timeout=10)
+        assert tags(p) == {"b2", "one"} and by_name(p)["broken"]["sha256"] == sha(new)
+        n = applied(p)
+        proxy.release(broken)  # the retry's fetch of the old version completes, then it reloads
+        wait_for(lambda: applied(p) > n, timeout=30)
+        assert any("/blobs/" in r for r in proxy.paths(broken))  # it did fetch the old module
+        assert tags(p) == {"b2", "one"} and by_name(p)["broken"]["sha256"] == sha(new)
+    finally:
+        proxy.release(broken)
+        p.stop()
+
+
+def test_a_plugin_removed_while_the_retry_fetches_stays_removed(registry: Registry, proxy: RegistryProxy,
+                                                                upstream: Upstream, tmp_path: Path) -> None:
+    d = tmp_path / "plugins"
+    d.mkdir()
+    broken, p = unavailable(registry, proxy, upstream, d, tmp_path)
+    try:
+        (d / "broken.yaml").unlink()
+        wait_for(lambda: "broken" not in by_name(p), timeout=10)
+        n = applied(p)
+        proxy.release(broken)
+        wait_for(lambda: applied(p) > n, timeout=30)  # the retry loop fetched it and reloaded
+        assert any("/blobs/" in r for r in proxy.paths(broken))
+        assert set(by_name(p)) == {"local"} and tags(p) == {"one"}
+    finally:
+        proxy.release(broken)
+        p.stop()
+
+
+def test_a_retry_never_installs_what_it_fetched_for_a_plugin_since_added_again(
+        registry: Registry, proxy: RegistryProxy, upstream: Upstream, tmp_path: Path) -> None:
+    """The plugin is removed while the retry loop fetches it, then added again (the same spec,
+    Always) after its tag moved: the new plugin gets the module the tag names now, never the
+    one the retry fetched for the removed plugin. Another plugin's update keeps apply busy
+    meanwhile, so that both orders of the retry's reload and the re-add's apply are covered."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    other = f"run-fetch/{uuid.uuid4().hex[:12]}"
+    publish(registry, f"{other}:v1", distinct_module(TAG, tmp_path / "o.wasm", uuid.uuid4().hex).read_bytes())
+    remote_yaml(d, "other", f"oci://{proxy.ref(other)}:v1", policy="Always", config={"tag": "o1"})
+    broken, p = unavailable(registry, proxy, upstream, d, tmp_path, policy="Always")
+    try:
+        assert tags(p) == {"o1", "one"}
+        resource = (d / "broken.yaml").read_text()
+        (d / "broken.yaml").unlink()
+        wait_for(lambda: "broken" not in by_name(p), timeout=10)
+        proxy.hold(other)  # "other"'s update holds apply's lock, fetching at its registry
+        remote_yaml(d, "other", f"oci://{proxy.ref(other)}:v1", policy="Always", config={"tag": "o2"})
+        assert proxy.wait_for(other, 10)
+        proxy.release(broken)  # the retry fetches the removed plugin's module (v1 as it was)
+        wait_for(lambda: any("/blobs/" in r for r in proxy.paths(broken)), timeout=10)
+        moved = distinct_module(TAG, tmp_path / "b1-moved.wasm", uuid.uuid4().hex).read_bytes()
+        publish(registry, f"{broken}:v1", moved)
+        n = applied(p)
+        (d / "broken.yaml").write_text(resource)
+        proxy.release(other)
+        # "other"'s apply, the re-add's and the retry loop's reload
+        wait_for(lambda: applied(p) >= n + 3, timeout=30)
+        wait_for(lambda: by_name(p)["broken"]["state"] == "running", timeout=10)
+        assert by_name(p)["broken"]["sha256"] == sha(moved)
+        assert tags(p) == {"b1", "o2", "one"}
+    finally:
+        proxy.release(broken)
+        proxy.release(other)
+        p.stop()
+
+
+def test_a_retry_for_a_replaced_version_fetches_nothing_under_apply(registry: Registry, proxy: RegistryProxy,
+                                                                    upstream: Upstream, tmp_path: Path) -> None:
+    """The failing plugin changes to another version that fails too while the retry loop fetches
+    the old one: the retry's reload asks no registry for the new version (that is for the retry
+    loop's next round, outside apply), so another plugin's edit is served meanwhile."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    broken, p = unavailable(registry, proxy, upstream, d, tmp_path)
+    try:
+        moved = f"run-fetch/{uuid.uuid4().hex[:12]}"
+        publish(registry, f"{moved}:v1", distinct_module(TAG, tmp_path / "b2.wasm", uuid.uuid4().hex).read_bytes())
+        proxy.refuse(moved)
+        remote_yaml(d, "broken", f"oci://{proxy.ref(moved)}:v1", fail_strategy="FAIL_OPEN", config={"tag": "b2"})
+        wait_for(lambda: moved in by_name(p)["broken"]["url"] and by_name(p)["broken"]["state"] == "unavailable",
+                 timeout=10)
+        proxy.hold(moved)  # a fetch of the new version now waits at its registry
+        n, asked = applied(p), len(proxy.paths(moved))
+        proxy.release(broken)
+        # the retry loop's reload is done, or it is fetching the new version (under apply's lock)
+        wait_for(lambda: applied(p) > n or len(proxy.paths(moved)) > asked, timeout=30)
+        wasmplugin_yaml(d, "local", TAG, config={"tag": "two"})
+        wait_for(lambda: tags(p) == {"two"}, timeout=10)  # a held fetch would last 15 s or more
+        info = by_name(p)["broken"]
+        assert info["state"] == "unavailable" and moved in info["url"]
+    finally:
+        proxy.release(broken)
+        proxy.release(moved)
+        p.stop()

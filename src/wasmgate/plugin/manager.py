@@ -415,6 +415,11 @@ class PluginManager:
             if h.vm is not None:
                 self._attach(h.vm)
         self._lock = asyncio.Lock()
+        # Modules the retry loop fetched (fetch_unavailable), by plugin, with the unavailable
+        # handle they were fetched for: the next apply uses one only while that very handle is
+        # still the plugin's, with the spec wanted (not for a newer spec, nor a plugin removed
+        # and added again meanwhile: that one was fetched anew).
+        self._fetched: dict[tuple[str, str], tuple[PluginHandle, Module]] = {}
         self.swaps = 0
         # Told of each new chain (the proxy keeps its HTTP plugins at hand, not one lookup
         # on this object per request).
@@ -438,8 +443,14 @@ class PluginManager:
                     handles.append(h)
             for spec in specs:
                 old = current.get((spec.namespace, spec.name))
+                pre = self._fetched.pop((spec.namespace, spec.name), None)
+                retried = pre[1] if pre is not None and old is not None and pre[0] is old and old.spec == spec \
+                    else None
+                if retried is None and old is not None and old.module is None and old.spec == spec and spec.remote:
+                    handles.append(old)  # its fetch failed: the retry loop fetches it, outside this lock
+                    continue
                 try:
-                    module = _kept_module(old, spec)
+                    module = retried or _kept_module(old, spec)
                     if module is None:
                         module = await loop.run_in_executor(None, compile_spec, spec)
                     if old is not None and old.spec == spec and old.sha256 == module.sha256 and \
@@ -473,10 +484,32 @@ class PluginManager:
                 notify(new)
             self.pool.retain(h.current.vm.shared for h in new.plugins if h.current is not None)
             self.swaps += 1
+            self._fetched.clear()  # fetched for plugins no longer wanted
             for h in old_chain.plugins:
                 if id(h) not in kept:
                     h.replaced()
             return errors
+
+    async def fetch_unavailable(self) -> int:
+        """Fetch the modules of remote plugins that have none (their fetch failed), concurrently
+        and outside apply's lock, so a slow or unreachable registry holds up no other update;
+        the next apply swaps in those whose handle is still the plugin's. Returns how many came."""
+        loop = asyncio.get_running_loop()
+        todo = [h for h in self.chain.plugins if h.module is None and h.spec.remote]
+        got = await asyncio.gather(*(loop.run_in_executor(None, compile_spec, h.spec) for h in todo),
+                                   return_exceptions=True)
+        fetched = {}
+        for h, r in zip(todo, got, strict=True):
+            if isinstance(r, Module):
+                fetched[(h.spec.namespace, h.name)] = (h, r)
+            elif isinstance(r, Exception):  # PluginError, or a bad pull secret: never stop retrying
+                _log.error("%s; not loaded, fetching it again later", r)
+                h.error = str(r)
+            else:
+                raise r
+        async with self._lock:  # not while an apply runs: its end drops what it did not use
+            self._fetched.update(fetched)
+        return len(fetched)
 
     def _share(self, spec: PluginSpec, module: Module, fresh: PluginVM) -> PluginVM:
         """``fresh`` started on a new instance: join the live instance for its key instead

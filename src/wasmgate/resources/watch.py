@@ -78,12 +78,15 @@ class ResourceSource:
                 _log.info("module cache: removed %d expired module(s)", len(removed))
 
     async def _retry_unavailable(self) -> None:
-        """Plugins whose remote module could not be fetched are tried again, with backoff."""
+        """Plugins whose remote module could not be fetched are tried again, with backoff:
+        fetched outside apply (a slow registry holds up no other update), then, when one came,
+        applied with the resources as they are now (a newer update is kept)."""
         delay = self.retry_initial
         while not self._stop.is_set():
             await asyncio.sleep(delay)
             if any(h.module is None for h in self.manager.chain.plugins):
-                await self.reload()
+                if await self.manager.fetch_unavailable():
+                    await self.reload()
                 delay = min(delay * 2, 60.0)
             else:
                 delay = self.retry_initial
