@@ -464,10 +464,9 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         except PluginFailed:
             pass
         finally:
-            key: object = ctx.id  # boxed once, not per use
             contexts = self.contexts
-            if key in contexts:  # not dict.pop: a method call by name, compiled
-                del contexts[key]
+            if ctx.id in contexts:  # not dict.pop: a method call by name, compiled
+                del contexts[ctx.id]
 
     # ---- timers ----------------------------------------------------------------------
 
