@@ -329,7 +329,7 @@ SECRET = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "type
     ([plugin("Bad_Name")], "WasmPlugin Bad_Name: metadata.name: 'Bad_Name' is not a Kubernetes name"),
     ([plugin("p", namespace="a.b")], "WasmPlugin p: metadata.namespace: 'a.b' is not a Kubernetes namespace"),
     ([plugin("p", meta={"labels": {"k": "has space"}})], "WasmPlugin p: metadata.labels.k: 'has space' is not"),
-    ([plugin("p", meta={"annotations": {"n": 1}})], "WasmPlugin p: metadata.annotations.n: 1 is not a string"),
+    ([plugin("p", meta={"annotations": {"k": 1}})], "WasmPlugin p: metadata.annotations.k: 1 is not a string"),
     ([plugin("p", imagePullSecret="missing")],
      "WasmPlugin p: spec.imagePullSecret: no kubernetes.io/dockerconfigjson Secret 'missing' in namespace "
      "'default' among the resources"),

@@ -23,6 +23,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from wasmgate.plugin.spec import FailStrategy, Phase, PluginLimits, PluginSpec
+from wasmgate.resources import kubeyaml
 
 API_VERSIONS = ("extensions.istio.io/v1alpha1",)
 
@@ -171,25 +172,13 @@ def _explain(e: ValidationError) -> str:
     return "; ".join(f"{_field_path(err['loc'])}: {err['msg']}" for err in e.errors())
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML as kubectl sends it: a timestamp stays the text written (Kubernetes parses
-    creationTimestamp itself; in pluginConfig the plugin gets the string)."""
-
-
-def _timestamp_text(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> str:
-    return str(loader.construct_scalar(node))
-
-
-_Loader.add_constructor("tag:yaml.org,2002:timestamp", _timestamp_text)
-
-
 def load_documents(path: Path) -> list[dict[str, Any]]:
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
-        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+        docs = kubeyaml.load_all(text)  # as kubectl reads it: a timestamp stays the text written
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
