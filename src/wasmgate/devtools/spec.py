@@ -37,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from wasmgate.devtools.driver import PHASES, Outcome, Reply, Request, Response
+from wasmgate.resources.kubeyaml import KubeLoader
 
 
 class SpecError(Exception):
@@ -206,7 +207,7 @@ class Spec(_Model):
 
 def load_spec(path: Path) -> Spec:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=KubeLoader)  # as wasmplugin.yaml beside it is read
     except OSError as e:
         raise SpecError(f"{path}: cannot read: {e.strerror or e}") from None
     except yaml.YAMLError as e:

@@ -25,6 +25,7 @@ from wasmgate.oci.image import FORMATS, wasm_export_names
 from wasmgate.oci.ops import DEFAULT_MAX_MODULE_SIZE, pull, push, resolve
 from wasmgate.oci.reference import parse_reference
 from wasmgate.oci.registry import ProgressFn, RegistryClient
+from wasmgate.resources import kubeyaml
 
 COMMANDS = ("build", "push", "pull", "inspect")
 
@@ -117,7 +118,7 @@ def _keychain(args: argparse.Namespace, registry: str) -> Keychain:
         raise OciError("--username needs --password-stdin (passwords are not taken as arguments)")
     if args.pull_secret:
         try:
-            docs = [d for d in yaml.safe_load_all(args.pull_secret.read_text()) if isinstance(d, dict)]
+            docs = [d for d in kubeyaml.load_all(args.pull_secret.read_text()) if isinstance(d, dict)]
         except yaml.YAMLError as e:
             raise OciError(f"{args.pull_secret}: invalid YAML ({type(e).__name__})") from None
         secrets = [d for d in docs if d.get("kind") == "Secret"]
