@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from servers import PLUGIN_BUILD, ProxyThread, Upstream
 from test_e2e import request
+from wasmgate.export.istio import dump_manifests
 from wasmgate.resources.wasmplugin import ConfigError, load_plugin_specs, scan_plugin_specs
 
 KUBECTL = shutil.which("kubectl")
@@ -325,3 +327,20 @@ def test_plugin_gets_the_configuration_kubectl_sends(upstream: Upstream, tmp_pat
     assert got == PLUGIN_CONFIG  # compact JSON, in the file's order
     if KUBECTL is not None:
         assert parse(got) == kubectl_configs(f)["tag"]
+
+
+# Strings kubectl would read as another type unquoted (y, 1e3, 0o17, 08, ...) or PyYAML would.
+STRINGS = ["y", "N", "yes", "off", "~", "", "1e3", "1.e3", "0o17", "0B101", "08", "0x1F", "-.5", "1_000", ".inf",
+           "1:20", "=", "<<", "2024-05-01", "2024-05-01T10:00:00Z", "12", "1.5", "0x10000000000000000"]
+
+
+def test_export_writes_strings_kubectl_reads_back(tmp_path: Path) -> None:
+    """`wasmgate export --istio` quotes a string wherever kubectl would read it as something else."""
+    config = {"values": STRINGS, **{s: s for s in STRINGS}}
+    f = tmp_path / "out.yaml"
+    f.write_text(dump_manifests([yaml.safe_load(document("{}"))
+                                 | {"spec": {"url": "oci://r.example/p:v1", "pluginConfig": config}}]))
+    (spec,) = load_plugin_specs([f])
+    assert json.loads(spec.plugin_config) == config
+    if KUBECTL is not None:
+        assert kubectl_configs(f)["p"] == canon(config)

@@ -270,6 +270,17 @@ for _tag in ("set", "omap", "pairs"):  # go-yaml keeps these as the plain mappin
 KubeLoader.add_multi_constructor("", KubeLoader._other)
 
 
+class KubeDumper(yaml.SafeDumper):
+    """Writes a string plain only where kubectl reads it back as that string, and PyYAML too
+    (for other tools); else quoted."""
+
+    def resolve(self, kind: type[Node], value: str | None, implicit: tuple[bool, bool]) -> str:
+        pyyaml = str(super().resolve(kind, value, implicit))  # type: ignore[no-untyped-call]
+        if kind is ScalarNode and implicit[0] and value is not None and pyyaml == STR:
+            return resolve_plain(value)[0]
+        return pyyaml
+
+
 def load_all(text: str) -> list[Any]:
     """The documents of ``text`` as kubectl reads them (empty documents left out)."""
     return [d for d in yaml.load_all(text, Loader=KubeLoader) if d is not None]
