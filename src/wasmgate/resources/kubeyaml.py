@@ -230,7 +230,8 @@ class KubeLoader(yaml.SafeLoader):
         try:
             return json_value(value)
         except ValueError:
-            raise ConstructorError(None, None, f"{value} is not a JSON number (kubectl refuses it)",
+            written = node.value if isinstance(node, ScalarNode) else value
+            raise ConstructorError(None, None, f"{written} is not a JSON number (kubectl refuses it)",
                                    node.start_mark) from None
 
     def construct_sequence(self, node: Node, deep: bool = False) -> list[Any]:
