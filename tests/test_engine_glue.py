@@ -41,6 +41,7 @@ _WAT = """
   (func (export "call_h0") (result i32) (call $h0))
   (func (export "call_nothing") (param i32) (call $nothing (local.get 0)))
   (func (export "spin") (loop $l (br $l)))
+  (func (export "poll_h0") (loop $l (br_if $l (i32.eqz (call $h0)))))
   (func (export "grow_and_store") (param i32) (result i32)
     (drop (memory.grow (local.get 0)))
     (i32.store (i32.sub (i32.mul (memory.size) (i32.const 65536)) (i32.const 4)) (i32.const 0x11223344))
@@ -352,3 +353,50 @@ def test_a_vm_not_yet_serving_releases_the_gil_during_guest_code() -> None:
         ran += 1
     t.join()
     assert ran > 1000  # this thread kept running while the guest spun for 0.3 s
+
+
+def test_host_calls_take_the_gil_on_threads_that_do_not_hold_it() -> None:
+    """A serving VM's host calls skip taking the GIL (its thread holds it, glue's
+    wg_gil_held). A VM being started in a worker thread meanwhile must still take it
+    for each of its host calls, also while the serving VM is inside a guest call."""
+    if wasm._glue is None:
+        pytest.skip("compiled glue not in use")
+    import ctypes
+    import time
+
+    gil_check = ctypes.pythonapi.PyGILState_Check
+    serving, serving_host = new_instance("compiled")  # keep_gil: the serving VM
+    starting_host = Host()
+    starting = Instance(engine(), _compiled_module(), starting_host.funcs(), unknown, deadline=5.0,
+                        compiled=True)  # not keep_gil: started in a worker thread
+    polled = threading.Event()
+    stop = threading.Event()
+    held: list[int] = []
+    during: list[int] = []
+
+    def starting_h0() -> int:
+        held.append(gil_check())
+        if serving_in_call.is_set():
+            during.append(1)
+        polled.set()
+        return 1 if stop.is_set() else 0
+
+    serving_in_call = threading.Event()
+
+    def serving_h32(a: int, b: int) -> int:
+        serving_in_call.set()
+        time.sleep(0.3)  # the GIL is released inside the serving VM's guest call
+        serving_in_call.clear()
+        return 1
+
+    starting_host.h0 = starting_h0
+    serving_host.h32 = serving_h32
+    t = threading.Thread(target=lambda: starting.call(fn(starting, "poll_h0")))
+    t.start()
+    polled.wait()
+    assert serving.call(fn(serving, "call_h32"), 1, 2) == 1
+    stop.set()
+    t.join()
+    assert during  # the worker's guest called the host while the serving VM was in its call
+    assert set(held) == {1}  # and every one of those calls held the GIL
+    assert gil_check() == 1

@@ -13,7 +13,8 @@ functions from the library wasmtime-py has loaded, so both use one copy of wasmt
 Guest calls of a serving VM keep the GIL (ctypes releases and re-takes it around every
 call, a futex hand-off whenever another thread waits for it); until then (``keep_gil``
 false: a VM being started in a worker thread) they release it, so the event loop goes on
-meanwhile. The epoch that interrupts a runaway guest is advanced by ``run_epoch_ticker``,
+meanwhile. Host calls inside a serving VM's guest call know that their thread holds the
+GIL (a thread-local flag), so they skip the PyGILState round trip. The epoch that interrupts a runaway guest is advanced by ``run_epoch_ticker``,
 which runs without the GIL for good.
 """
 
@@ -48,10 +49,16 @@ cdef extern from *:
         uint32_t externref;
         void *funcref;
     } wg_val_raw_t;
+
+    /* Whether this thread holds the GIL through its current guest call (a keep_gil
+       Core's): host calls then skip the PyGILState round trip. Per thread: another
+       thread's VM may be starting meanwhile with the GIL released. */
+    static __thread int wg_gil_held __attribute__((tls_model("initial-exec")));
     """
     ctypedef union wg_val_raw_t:
         int32_t i32
         int64_t i64
+    int wg_gil_held
 
 
 ctypedef void *(*call_unchecked_t)(void *, const void *, wg_val_raw_t *, size_t, void **) noexcept nogil
@@ -140,6 +147,7 @@ cdef class Core:
 
     cdef int _invoke(self, tuple raw, tuple args, wg_val_raw_t *buf) except -1:
         # raw: (function address, params, results, slots, name) from GuestFunc.raw
+        global wg_gil_held
         cdef void *trap = NULL
         cdef void *err
         cdef Py_ssize_t i
@@ -150,11 +158,15 @@ cdef class Core:
             raise TypeError(f"{raw[4]}: expected {nparams} arguments, got {len(args)}")
         for i in range(nparams):  # extra args are dropped: ABI 0.1.0 callbacks take fewer
             buf[i].i64 = <int64_t>PyLong_AsUnsignedLongLongMask(args[i])
+        cdef int held = wg_gil_held  # restored after: host calls may nest guest calls
         if self.keep_gil:
+            wg_gil_held = 1
             err = _call_unchecked(self.ctx, func, buf, slots, &trap)
         else:
+            wg_gil_held = 0
             with nogil:
                 err = _call_unchecked(self.ctx, func, buf, slots, &trap)
+        wg_gil_held = held
         if err != NULL or trap != NULL:
             raise self.owner._trap_from(<size_t>err or None, <size_t>trap or None, raw[4])
         return 0
@@ -352,7 +364,17 @@ cdef class HostBinding:
         return _trap_new(PyBytes_AS_STRING(raw), <size_t>PyBytes_GET_SIZE(raw))
 
 
-cdef void *host_trampoline(void *env, void *caller, wg_val_raw_t *args, size_t nargs) noexcept with gil:
+ctypedef void *(*_host_call_t)(void *, wg_val_raw_t *) noexcept nogil
+
+
+cdef void *host_trampoline(void *env, void *caller, wg_val_raw_t *args, size_t nargs) noexcept nogil:
+    if wg_gil_held:  # this thread holds the GIL (see wg_gil_held): call in directly
+        return (<_host_call_t>_host_call)(env, args)
+    with gil:
+        return _host_call(env, args)
+
+
+cdef void *_host_call(void *env, wg_val_raw_t *args) noexcept:
     cdef HostBinding b = <HostBinding>env
     cdef object r
     try:
