@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
+
+# An i32/i64 argument that is only handed on (a guest pointer or size passed to
+# PluginVM.read/copy_out, a context id passed to a guest call). Any, not int: compiled
+# (mypyc), an int is unboxed on entry and boxed into a new object for each such call;
+# Any keeps the one int object (docs/performance.md).
+Word = Any
 
 
 class WasmResult(IntEnum):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from wasmgate.abi.constants import AbiVersion, MapType, WasmResult
+from wasmgate.abi.constants import AbiVersion, MapType, WasmResult, Word
 from wasmgate.abi.pairs import PairsError, decode_pairs, encode_pairs
 from wasmgate.headers import HeaderMap
 from wasmgate.host.registry import hostcall
@@ -60,7 +60,7 @@ def _missing(vm: PluginVM) -> int:
 
 
 @hostcall("iiiii")
-def proxy_get_header_map_value(vm: PluginVM, map_type: int, kp: int, ks: int, rvp: int, rsp: int) -> int:
+def proxy_get_header_map_value(vm: PluginVM, map_type: int, kp: Word, ks: Word, rvp: Word, rsp: Word) -> int:
     if not 0 <= map_type <= _MAX_MAP_TYPE:
         return R.BAD_ARGUMENT
     hmap = _map(vm, map_type)

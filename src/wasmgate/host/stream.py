@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
-from wasmgate.abi.constants import StreamType, WasmResult
+from wasmgate.abi.constants import StreamType, WasmResult, Word
 from wasmgate.abi.pairs import PairsError, decode_pairs
 from wasmgate.host.registry import hostcall
 from wasmgate.plugin.context import HttpContext, LocalReply, NetworkContext
@@ -23,8 +23,8 @@ def _http(vm: PluginVM) -> HttpContext | None:
 
 
 @hostcall("iiiiiiii")
-def proxy_send_local_response(vm: PluginVM, status: int, detp: int, dets: int, bodyp: int, bodys: int,
-                              hp: int, hs: int, grpc_status: int) -> int:
+def proxy_send_local_response(vm: PluginVM, status: int, detp: Word, dets: Word, bodyp: Word, bodys: Word,
+                              hp: Word, hs: Word, grpc_status: int) -> int:
     ctx = _http(vm)
     if ctx is None and isinstance(vm.effective, HttpContext):
         return R.BAD_ARGUMENT  # a stream that has ended

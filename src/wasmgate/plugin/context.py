@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from mypy_extensions import mypyc_attr
 
-from wasmgate.abi.constants import BufferType, MapType
+from wasmgate.abi.constants import BufferType, MapType, Word
 from wasmgate.headers import HeaderMap
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class Stream:
     __slots__ = ("request_headers", "request_trailers", "response_headers", "response_trailers",
                  "request_body", "response_body", "local_reply", "reset", "hooks",
                  "downstream_addr", "local_addr", "code_details", "start_ns", "request_bytes",
-                 "response_bytes", "upstream_addr", "connection_id", "filter_state", "protocol",
+                 "response_bytes", "upstream_addr", "connection_id", "_filter_state", "protocol",
                  "downstream", "upstream_conn", "attempts", "end_ns", "bytes_sent", "response_flags",
                  "upstream_tx_ns", "upstream_rx_ns")
 
@@ -88,9 +88,7 @@ class Stream:
         self.response_bytes = 0  # response body bytes received from upstream
         self.upstream_addr: tuple[str, int] = ("", 0)
         self.connection_id = 0
-        # proxy_set_property values under b"wasm." + path (Envoy's CelState keys), and
-        # set_envoy_filter_state objects under their own name.
-        self.filter_state: dict[bytes, bytes] = {}
+        self._filter_state: dict[bytes, bytes] | None = None  # see filter_state
         self.protocol = b"HTTP/1.1"
         # For attributes, read only when a plugin asks (see host/attributes.py):
         self.downstream: Any = None  # the client connection (its transport: TLS details)
@@ -101,6 +99,16 @@ class Stream:
         self.response_flags = 0  # Envoy's legacy response flags (response.flags)
         self.upstream_tx_ns = 0  # monotonic: request sent upstream / response end received
         self.upstream_rx_ns = 0
+
+    @property
+    def filter_state(self) -> dict[bytes, bytes]:
+        """proxy_set_property values under b"wasm." + path (Envoy's CelState keys), and
+        set_envoy_filter_state objects under their own name. Made on first use: most
+        streams never have any."""
+        state = self._filter_state
+        if state is None:
+            state = self._filter_state = {}
+        return state
 
     def header_map(self, map_type: int) -> HeaderMap | None:
         if map_type == 0:  # MapType.REQUEST_HEADERS (a plain int: no Enum lookup per call)
@@ -152,10 +160,13 @@ class HttpContext(Context):
     it stopped there. In ``on_log`` every map is readable.
     """
 
-    __slots__ = ("_stream", "alive", "open_maps", "logging")
+    __slots__ = ("_stream", "alive", "key", "open_maps", "logging")
 
     def __init__(self, vm: PluginVM, context_id: int, root_id: int, stream: Stream):
         self.id = context_id  # Context.__init__'s three, inline: one per request
+        # The id as one int object, made here: compiled code would box ``id`` anew for
+        # every guest call and dict operation of the stream (abi/constants.py, Word).
+        self.key: Word = context_id
         self.vm = vm
         self.root_id = root_id
         self._stream = stream

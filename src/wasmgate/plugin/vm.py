@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 import wasmtime
 
 from wasmgate import host
-from wasmgate.abi.constants import ABI_MARKERS, AbiVersion, LogLevel, WasmResult
+from wasmgate.abi.constants import ABI_MARKERS, AbiVersion, LogLevel, WasmResult, Word
 from wasmgate.compiled import Referable
 from wasmgate.engine.wasm import CallStats, GuestFunc, HostFunc, Instance, WasmError, WasmTrap, exports_of
 from wasmgate.host.attributes import XdsInfo
@@ -293,34 +293,34 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
 
     def create_http_context(self, stream: Stream) -> HttpContext:
         ctx = HttpContext(self, self._new_id(), self.root.id, stream)
-        self.contexts[ctx.id] = ctx
+        self.contexts[ctx.key] = ctx
         if self._on_context_create:
-            self._call(self._on_context_create, ctx, ctx.id, self.root.id)
+            self._call(self._on_context_create, ctx, ctx.key, self.root.id)
         return ctx
 
     def on_request_headers(self, ctx: HttpContext, count: int, eos: bool) -> int:
         fn = self._on_request_headers
-        return self._call(fn, ctx, ctx.id, count, eos) if fn else 0
+        return self._call(fn, ctx, ctx.key, count, eos) if fn else 0
 
     def on_request_body(self, ctx: HttpContext, size: int, eos: bool) -> int:
         fn = self._on_request_body
-        return self._call(fn, ctx, ctx.id, size, eos) if fn else 0
+        return self._call(fn, ctx, ctx.key, size, eos) if fn else 0
 
     def on_request_trailers(self, ctx: HttpContext, count: int) -> int:
         fn = self._on_request_trailers
-        return self._call(fn, ctx, ctx.id, count) if fn else 0
+        return self._call(fn, ctx, ctx.key, count) if fn else 0
 
     def on_response_headers(self, ctx: HttpContext, count: int, eos: bool) -> int:
         fn = self._on_response_headers
-        return self._call(fn, ctx, ctx.id, count, eos) if fn else 0
+        return self._call(fn, ctx, ctx.key, count, eos) if fn else 0
 
     def on_response_body(self, ctx: HttpContext, size: int, eos: bool) -> int:
         fn = self._on_response_body
-        return self._call(fn, ctx, ctx.id, size, eos) if fn else 0
+        return self._call(fn, ctx, ctx.key, size, eos) if fn else 0
 
     def on_response_trailers(self, ctx: HttpContext, count: int) -> int:
         fn = self._on_response_trailers
-        return self._call(fn, ctx, ctx.id, count) if fn else 0
+        return self._call(fn, ctx, ctx.key, count) if fn else 0
 
     # ---- network (TCP) connections: see plugin/network.py -------------------------------
 
@@ -446,7 +446,7 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
     def log_stream(self, ctx: HttpContext) -> None:
         if ctx.alive and self._on_log is not None and self.failed is None:
             try:  # noqa: SIM105 (contextlib.suppress runs interpreted: per request, several times the cost)
-                self._call(self._on_log, ctx, ctx.id)
+                self._call(self._on_log, ctx, ctx.key)
             except PluginFailed:  # already logged and counted
                 pass
 
@@ -458,15 +458,15 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
         try:
             if self.failed is None:  # two ifs, not a loop over a tuple: one per request
                 if self._on_done is not None:
-                    self._call(self._on_done, ctx, ctx.id)
+                    self._call(self._on_done, ctx, ctx.key)
                 if self._on_delete is not None:
-                    self._call(self._on_delete, ctx, ctx.id)
+                    self._call(self._on_delete, ctx, ctx.key)
         except PluginFailed:
             pass
         finally:
             contexts = self.contexts
-            if ctx.id in contexts:  # not dict.pop: a method call by name, compiled
-                del contexts[ctx.id]
+            if ctx.key in contexts:  # not dict.pop: a method call by name, compiled
+                del contexts[ctx.key]
 
     # ---- timers ----------------------------------------------------------------------
 
@@ -502,7 +502,7 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
 
     # ---- guest calls ---------------------------------------------------------------
 
-    def _call(self, fn: GuestFunc, ctx: Context | None, *args: int) -> int:
+    def _call(self, fn: GuestFunc, ctx: Context | None, *args: Word) -> int:
         if self.failed is not None:
             raise PluginFailed(self.failed)
         self.effective = ctx
@@ -540,7 +540,7 @@ class PluginVM(Referable):  # held weakly by plugin/shared.py
                 p.on_failed(p)
         return failed
 
-    def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> int:
+    def copy_out(self, data: bytes, ptr_ptr: Word, size_ptr: Word) -> int:
         """Copy ``data`` into guest-allocated memory; write its pointer and size."""
         ok = self.instance.copy_out(self._alloc, data, ptr_ptr, size_ptr)
         return 0 if ok else _INVALID_MEMORY_ACCESS  # WasmResult.OK, as plain ints (no Enum lookup)
