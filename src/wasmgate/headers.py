@@ -19,15 +19,15 @@ _islower: Final = bytes.islower
 class HeaderMap:
     __slots__ = ("pairs",)
 
-    def __init__(self, pairs: Iterable[Pair] = ()):
-        self.pairs: list[Pair] = list(pairs)
+    def __init__(self, pairs: Iterable[Pair] = (), *, _taken: list[Pair] | None = None):
+        self.pairs: list[Pair] = _taken if _taken is not None else list(pairs)
 
     @staticmethod
     def of(pairs: list[Pair]) -> HeaderMap:
         """A map over ``pairs`` (lower-case keys, pseudo-headers first), taken as is."""
-        m = HeaderMap()  # (not a classmethod: compiled, cls() is a generic call)
-        m.pairs = pairs
-        return m
+        # (not a classmethod: compiled, cls() is a generic call; _taken: no list made to
+        # be thrown away)
+        return HeaderMap(_taken=pairs)
 
     def __len__(self) -> int:
         return len(self.pairs)

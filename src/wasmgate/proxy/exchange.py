@@ -82,7 +82,7 @@ class Exchange(StreamHooks):
         self.keep_alive = keep_alive
         self.http10 = http10
         self.stream = stream = Stream()
-        stream.request_headers = headers = req.header_map(method, target)
+        stream.request_headers = headers = req.header_map()
         stream.downstream_addr = conn.peer
         stream.local_addr = conn.local
         stream.start_ns = _time_ns()

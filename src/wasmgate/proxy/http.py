@@ -51,14 +51,16 @@ def _status_line(status: int, http10: bool) -> bytes:
     return (b"HTTP/1.0 " if http10 else b"HTTP/1.1 ") + str(status).encode() + b" " + reason(status) + CRLF
 
 
+_NO_AUTHORITY: Final = (b":authority", b"")
 # Downstream request headers that need more than passing on (see DownstreamRequest).
 _REQUEST_SPECIAL: Final = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-forwarded-proto", b"x-request-id"}
 
 
 class DownstreamRequest:
     """What one pass over a request's (lower-cased) headers tells the proxy: the
-    headers plugins see (``regular``, without Host and hop-by-hop headers), the
-    authority, whether a body follows, and the headers Envoy acts on."""
+    headers plugins see (``pairs``: pseudo-headers first, as Envoy's HTTP/1 codec
+    presents them, then the rest without Host and hop-by-hop headers), whether a body
+    follows, and the headers Envoy acts on."""
 
     # Flags default at class level: a request sets only what it has.
     has_body = False
@@ -68,10 +70,11 @@ class DownstreamRequest:
     has_connection = False  # Connection or Proxy-Connection: llhttp's keep-alive reads them
     upgrade: bytes | None = None
 
-    def __init__(self, lowered: list[Pair], scheme: bytes):
+    def __init__(self, lowered: list[Pair], scheme: bytes, method: bytes, target: bytes):
         self.scheme = scheme
         authority = b""
-        regular: list[Pair] = []
+        # Built in place: :authority is set once Host is found (below).
+        regular: list[Pair] = [_NO_AUTHORITY, (b":path", target), (b":method", method), (b":scheme", scheme)]
         has_body = expect = xfp = rid = conn = False
         upgrade = None
         special = _REQUEST_SPECIAL
@@ -106,8 +109,9 @@ class DownstreamRequest:
         if expect:
             regular = [kv for kv in regular if kv[0] != b"expect"]  # we answer 100 ourselves
             self.expect_continue = True
-        self.authority = authority
-        self.regular = regular
+        if authority:
+            regular[0] = (b":authority", authority)
+        self.pairs = regular
         if has_body:
             self.has_body = True
         if xfp:
@@ -119,10 +123,8 @@ class DownstreamRequest:
         if upgrade is not None:
             self.upgrade = upgrade
 
-    def header_map(self, method: bytes, target: bytes) -> HeaderMap:
-        """As Envoy's HTTP/1 codec presents them to filters: pseudo-headers first."""
-        return HeaderMap.of([(b":authority", self.authority), (b":path", target), (b":method", method),
-                             (b":scheme", self.scheme), *self.regular])
+    def header_map(self) -> HeaderMap:
+        return HeaderMap.of(self.pairs)
 
 
 def request_map(method: bytes, target: bytes, raw: list[Pair], scheme: bytes = b"http") -> HeaderMap:

@@ -315,7 +315,8 @@ class HttpConnection(asyncio.Protocol):
         p = self._parser
         self._in_body = True
         self.app.stats.requests += 1
-        req = http.DownstreamRequest(self._headers, self.app.scheme)
+        method = self._get_method()
+        req = http.DownstreamRequest(self._headers, self.app.scheme, method, self._url)
         keep_alive = self._should_keep_alive()
         # Without Connection headers llhttp keeps exactly HTTP/1.1 alive (0.9, 1.0 and 2.0 are
         # the versions it also accepts): this spares formatting the version string per request.
@@ -325,7 +326,7 @@ class HttpConnection(asyncio.Protocol):
         if req.expect_continue and req.has_body and version == "1.1" and self._active is None:
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         upgrade = req.upgrade if req.upgrade is not None and p.should_upgrade() else None
-        ex = Exchange(self, self._get_method(), self._url, req, keep_alive=keep_alive, http10=version == "1.0",
+        ex = Exchange(self, method, self._url, req, keep_alive=keep_alive, http10=version == "1.0",
                       upgrade=upgrade)
         if self._active is None:
             self._start(ex)
