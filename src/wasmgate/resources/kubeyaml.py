@@ -245,6 +245,7 @@ class KubeLoader(yaml.SafeLoader):
         if not isinstance(node, MappingNode):
             raise ConstructorError(None, None, f"expected a mapping, found {type(node).__name__}", node.start_mark)
         out: dict[str, Any] = {}
+        origins: dict[str, tuple[type, object]] = {}  # the YAML key each JSON key came from
         for key_node, value_node in node.value:
             if isinstance(key_node, ScalarNode) and key_node.tag == MERGE and key_node.value == "<<":
                 sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
@@ -254,10 +255,18 @@ class KubeLoader(yaml.SafeLoader):
                 for source in reversed(sources):
                     out.update(self.construct_mapping(source))
                 continue
-            key = json_key(self.construct_object(key_node, deep=True)) if isinstance(key_node, ScalarNode) else None
+            raw = self.construct_object(key_node, deep=True) if isinstance(key_node, ScalarNode) else None
+            key = json_key(raw)
             if key is None:
                 raise ConstructorError(None, None, "a map key with no JSON form: null, a sequence, a mapping or an "
                                        "integer past int64 (kubectl refuses it)", key_node.start_mark)
+            # Two different YAML keys with one JSON form (1 and "1", true and "true"): kubectl
+            # keeps one of the two values, which one depends on Go's map order, so it differs
+            # from one run to the next. Refused: the file has no one meaning.
+            seen = origins.setdefault(key, (type(raw), raw))
+            if seen != (type(raw), raw):
+                raise ConstructorError(None, None, f"keys {seen[1]!r} and {raw!r} are both {key!r} in JSON; kubectl "
+                                       "keeps either value at random", key_node.start_mark)
             out[key] = self._value(value_node)
         return out
 
