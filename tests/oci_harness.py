@@ -254,8 +254,9 @@ def _wait_ready(host: str, proc: subprocess.Popen[bytes]) -> bool:
 class RegistryProxy:
     """A plain-HTTP reverse proxy in front of a registry that records what reaches it: every
     connection (a TLS attempt included) and every request as (method, path). ``hold(repo)``
-    keeps that repository's requests waiting until ``release(repo)``; ``refuse(repo)`` answers
-    them 503. Used to see which fetches contact the registry at all."""
+    keeps that repository's requests waiting until ``release(repo)`` (``hold(f"{repo}/blobs/{digest}")``
+    only the requests for that blob); ``refuse(repo)`` answers them 503. Used to see which
+    fetches contact the registry at all."""
 
     def __init__(self, upstream: str):
         self.upstream = upstream  # host:port
@@ -330,7 +331,7 @@ class RegistryProxy:
                     proxy.requests.append((self.command, self.path))
                     proxy._cond.notify_all()
                 repo = self.path.removeprefix("/v2/").split("/manifests/")[0].split("/blobs/")[0]
-                gate = proxy._gates.get(repo)
+                gate = proxy._gates.get(repo) or proxy._gates.get(self.path.removeprefix("/v2/"))
                 if gate is not None:
                     gate.wait(60)
                 if repo in proxy._refused:

@@ -22,6 +22,9 @@ from oci_harness import Registry, RegistryProxy
 from servers import PLUGIN_BUILD, ProxyThread, Upstream, wasmplugin_yaml
 from test_live import plugins, tag_of, wait_for
 from test_xds_fetch import publish, remote_yaml
+from wasmgate.oci.ops import resolve
+from wasmgate.oci.reference import parse_reference
+from wasmgate.oci.registry import RegistryClient
 from xds_harness import distinct_module
 
 TAG = PLUGIN_BUILD / "tag.wasm"
@@ -285,4 +288,51 @@ def test_a_retry_for_a_replaced_version_fetches_nothing_under_apply(registry: Re
     finally:
         proxy.release(broken)
         proxy.release(moved)
+        p.stop()
+
+
+def test_a_spec_changed_and_reverted_while_the_retry_fetches_serves_the_tag_as_it_is_now(
+        registry: Registry, proxy: RegistryProxy, upstream: Upstream, tmp_path: Path) -> None:
+    """The failing plugin (Always) changes from S1 to S2 and back to S1 while the retry loop's
+    fetch of S1 is in flight, and S1's tag moves meanwhile. The revert is a new plugin entry
+    (S1's was replaced by S2's): its own apply fetches S1, and gets the tag's new module; the
+    module the retry fetched for the replaced entry (the tag's old one) is never installed,
+    though its spec is S1 again."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    broken, p = unavailable(registry, proxy, upstream, d, tmp_path, policy="Always")
+    with RegistryClient() as client:
+        layer = str(resolve(client, parse_reference(registry.ref(f"{broken}:v1"))).doc["layers"][0]["digest"])
+    try:
+        s1 = (d / "broken.yaml").read_text()
+        # The retry's fetch goes on past the tag (resolved to the module published first) and
+        # waits at that module's layer.
+        proxy.hold(f"{broken}/blobs/{layer}")
+        proxy.release(broken)
+        wait_for(lambda: any(layer in r for r in proxy.paths(broken)), timeout=10)
+        moved = distinct_module(TAG, tmp_path / "b1-moved.wasm", uuid.uuid4().hex).read_bytes()
+        publish(registry, f"{broken}:v1", moved)
+
+        other = f"run-fetch/{uuid.uuid4().hex[:12]}"  # S2: another url (and pluginConfig)
+        s2 = distinct_module(TAG, tmp_path / "b2.wasm", uuid.uuid4().hex).read_bytes()
+        publish(registry, f"{other}:v1", s2)
+        remote_yaml(d, "broken", f"oci://{proxy.ref(other)}:v1", policy="Always", fail_strategy="FAIL_OPEN",
+                    config={"tag": "b2"})
+        wait_for(lambda: tags(p) == {"b2", "one"}, timeout=10)
+        assert by_name(p)["broken"]["sha256"] == sha(s2)
+
+        (d / "broken.yaml").write_text(s1)  # S1 again
+        wait_for(lambda: tags(p) == {"b1", "one"}, timeout=10)
+        assert by_name(p)["broken"]["sha256"] == sha(moved)  # fetched anew: the tag as it is now
+        instance = by_name(p)["broken"]["vm_instance"]
+
+        n = applied(p)
+        proxy.release(f"{broken}/blobs/{layer}")  # the retry's fetch of the old module completes
+        wait_for(lambda: applied(p) > n, timeout=30)  # and the retry loop reloaded
+        info = by_name(p)["broken"]
+        assert info["sha256"] == sha(moved) and info["vm_instance"] == instance  # nothing swapped
+        assert tags(p) == {"b1", "one"} and info["state"] == "running"
+    finally:
+        proxy.release(broken)
+        proxy.release(f"{broken}/blobs/{layer}")
         p.stop()

@@ -22,6 +22,7 @@ from oci_harness import Registry, RegistryProxy
 from servers import ALLOW_HEADER_WASM, PLUGIN_BUILD, Upstream, wasmplugin_yaml
 from test_xds_envoy import get
 from wasmgate.oci.fetch import ModuleCache
+from wasmgate.oci.image import Package
 from wasmgate.oci.ops import push
 from wasmgate.oci.reference import parse_reference
 from wasmgate.oci.registry import RegistryClient
@@ -45,10 +46,10 @@ def repo() -> str:
     return f"xds-fetch/{uuid.uuid4().hex[:12]}"
 
 
-def publish(registry: Registry, ref: str, wasm: bytes) -> None:
+def publish(registry: Registry, ref: str, wasm: bytes) -> Package:
     """Push straight to the registry (never through the proxy: only fetches are counted)."""
     with RegistryClient() as client:
-        push(client, parse_reference(registry.ref(ref)), wasm, "image")
+        return push(client, parse_reference(registry.ref(ref)), wasm, "image")
 
 
 def remote_yaml(d: Path, name: str, url: str, *, config: Any = None, policy: str = "",
