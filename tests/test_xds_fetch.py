@@ -11,6 +11,7 @@ for the end-to-end case.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from pathlib import Path
@@ -40,6 +41,10 @@ def modules(tmp_path: Path) -> dict[str, bytes]:
     """Modules of distinct content (a registry is content-addressed: no two tests share one)."""
     run = uuid.uuid4().hex[:8]
     return {v: distinct_module(TAG, tmp_path / f"{v}.wasm", f"{run}-{v}").read_bytes() for v in ("v1", "v2", "v3")}
+
+
+def sha(wasm: bytes) -> str:
+    return hashlib.sha256(wasm).hexdigest()
 
 
 def repo() -> str:
@@ -257,6 +262,72 @@ def test_a_failing_plugin_holds_up_no_other_update(registry: Registry, proxy: Re
             assert config(by_name(c)["local"]) == {"tag": "three"}  # the retry kept the new update
         finally:
             proxy.release(broken)
+            run.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await run
+
+    asyncio.run(scenario())
+
+
+def test_a_retry_for_a_spec_changed_and_reverted_meanwhile_is_not_served(registry: Registry, proxy: RegistryProxy,
+                                                                          modules: dict[str, bytes],
+                                                                          tmp_path: Path) -> None:
+    """A failing plugin (Always) changes from S1 to S2 and back to S1 while the retry loop's fetch
+    of S1 is in flight, and S1's tag moves meanwhile: the revert's own fetch gets the tag's new
+    module, and the retry's result (the old module), fetched for the state the revert replaced,
+    is not served though its spec is S1 again."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    broken, other = repo(), repo()
+    layer = publish(registry, f"{broken}:v1", modules["v1"]).layers[0].digest
+    publish(registry, f"{other}:v1", modules["v2"])
+    s1 = remote_yaml(d, "broken", f"oci://{proxy.ref(broken)}:v1", policy="Always", fail_strategy="FAIL_OPEN",
+                     config={"tag": "b1"}).read_text()
+    feed = DirectoryFeed([d], watch=False)
+
+    async def scenario() -> None:
+        c = controller(tmp_path)
+        c.retry_initial = 0.05
+        proxy.refuse(broken)
+        await c.apply(feed.scan())
+        assert by_name(c)["broken"].error is not None
+        never: asyncio.Event = asyncio.Event()
+
+        async def no_updates() -> Any:
+            await never.wait()
+            yield SpecSet([], {})
+
+        run = asyncio.get_running_loop().create_task(c.run(no_updates()))
+        try:
+            # The retry's fetch goes on past the tag (resolved to v1's first module) and waits at
+            # that module's layer.
+            proxy.hold(f"{broken}/blobs/{layer}")
+            proxy.refuse(broken, False)
+            for _ in range(2000):
+                if any(layer in r for r in proxy.paths(broken)):
+                    break
+                await asyncio.sleep(0.01)
+            assert any(layer in r for r in proxy.paths(broken)), "no retry"
+            publish(registry, f"{broken}:v1", modules["v3"])  # the tag moves
+
+            remote_yaml(d, "broken", f"oci://{proxy.ref(other)}:v1", policy="Always", fail_strategy="FAIL_OPEN",
+                        config={"tag": "b2"})
+            await c.apply(feed.scan())
+            assert by_name(c)["broken"].sha256 == sha(modules["v2"])
+            (d / "broken.yaml").write_text(s1)  # S1 again
+            await c.apply(feed.scan())
+            assert by_name(c)["broken"].sha256 == sha(modules["v3"])  # the tag as it is now
+
+            applied = c.applied
+            proxy.release(f"{broken}/blobs/{layer}")  # the retry's fetch of the old module completes
+            for _ in range(2000):
+                if c.applied > applied:
+                    break
+                await asyncio.sleep(0.01)
+            assert c.applied > applied, "the retry applied nothing"
+            assert by_name(c)["broken"].sha256 == sha(modules["v3"]) and by_name(c)["broken"].error is None
+        finally:
+            proxy.release(f"{broken}/blobs/{layer}")
             run.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await run

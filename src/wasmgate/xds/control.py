@@ -129,10 +129,11 @@ class Controller:
                          *(cluster(n, u, tls, http2=n in http2) for n, u in clusters.items())]
 
     async def apply(self, update: SpecSet | None,
-                    fetched: dict[tuple[str, str], PluginState] | None = None) -> None:
+                    fetched: dict[tuple[str, str], tuple[PluginState, PluginState]] | None = None) -> None:
         """Serve ``update`` (None: the last one again, as it is once the lock is held).
-        ``fetched``: states fetched meanwhile (the retry loop's), used for plugins whose spec
-        they were fetched for is still the one served."""
+        ``fetched``: states fetched meanwhile (the retry loop's), each with the failed state it
+        was fetched for; used only while that very state is still the plugin's (not when its
+        spec changed meanwhile, even back to the same one: that update fetched anew)."""
         async with self._lock:
             if update is None:
                 if self._last is None:
@@ -160,9 +161,9 @@ class Controller:
                     continue
                 old = current.get(key)
                 pre = (fetched or {}).get(key)
-                if pre is not None and pre.spec == spec:
-                    self._note(old, pre)
-                    states.append(pre)
+                if pre is not None and old is not None and pre[0] is old and pre[1].spec == spec:
+                    self._note(old, pre[1])
+                    states.append(pre[1])
                 elif old is not None and _unchanged(old, spec):
                     states.append(old)  # no request: its failure, if any, is the retry loop's
                 else:
@@ -238,13 +239,13 @@ class Controller:
         delay = self.retry_initial
         while True:
             await asyncio.sleep(delay)
-            failed = [p.spec for p in self.plugins if p.error is not None]
+            failed = [p for p in self.plugins if p.error is not None]
             if self._last is None or not failed:
                 delay = self.retry_initial
                 continue
             # Fetched outside apply's lock: a registry slow to answer holds up no other update.
-            got = await self._fetch_all(failed)
-            await self.apply(None, {(s.spec.namespace, s.spec.name): s for s in got})
+            got = await self._fetch_all([p.spec for p in failed])
+            await self.apply(None, {(p.spec.namespace, p.spec.name): (p, s) for p, s in zip(failed, got, strict=True)})
             delay = min(delay * 2, 60.0)
 
     def describe(self) -> list[dict[str, Any]]:
