@@ -336,3 +336,51 @@ def test_a_spec_changed_and_reverted_while_the_retry_fetches_serves_the_tag_as_i
         proxy.release(broken)
         proxy.release(f"{broken}/blobs/{layer}")
         p.stop()
+
+
+def test_a_spec_changed_and_reverted_within_one_apply_keeps_the_retrys_fetch(
+        registry: Registry, proxy: RegistryProxy, upstream: Upstream, tmp_path: Path) -> None:
+    """The failing plugin's resource goes from S1 to S2 and back to S1 while another plugin's
+    update holds apply, so the next apply sees S1 only: for it nothing changed. The plugin is
+    the same entry, that apply fetches nothing (the retry's fetch of S1, in flight, is not
+    waited for nor repeated under apply's lock), and the retry's module is installed when it
+    arrives, from its one fetch."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    other = f"run-fetch/{uuid.uuid4().hex[:12]}"
+    publish(registry, f"{other}:v1", distinct_module(TAG, tmp_path / "o.wasm", uuid.uuid4().hex).read_bytes())
+    remote_yaml(d, "other", f"oci://{proxy.ref(other)}:v1", policy="Always", config={"tag": "o1"})
+    broken, p = unavailable(registry, proxy, upstream, d, tmp_path, policy="Always")
+    with RegistryClient() as client:
+        layer = str(resolve(client, parse_reference(registry.ref(f"{broken}:v1"))).doc["layers"][0]["digest"])
+    s2 = f"run-fetch/{uuid.uuid4().hex[:12]}"
+    try:
+        assert tags(p) == {"o1", "one"}
+        s1 = (d / "broken.yaml").read_text()
+        proxy.hold(f"{broken}/blobs/{layer}")  # the retry's fetch goes on to the layer, and waits there
+        proxy.release(broken)
+        wait_for(lambda: any(layer in r for r in proxy.paths(broken)), timeout=10)
+        proxy.hold(other)  # "other"'s update holds apply's lock, fetching at its registry
+        remote_yaml(d, "other", f"oci://{proxy.ref(other)}:v1", policy="Always", config={"tag": "o2"})
+        assert proxy.wait_for(other, 10)
+        remote_yaml(d, "broken", f"oci://{proxy.ref(s2)}:v1", policy="Always", fail_strategy="FAIL_OPEN",
+                    config={"tag": "b2"})
+        (d / "broken.yaml").write_text(s1)
+        n = applied(p)
+        proxy.release(other)
+        wait_for(lambda: applied(p) >= n + 2, timeout=10)  # "other"'s apply, then the one seeing S1 again
+        assert tags(p) == {"o2", "one"} and by_name(p)["broken"]["state"] == "unavailable"
+        assert proxy.paths(s2) == []
+        manifests = [r for r in proxy.paths(broken) if "/manifests/" in r]
+        assert len(manifests) == 1  # the retry's: no apply asked for S1
+
+        proxy.release(f"{broken}/blobs/{layer}")
+        wait_for(lambda: by_name(p)["broken"]["state"] == "running", timeout=30)
+        assert by_name(p)["broken"]["sha256"] == sha((tmp_path / "b1.wasm").read_bytes())  # unavailable()'s
+        assert tags(p) == {"b1", "o2", "one"}
+        assert [r for r in proxy.paths(broken) if "/manifests/" in r] == manifests  # from that one fetch
+    finally:
+        proxy.release(f"{broken}/blobs/{layer}")
+        proxy.release(broken)
+        proxy.release(other)
+        p.stop()
