@@ -181,6 +181,20 @@ def unavailable(registry: Registry, proxy: RegistryProxy, upstream: Upstream, d:
     return broken, p
 
 
+def unavailable_beside_other(registry: Registry, proxy: RegistryProxy, upstream: Upstream,
+                             tmp_path: Path) -> tuple[Path, str, str, ProxyThread]:
+    """``unavailable`` (Always), with a third, remote plugin "other" (tag o1) whose updates a
+    test can hold to keep apply busy: the plugins' directory, other's and broken's repositories,
+    the proxy."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    other = f"run-fetch/{uuid.uuid4().hex[:12]}"
+    publish(registry, f"{other}:v1", distinct_module(TAG, tmp_path / "o.wasm", uuid.uuid4().hex).read_bytes())
+    remote_yaml(d, "other", f"oci://{proxy.ref(other)}:v1", policy="Always", config={"tag": "o1"})
+    broken, p = unavailable(registry, proxy, upstream, d, tmp_path, policy="Always")
+    return d, other, broken, p
+
+
 def test_an_update_made_while_the_retry_fetches_wins(registry: Registry, proxy: RegistryProxy,
                                                      upstream: Upstream, tmp_path: Path) -> None:
     """The failing plugin's own resource changes while the retry loop fetches its old version:
@@ -229,12 +243,7 @@ def test_a_retry_never_installs_what_it_fetched_for_a_plugin_since_added_again(
     Always) after its tag moved: the new plugin gets the module the tag names now, never the
     one the retry fetched for the removed plugin. Another plugin's update keeps apply busy
     meanwhile, so that both orders of the retry's reload and the re-add's apply are covered."""
-    d = tmp_path / "plugins"
-    d.mkdir()
-    other = f"run-fetch/{uuid.uuid4().hex[:12]}"
-    publish(registry, f"{other}:v1", distinct_module(TAG, tmp_path / "o.wasm", uuid.uuid4().hex).read_bytes())
-    remote_yaml(d, "other", f"oci://{proxy.ref(other)}:v1", policy="Always", config={"tag": "o1"})
-    broken, p = unavailable(registry, proxy, upstream, d, tmp_path, policy="Always")
+    d, other, broken, p = unavailable_beside_other(registry, proxy, upstream, tmp_path)
     try:
         assert tags(p) == {"o1", "one"}
         resource = (d / "broken.yaml").read_text()
@@ -345,12 +354,7 @@ def test_a_spec_changed_and_reverted_within_one_apply_keeps_the_retrys_fetch(
     the same entry, that apply fetches nothing (the retry's fetch of S1, in flight, is not
     waited for nor repeated under apply's lock), and the retry's module is installed when it
     arrives, from its one fetch."""
-    d = tmp_path / "plugins"
-    d.mkdir()
-    other = f"run-fetch/{uuid.uuid4().hex[:12]}"
-    publish(registry, f"{other}:v1", distinct_module(TAG, tmp_path / "o.wasm", uuid.uuid4().hex).read_bytes())
-    remote_yaml(d, "other", f"oci://{proxy.ref(other)}:v1", policy="Always", config={"tag": "o1"})
-    broken, p = unavailable(registry, proxy, upstream, d, tmp_path, policy="Always")
+    d, other, broken, p = unavailable_beside_other(registry, proxy, upstream, tmp_path)
     with RegistryClient() as client:
         layer = str(resolve(client, parse_reference(registry.ref(f"{broken}:v1"))).doc["layers"][0]["digest"])
     s2 = f"run-fetch/{uuid.uuid4().hex[:12]}"
