@@ -14,8 +14,9 @@ Guest calls of a serving VM keep the GIL (ctypes releases and re-takes it around
 call, a futex hand-off whenever another thread waits for it); until then (``keep_gil``
 false: a VM being started in a worker thread) they release it, so the event loop goes on
 meanwhile. Host calls inside a serving VM's guest call know that their thread holds the
-GIL (a thread-local flag), so they skip the PyGILState round trip. The epoch that interrupts a runaway guest is advanced by ``run_epoch_ticker``,
-which runs without the GIL for good.
+GIL (a thread-local flag), so they skip the PyGILState round trip. The epoch that
+interrupts a runaway guest is advanced by ``run_epoch_ticker``, which runs without the
+GIL for good.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
